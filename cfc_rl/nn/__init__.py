@@ -1,0 +1,29 @@
+"""Recurrent cells for RL policies, all behind one interface (torch only).
+
+Every module takes ``x (B, T, input_size)``, an optional flat state ``(B, state_size)``,
+per-sample ``timespans`` and ``resets``, and returns ``(y (B, T, output_size), final_state)``.
+"""
+
+from cfc_rl.nn.base import RecurrentModule
+from cfc_rl.nn.cfc import CfC, CfCLayer
+from cfc_rl.nn.ltc import LTC
+from cfc_rl.nn.ncps_compat import from_ncps
+from cfc_rl.nn.registry import CELLS, make_cell
+from cfc_rl.nn.rnn import GRU, LSTM
+from cfc_rl.nn.wirings import NCP, AutoNCP, FullyConnected, Wiring
+
+__all__ = [
+    "CELLS",
+    "GRU",
+    "LSTM",
+    "LTC",
+    "NCP",
+    "AutoNCP",
+    "CfC",
+    "CfCLayer",
+    "FullyConnected",
+    "RecurrentModule",
+    "Wiring",
+    "from_ncps",
+    "make_cell",
+]

@@ -1,0 +1,110 @@
+"""The one interface every recurrent module of :mod:`cfc_rl.nn` shares.
+
+Every module maps a batch-first sequence ``x (B, T, input_size)`` and a flat state
+``(B, state_size)`` to outputs ``(B, T, output_size)`` and the final state. One flat state tensor
+(an LSTM packs ``[h | c]``) keeps Stable-Baselines3 buffers, checkpoints and resets uniform;
+``resets`` lets a padded minibatch of many episodes run in one call.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor, nn
+
+Timespans = Tensor | float | None
+
+
+class RecurrentModule(nn.Module, ABC):
+    """Base class of every cell: validates inputs once, then runs :meth:`_sequence`.
+
+    Subclasses set ``input_size``, ``output_size`` and ``state_size`` and implement
+    :meth:`_sequence`, which receives checked tensors only.
+    """
+
+    input_size: int
+    output_size: int
+    state_size: int
+
+    def initial_state(
+        self,
+        batch_size: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Tensor:
+        """The state at the start of an episode: zeros of shape ``(batch_size, state_size)``.
+
+        :param batch_size: number of sequences
+        :param device: defaults to the device of the module's parameters
+        :param dtype: defaults to the dtype of the module's parameters
+        """
+        reference = next(self.parameters())
+        return torch.zeros(
+            batch_size,
+            self.state_size,
+            device=reference.device if device is None else device,
+            dtype=reference.dtype if dtype is None else dtype,
+        )
+
+    def forward(
+        self,
+        x: Tensor,
+        state: Tensor | None = None,
+        *,
+        timespans: Timespans = None,
+        resets: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Run the module over a batch of sequences.
+
+        :param x: inputs of shape ``(B, T, input_size)``
+        :param state: state before the first step, ``(B, state_size)``; zeros when None
+        :param timespans: elapsed time of each step, a float for all steps or a ``(B, T)``
+            tensor of per-sample values; 1.0 when None
+        :param resets: ``(B, T)`` boolean tensor; True zeroes the state before step t
+        :return: outputs ``(B, T, output_size)`` and the final state ``(B, state_size)``
+        """
+        name = type(self).__name__
+        if x.dim() != 3 or x.shape[2] != self.input_size:
+            raise ValueError(
+                f"{name} expected x of shape (batch, time, {self.input_size}), got {tuple(x.shape)}"
+            )
+        batch, steps = x.shape[0], x.shape[1]
+        if state is None:
+            state = self.initial_state(batch, device=x.device, dtype=x.dtype)
+        elif state.shape != (batch, self.state_size):
+            raise ValueError(
+                f"{name} expected state of shape ({batch}, {self.state_size}), "
+                f"got {tuple(state.shape)}"
+            )
+        if timespans is None:
+            timespans = 1.0
+        if isinstance(timespans, Tensor) and timespans.dim() > 0:
+            if timespans.shape != (batch, steps):
+                raise ValueError(
+                    f"{name} expected timespans of shape ({batch}, {steps}) or a float, "
+                    f"got {tuple(timespans.shape)}"
+                )
+            timespans = timespans.to(device=x.device, dtype=x.dtype)
+        else:
+            timespans = torch.full((batch, steps), float(timespans), device=x.device, dtype=x.dtype)
+        if resets is not None:
+            if resets.shape != (batch, steps):
+                raise ValueError(
+                    f"{name} expected resets of shape ({batch}, {steps}), got {tuple(resets.shape)}"
+                )
+            resets = resets.to(device=x.device) != 0
+        return self._sequence(x, state, timespans, resets)
+
+    @abstractmethod
+    def _sequence(
+        self, x: Tensor, state: Tensor, timespans: Tensor, resets: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """Run over checked inputs: x (B,T,I), state (B,S), timespans (B,T), resets (B,T)|None."""
+
+
+def keep_mask(resets: Tensor | None, t: int, like: Tensor) -> Tensor | None:
+    """``(B, 1)`` factor that zeroes the state of the samples that reset before step ``t``."""
+    if resets is None:
+        return None
+    return (~resets[:, t]).unsqueeze(1).to(like.dtype)

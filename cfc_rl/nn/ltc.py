@@ -1,0 +1,233 @@
+"""Liquid time-constant (LTC) networks: the ODE of PAPER.md with three solvers.
+
+``solver="fused"`` is the reference semi-implicit Euler step of ``ncps.torch.LTC`` (outputs
+identical to it); ``"euler"`` and ``"rk4"`` are explicit solvers of the same right-hand side,
+the ODE-based baselines the CfC speed claims are measured against. The sensory synapses do not
+depend on the state, so they are evaluated for all time steps before the time loop.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cfc_rl.nn.base import RecurrentModule, keep_mask
+from cfc_rl.nn.rnn import MemoryCell
+from cfc_rl.nn.wirings import FullyConnected, Wiring
+
+
+class _Constants(NamedTuple):
+    """The state-independent quantities of one forward call (positive where they must be)."""
+
+    w: Tensor  # synaptic weights, masked by the wiring
+    w_erev: Tensor  # w times the reversal potentials
+    cm: Tensor  # membrane capacitance
+    gleak: Tensor  # leak conductance
+    leak: Tensor  # gleak · vleak
+
+
+SOLVERS = ("fused", "euler", "rk4")
+MAPPINGS = ("affine", "linear", "none")
+
+# Initial ranges of the reference implementation (PAPER.md).
+_INIT_RANGES = {
+    "gleak": (0.001, 1.0),
+    "vleak": (-0.2, 0.2),
+    "cm": (0.4, 0.6),
+    "w": (0.001, 1.0),
+    "sigma": (3.0, 8.0),
+    "mu": (0.3, 0.8),
+    "sensory_w": (0.001, 1.0),
+    "sensory_sigma": (3.0, 8.0),
+    "sensory_mu": (0.3, 0.8),
+}
+
+
+class LTC(RecurrentModule):
+    """A liquid time-constant RNN over batch-first sequences.
+
+    Examples::
+
+        >>> ltc = LTC(17, 32)                                # fully connected
+        >>> wired = LTC(17, AutoNCP(32, output_size=6))     # sparse NCP, 6 outputs
+        >>> y, v = ltc(torch.randn(8, 100, 17), timespans=0.05)
+
+    :param input_size: number of input features
+    :param units: number of neurons (fully connected wiring) or a
+        :class:`~cfc_rl.nn.wirings.Wiring`; the outputs are the first ``output_dim`` neurons
+    :param solver: "fused" (reference semi-implicit Euler), "euler" or "rk4"
+    :param ode_unfolds: solver steps per time step (each covers Δt / ode_unfolds)
+    :param input_mapping: "affine" (x·w + b), "linear" (x·w) or "none"
+    :param output_mapping: "affine", "linear" or "none", applied to the motor neurons
+    :param mixed_memory: put an LSTM memory cell before each update; state ``[v | c]``
+    :param epsilon: added to the fused solver's denominator to avoid dividing by zero
+    :param implicit_param_constraints: keep w, sensory_w, cm and gleak positive with a
+        softplus at run time (True, as ncps's LTC); with False they are used as they are and
+        :meth:`apply_weight_constraints` must be called after each optimiser step
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        units: int | Wiring,
+        *,
+        solver: str = "fused",
+        ode_unfolds: int = 6,
+        input_mapping: str = "affine",
+        output_mapping: str = "affine",
+        mixed_memory: bool = False,
+        epsilon: float = 1e-8,
+        implicit_param_constraints: bool = True,
+    ) -> None:
+        super().__init__()
+        if input_size < 1:
+            raise ValueError(f"input_size must be a positive integer, got {input_size}")
+        if solver not in SOLVERS:
+            raise ValueError(f"unknown LTC solver {solver!r}; known solvers: {', '.join(SOLVERS)}")
+        if ode_unfolds < 1:
+            raise ValueError(f"ode_unfolds must be >= 1, got {ode_unfolds}")
+        for name, value in (("input_mapping", input_mapping), ("output_mapping", output_mapping)):
+            if value not in MAPPINGS:
+                raise ValueError(f"unknown {name} {value!r}; known: {', '.join(MAPPINGS)}")
+        if isinstance(units, Wiring):
+            wiring = units
+        elif isinstance(units, int) and not isinstance(units, bool) and units >= 1:
+            wiring = FullyConnected(units)
+        else:
+            raise ValueError(f"units must be a positive integer or a Wiring, got {units!r}")
+        wiring.build(input_size)
+        assert wiring.sensory_adjacency_matrix is not None
+        self.wiring = wiring
+        self.input_size = input_size
+        self.units = wiring.units
+        self.motor_size = wiring.output_dim
+        self.output_size = wiring.output_dim
+        self.solver = solver
+        self.ode_unfolds = ode_unfolds
+        self.input_mapping = input_mapping
+        self.output_mapping = output_mapping
+        self.epsilon = epsilon
+        self.implicit_param_constraints = implicit_param_constraints
+
+        n, m = self.units, input_size
+        for name, shape in (
+            ("gleak", (n,)),
+            ("vleak", (n,)),
+            ("cm", (n,)),
+            ("sigma", (n, n)),
+            ("mu", (n, n)),
+            ("w", (n, n)),
+            ("sensory_sigma", (m, n)),
+            ("sensory_mu", (m, n)),
+            ("sensory_w", (m, n)),
+        ):
+            low, high = _INIT_RANGES[name]
+            self.register_parameter(name, nn.Parameter(torch.empty(shape).uniform_(low, high)))
+        adjacency = torch.as_tensor(wiring.adjacency_matrix, dtype=torch.float32)
+        sensory = torch.as_tensor(wiring.sensory_adjacency_matrix, dtype=torch.float32)
+        # Reversal potentials start at the synapses' polarity (+1 excitatory, -1 inhibitory).
+        self.erev = nn.Parameter(adjacency.clone())
+        self.sensory_erev = nn.Parameter(sensory.clone())
+        self.register_buffer("sparsity_mask", adjacency.abs())
+        self.register_buffer("sensory_sparsity_mask", sensory.abs())
+        self.input_w = nn.Parameter(torch.ones(m)) if input_mapping != "none" else None
+        self.input_b = nn.Parameter(torch.zeros(m)) if input_mapping == "affine" else None
+        self.output_w = (
+            nn.Parameter(torch.ones(self.motor_size)) if output_mapping != "none" else None
+        )
+        self.output_b = (
+            nn.Parameter(torch.zeros(self.motor_size)) if output_mapping == "affine" else None
+        )
+        self.memory = MemoryCell(input_size, self.units) if mixed_memory else None
+        self.state_size = 2 * self.units if mixed_memory else self.units
+
+    @property
+    def mixed_memory(self) -> bool:
+        return self.memory is not None
+
+    def _positive(self, param: Tensor) -> Tensor:
+        return F.softplus(param) if self.implicit_param_constraints else param
+
+    @torch.no_grad()
+    def apply_weight_constraints(self) -> None:
+        """Clip w, sensory_w, cm and gleak at zero (only with implicit_param_constraints=False)."""
+        if not self.implicit_param_constraints:
+            for param in (self.w, self.sensory_w, self.cm, self.gleak):
+                param.clamp_(min=0.0)
+
+    def _synapses(
+        self, v: Tensor, num_s: Tensor, den_s: Tensor, p: _Constants
+    ) -> tuple[Tensor, Tensor]:
+        """``Σ_j a_ji E_ji`` and ``Σ_j a_ji`` plus the sensory terms, a = w·σ(σ(v_j − μ))."""
+        activation = torch.sigmoid(self.sigma * (v.unsqueeze(-1) - self.mu))
+        return (activation * p.w_erev).sum(dim=1) + num_s, (activation * p.w).sum(dim=1) + den_s
+
+    def _rhs(self, v: Tensor, num_s: Tensor, den_s: Tensor, p: _Constants) -> Tensor:
+        """dv/dt of the LTC ODE."""
+        num, den = self._synapses(v, num_s, den_s, p)
+        return (p.leak + num - (p.gleak + den) * v) / p.cm
+
+    def _solve(
+        self, v: Tensor, delta: Tensor, num_s: Tensor, den_s: Tensor, p: _Constants
+    ) -> Tensor:
+        """Advance v by one time step: ``ode_unfolds`` solver steps of length ``delta``."""
+        if self.solver == "fused":
+            cm_t = p.cm / delta
+            for _ in range(self.ode_unfolds):
+                num, den = self._synapses(v, num_s, den_s, p)
+                v = (cm_t * v + p.leak + num) / (cm_t + p.gleak + den + self.epsilon)
+        elif self.solver == "euler":
+            for _ in range(self.ode_unfolds):
+                v = v + delta * self._rhs(v, num_s, den_s, p)
+        else:
+            for _ in range(self.ode_unfolds):
+                k1 = self._rhs(v, num_s, den_s, p)
+                k2 = self._rhs(v + 0.5 * delta * k1, num_s, den_s, p)
+                k3 = self._rhs(v + 0.5 * delta * k2, num_s, den_s, p)
+                k4 = self._rhs(v + delta * k3, num_s, den_s, p)
+                v = v + delta / 6.0 * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
+        return v
+
+    def _sequence(
+        self, x: Tensor, state: Tensor, timespans: Tensor, resets: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        inputs = x
+        if self.input_w is not None:
+            inputs = inputs * self.input_w
+        if self.input_b is not None:
+            inputs = inputs + self.input_b
+        # Sensory synapses for all steps at once: (B, T, I, N) reduced over the inputs.
+        sensory = self._positive(self.sensory_w) * self.sensory_sparsity_mask
+        sensory = sensory * torch.sigmoid(
+            self.sensory_sigma * (inputs.unsqueeze(-1) - self.sensory_mu)
+        )
+        sensory_num = (sensory * self.sensory_erev).sum(dim=2)
+        sensory_den = sensory.sum(dim=2)
+
+        w = self._positive(self.w) * self.sparsity_mask
+        gleak = self._positive(self.gleak)
+        params = _Constants(w, w * self.erev, self._positive(self.cm), gleak, gleak * self.vleak)
+        memory_in = self.memory.project_inputs(x) if self.memory is not None else None
+
+        v, c = state.chunk(2, dim=1) if self.memory is not None else (state, None)
+        outputs = []
+        for t in range(x.shape[1]):
+            keep = keep_mask(resets, t, v)
+            if keep is not None:
+                v = v * keep
+                c = c * keep if c is not None else None
+            if self.memory is not None:
+                v, c = self.memory.step(memory_in[:, t], v, c)
+            delta = timespans[:, t : t + 1] / self.ode_unfolds  # (B, 1)
+            v = self._solve(v, delta, sensory_num[:, t], sensory_den[:, t], params)
+            outputs.append(v)
+        y = torch.stack(outputs, dim=1)[:, :, : self.motor_size]
+        if self.output_w is not None:
+            y = y * self.output_w
+        if self.output_b is not None:
+            y = y + self.output_b
+        final = torch.cat([v, c], dim=1) if c is not None else v
+        return y, final
