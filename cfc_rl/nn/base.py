@@ -103,8 +103,12 @@ class RecurrentModule(nn.Module, ABC):
         """Run over checked inputs: x (B,T,I), state (B,S), timespans (B,T), resets (B,T)|None."""
 
 
-def keep_mask(resets: Tensor | None, t: int, like: Tensor) -> Tensor | None:
-    """``(B, 1)`` factor that zeroes the state of the samples that reset before step ``t``."""
+def keep_masks(resets: Tensor | None, steps: int, dtype: torch.dtype) -> list[Tensor | None]:
+    """Per step, the ``(B, 1)`` factor that zeroes the state of the samples that reset before
+    it (None for every step when there are no resets).
+
+    Steps are unbound once: indexing ``[:, t]`` inside a time loop would make autograd build
+    a full-size gradient for every step."""
     if resets is None:
-        return None
-    return (~resets[:, t]).unsqueeze(1).to(like.dtype)
+        return [None] * steps
+    return list((~resets).to(dtype).unsqueeze(-1).unbind(1))

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cfc_rl.nn.base import RecurrentModule, keep_mask
+from cfc_rl.nn.base import RecurrentModule, keep_masks
 from cfc_rl.nn.rnn import MemoryCell
 from cfc_rl.nn.wirings import Wiring
 
@@ -264,26 +264,30 @@ class CfC(RecurrentModule):
         heads_weights = [layer.heads_weight() for layer in self.layers]
         memory_in = self.memory.project_inputs(x) if self.memory is not None else None
 
+        # Unbound once: indexing [:, t] in the loop costs a full-size gradient per step.
+        x_steps = x_projected.unbind(1)
+        memory_steps = memory_in.unbind(1) if memory_in is not None else None
+        timespan_steps = timespans.unsqueeze(-1).unbind(1)
+        keeps = keep_masks(resets, x.shape[1], x.dtype)
+
         h, c = state.chunk(2, dim=1) if self.memory is not None else (state, None)
         outputs = []
         for t in range(x.shape[1]):
-            keep = keep_mask(resets, t, h)
-            if keep is not None:
-                h = h * keep
-                c = c * keep if c is not None else None
-            if self.memory is not None:
-                h, c = self.memory.step(memory_in[:, t], h, c)
-            timespan = timespans[:, t : t + 1]
+            if keeps[t] is not None:
+                h = h * keeps[t]
+                c = c * keeps[t] if c is not None else None
+            if memory_steps is not None:
+                h, c = self.memory.step(memory_steps[t], h, c)
             hs = h.split(self.layer_sizes, dim=1) if len(self.layers) > 1 else (h,)
             new_hs = []
             layer_input = None
             for i, layer in enumerate(self.layers):
                 if i == 0:
-                    pre = torch.addmm(x_projected[:, t], hs[0], rec_weights[0])
+                    pre = torch.addmm(x_steps[t], hs[0], rec_weights[0])
                 else:
                     w_in_l, bias_l = in_maps[i]
                     pre = torch.addmm(F.linear(layer_input, w_in_l, bias_l), hs[i], rec_weights[i])
-                layer_input = layer.step(pre, timespan, heads_weights[i])
+                layer_input = layer.step(pre, timespan_steps[t], heads_weights[i])
                 new_hs.append(layer_input)
             h = torch.cat(new_hs, dim=1) if len(new_hs) > 1 else new_hs[0]
             outputs.append(layer_input)

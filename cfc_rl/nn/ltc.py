@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cfc_rl.nn.base import RecurrentModule, keep_mask
+from cfc_rl.nn.base import RecurrentModule, keep_masks
 from cfc_rl.nn.rnn import MemoryCell
 from cfc_rl.nn.wirings import FullyConnected, Wiring
 
@@ -212,17 +212,21 @@ class LTC(RecurrentModule):
         params = _Constants(w, w * self.erev, self._positive(self.cm), gleak, gleak * self.vleak)
         memory_in = self.memory.project_inputs(x) if self.memory is not None else None
 
+        # Unbound once: indexing [:, t] in the loop costs a full-size gradient per step.
+        memory_steps = memory_in.unbind(1) if memory_in is not None else None
+        delta_steps = (timespans / self.ode_unfolds).unsqueeze(-1).unbind(1)
+        num_steps, den_steps = sensory_num.unbind(1), sensory_den.unbind(1)
+        keeps = keep_masks(resets, x.shape[1], x.dtype)
+
         v, c = state.chunk(2, dim=1) if self.memory is not None else (state, None)
         outputs = []
         for t in range(x.shape[1]):
-            keep = keep_mask(resets, t, v)
-            if keep is not None:
-                v = v * keep
-                c = c * keep if c is not None else None
-            if self.memory is not None:
-                v, c = self.memory.step(memory_in[:, t], v, c)
-            delta = timespans[:, t : t + 1] / self.ode_unfolds  # (B, 1)
-            v = self._solve(v, delta, sensory_num[:, t], sensory_den[:, t], params)
+            if keeps[t] is not None:
+                v = v * keeps[t]
+                c = c * keeps[t] if c is not None else None
+            if memory_steps is not None:
+                v, c = self.memory.step(memory_steps[t], v, c)
+            v = self._solve(v, delta_steps[t], num_steps[t], den_steps[t], params)
             outputs.append(v)
         y = torch.stack(outputs, dim=1)[:, :, : self.motor_size]
         if self.output_w is not None:
