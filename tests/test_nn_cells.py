@@ -232,3 +232,19 @@ def test_state_dict_round_trip_gives_identical_outputs(name: str) -> None:
     assert (target(x, timespans=timespans)[0] - expected).abs().max() > 1e-6
     target.load_state_dict(source.state_dict())
     torch.testing.assert_close(target(x, timespans=timespans)[0], expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_zero_elapsed_time_gives_finite_outputs(name: str) -> None:
+    """Padding in RL minibatches has Δt = 0; it must not poison a batch with NaN."""
+    cell = VARIANTS[name]()
+    x, _ = inputs()
+    y, final = cell(x, timespans=0.0)
+    assert torch.isfinite(y).all() and torch.isfinite(final).all()
+
+
+def test_ltc_state_does_not_move_when_no_time_passes() -> None:
+    cell = LTC(I, 8).double()
+    state = torch.randn(B, 8, dtype=torch.float64)
+    _, final = cell(inputs()[0], state, timespans=0.0)
+    torch.testing.assert_close(final, state, rtol=0, atol=1e-12)

@@ -8,7 +8,7 @@ from cfc_rl.nn.base import RecurrentModule
 from cfc_rl.nn.cfc import CfC, CfCLayer
 from cfc_rl.nn.ltc import LTC
 from cfc_rl.nn.ncps_compat import from_ncps
-from cfc_rl.nn.registry import CELLS, make_cell
+from cfc_rl.nn.registry import CELLS, CellSpec, cell_spec, make_cell
 from cfc_rl.nn.rnn import GRU, LSTM
 from cfc_rl.nn.wirings import NCP, AutoNCP, FullyConnected, Wiring
 
@@ -19,11 +19,13 @@ __all__ = [
     "LTC",
     "NCP",
     "AutoNCP",
+    "CellSpec",
     "CfC",
     "CfCLayer",
     "FullyConnected",
     "RecurrentModule",
     "Wiring",
+    "cell_spec",
     "from_ncps",
     "make_cell",
 ]

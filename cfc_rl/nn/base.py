@@ -26,6 +26,9 @@ class RecurrentModule(nn.Module, ABC):
     input_size: int
     output_size: int
     state_size: int
+    uses_timespans: bool = True
+    """False for discrete cells (LSTM, GRU), which ignore ``timespans``: callers that want to
+    give them the elapsed time feed it as an input feature instead."""
 
     def initial_state(
         self,

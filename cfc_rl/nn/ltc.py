@@ -175,10 +175,14 @@ class LTC(RecurrentModule):
     ) -> Tensor:
         """Advance v by one time step: ``ode_unfolds`` solver steps of length ``delta``."""
         if self.solver == "fused":
-            cm_t = p.cm / delta
+            # The reference update (cm/Δ·v + leak + num) / (cm/Δ + gleak + den + ε), multiplied
+            # through by Δ: the same number, and a zero Δt (padding) leaves v as it is instead
+            # of dividing by zero.
             for _ in range(self.ode_unfolds):
                 num, den = self._synapses(v, num_s, den_s, p)
-                v = (cm_t * v + p.leak + num) / (cm_t + p.gleak + den + self.epsilon)
+                v = (p.cm * v + delta * (p.leak + num)) / (
+                    p.cm + delta * (p.gleak + den + self.epsilon)
+                )
         elif self.solver == "euler":
             for _ in range(self.ode_unfolds):
                 v = v + delta * self._rhs(v, num_s, den_s, p)

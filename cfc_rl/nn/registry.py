@@ -6,7 +6,7 @@ Stable-Baselines3 policies and the YAML configs refer to cells by these names.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from cfc_rl.nn.base import RecurrentModule
@@ -15,30 +15,40 @@ from cfc_rl.nn.ltc import LTC
 from cfc_rl.nn.rnn import GRU, LSTM
 
 
-def _variant(cls: type[RecurrentModule], **fixed: Any) -> Callable[..., RecurrentModule]:
-    """A factory of ``cls`` with some keyword arguments fixed by the cell's name."""
+@dataclass(frozen=True)
+class CellSpec:
+    """A module class and the keyword arguments its name fixes (``cfs`` is CfC in pure mode)."""
 
-    def build(input_size: int, hidden_size: int, **kwargs: Any) -> RecurrentModule:
-        for key, value in fixed.items():
+    cls: type[RecurrentModule]
+    fixed: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, input_size: int, hidden_size: Any, **kwargs: Any) -> RecurrentModule:
+        for key, value in self.fixed.items():
             if key in kwargs and kwargs[key] != value:
                 raise ValueError(f"this cell fixes {key}={value!r}; got {key}={kwargs[key]!r}")
-        return cls(input_size, hidden_size, **{**kwargs, **fixed})
-
-    return build
+        return self.cls(input_size, hidden_size, **{**kwargs, **self.fixed})
 
 
-CELLS: dict[str, Callable[..., RecurrentModule]] = {
-    "cfc": _variant(CfC, mode="default"),
-    "cfc_nogate": _variant(CfC, mode="no_gate"),
-    "cfs": _variant(CfC, mode="pure"),
-    "cfc_mm": _variant(CfC, mixed_memory=True),
-    "ltc": _variant(LTC),
-    "lstm": _variant(LSTM),
-    "gru": _variant(GRU),
+CELLS: dict[str, CellSpec] = {
+    "cfc": CellSpec(CfC, {"mode": "default"}),
+    "cfc_nogate": CellSpec(CfC, {"mode": "no_gate"}),
+    "cfs": CellSpec(CfC, {"mode": "pure"}),
+    "cfc_mm": CellSpec(CfC, {"mixed_memory": True}),
+    "ltc": CellSpec(LTC),
+    "lstm": CellSpec(LSTM),
+    "gru": CellSpec(GRU),
 }
 
 
-def make_cell(name: str, input_size: int, hidden_size: int, **kwargs: Any) -> RecurrentModule:
+def cell_spec(name: str) -> CellSpec:
+    """The :class:`CellSpec` called ``name``; a ValueError listing the known names otherwise."""
+    try:
+        return CELLS[name]
+    except KeyError:
+        raise ValueError(f"unknown cell {name!r}; known cells: {', '.join(CELLS)}") from None
+
+
+def make_cell(name: str, input_size: int, hidden_size: Any, **kwargs: Any) -> RecurrentModule:
     """Build the cell called ``name``.
 
     :param name: one of ``CELLS``: "cfc", "cfc_nogate", "cfs" (pure CfC), "cfc_mm" (mixed
@@ -49,8 +59,4 @@ def make_cell(name: str, input_size: int, hidden_size: int, **kwargs: Any) -> Re
         ``solver`` for LTC)
     :raises ValueError: for an unknown name, listing the known ones
     """
-    try:
-        factory = CELLS[name]
-    except KeyError:
-        raise ValueError(f"unknown cell {name!r}; known cells: {', '.join(CELLS)}") from None
-    return factory(input_size, hidden_size, **kwargs)
+    return cell_spec(name).build(input_size, hidden_size, **kwargs)

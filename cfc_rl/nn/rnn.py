@@ -20,6 +20,7 @@ class _TorchRNN(RecurrentModule):
     """
 
     rnn: nn.LSTM | nn.GRU
+    uses_timespans = False
 
     def __init__(self, input_size: int, hidden_size: int) -> None:
         super().__init__()

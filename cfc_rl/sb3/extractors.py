@@ -1,0 +1,199 @@
+"""Features extractors that put a recurrent cell into ANY Stable-Baselines3 algorithm.
+
+:class:`SequenceExtractor` reads a window of past observations (SB3's own ``VecFrameStack``
+layout, or the ``HistoryWindow`` layout of :mod:`cfc_rl.envs`) and returns the cell's last
+output, so PPO, A2C, SAC, TD3 and DQN get memory without any change to the algorithm.
+
+:class:`ElapsedTimeExtractor` is the features extractor that :class:`RecurrentCellPolicy`
+uses for observations that report elapsed time (a Dict with a ``"dt"`` entry, as the
+``IrregularTime`` wrapper produces): it flattens the other entries and appends Δt, untouched,
+as the last feature, where the policy's cell takes it as its ``timespans``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from gymnasium import spaces
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+from torch import Tensor
+
+from cfc_rl.nn import cell_spec, make_cell
+
+OBS_KEY, DT_KEY, VALID_KEY = "obs", "dt", "valid"
+
+_LAYOUTS = (
+    "a flat Box of n_stack frames, oldest first (SB3's VecFrameStack; pass n_stack), or a Dict "
+    f"with {OBS_KEY!r} of shape (K, n) (cfc_rl.envs.HistoryWindow) or (K*n,) (with n_stack), "
+    f"and optionally {DT_KEY!r} and {VALID_KEY!r} of K entries each"
+)
+
+
+@dataclass(frozen=True)
+class WindowLayout:
+    """How a window of K frames of n features is laid out in an observation.
+
+    :param frames: K, the number of frames in the window
+    :param features: n, the features of one frame
+    :param has_dt: whether the observation has the elapsed time of each frame
+    :param has_valid: whether the observation flags which frames are real (not padding)
+    """
+
+    frames: int
+    features: int
+    has_dt: bool
+    has_valid: bool
+
+    @classmethod
+    def from_space(cls, space: spaces.Space, n_stack: int | None) -> WindowLayout:
+        """Read the layout of ``space``; raise a ValueError that says what was expected."""
+        if isinstance(space, spaces.Dict):
+            if OBS_KEY not in space.spaces or not isinstance(space[OBS_KEY], spaces.Box):
+                raise ValueError(f"SequenceExtractor cannot read {space}: expected {_LAYOUTS}")
+            unknown = set(space.spaces) - {OBS_KEY, DT_KEY, VALID_KEY}
+            if unknown:
+                raise ValueError(
+                    f"SequenceExtractor cannot read the Dict keys {sorted(unknown)}: expected "
+                    f"{_LAYOUTS}"
+                )
+            shape = space[OBS_KEY].shape
+            if len(shape) == 2:
+                frames, features = shape
+                if n_stack is not None and n_stack != frames:
+                    raise ValueError(
+                        f"n_stack={n_stack} but the observation holds {frames} frames {shape}"
+                    )
+            elif len(shape) == 1:
+                frames, features = cls._split_flat(shape[0], n_stack)
+            else:
+                raise ValueError(f"SequenceExtractor cannot read {OBS_KEY!r} of shape {shape}")
+            for key in (DT_KEY, VALID_KEY):
+                if key in space.spaces and int(torch.tensor(space[key].shape).prod()) != frames:
+                    raise ValueError(
+                        f"{key!r} has shape {space[key].shape}; expected one entry per frame "
+                        f"({frames})"
+                    )
+            return cls(frames, features, DT_KEY in space.spaces, VALID_KEY in space.spaces)
+        if isinstance(space, spaces.Box) and len(space.shape) == 1:
+            frames, features = cls._split_flat(space.shape[0], n_stack)
+            return cls(frames, features, has_dt=False, has_valid=False)
+        raise ValueError(f"SequenceExtractor cannot read {space}: expected {_LAYOUTS}")
+
+    @staticmethod
+    def _split_flat(size: int, n_stack: int | None) -> tuple[int, int]:
+        if n_stack is None:
+            raise ValueError(
+                f"a flat observation of size {size} needs n_stack, the number of stacked "
+                "frames (the n_stack of VecFrameStack)"
+            )
+        if n_stack < 1 or size % n_stack != 0:
+            raise ValueError(
+                f"n_stack={n_stack} does not divide the observation size {size}; it must be "
+                "the n_stack given to VecFrameStack"
+            )
+        return n_stack, size // n_stack
+
+
+class SequenceExtractor(BaseFeaturesExtractor):
+    """Run a recurrent cell over a window of past observations; the features are its last output.
+
+    Works with every SB3 algorithm (``policy_kwargs=dict(features_extractor_class=
+    SequenceExtractor, features_extractor_kwargs=dict(cell="cfc", n_stack=4))``) on:
+
+    - SB3's ``VecFrameStack`` layout: a flat Box of ``n_stack`` frames, oldest first;
+    - the ``HistoryWindow`` layout of :mod:`cfc_rl.envs`: a Dict with ``"obs"`` (K, n),
+      ``"dt"`` (K, 1), the elapsed time of each frame, and ``"valid"`` (K, 1), 0 for the
+      padding before an episode's first step (use ``MultiInputPolicy``).
+
+    Δt goes to continuous-time cells as ``timespans``; cells without a notion of time (LSTM,
+    GRU) get it as an extra input feature, so that every cell sees the same information. The
+    state is reset at the first real frame, so padding is never fed as data.
+
+    :param observation_space: the observation space (see the layouts above)
+    :param cell: a name of :data:`cfc_rl.nn.CELLS` ("cfc", "ltc", "lstm", ...)
+    :param hidden_size: hidden units of the cell (or a wiring, for CfC and LTC)
+    :param n_stack: frames per observation in a flat layout; inferred from a (K, n) "obs"
+    :param cell_kwargs: passed to the cell (e.g. ``backbone_units=64``, ``solver="rk4"``)
+    """
+
+    def __init__(
+        self,
+        observation_space: spaces.Space,
+        *,
+        cell: str = "cfc",
+        hidden_size: Any = 64,
+        n_stack: int | None = None,
+        **cell_kwargs: Any,
+    ) -> None:
+        layout = WindowLayout.from_space(observation_space, n_stack)
+        # Cells without a notion of time get Δt as one more input feature.
+        time_as_input = layout.has_dt and not cell_spec(cell).cls.uses_timespans
+        module = make_cell(cell, layout.features + time_as_input, hidden_size, **cell_kwargs)
+        super().__init__(observation_space, features_dim=module.output_size)
+        self.layout = layout
+        self.cell = module
+
+    def forward(self, observations: Tensor | dict[str, Tensor]) -> Tensor:
+        layout = self.layout
+        if isinstance(observations, dict):
+            obs = observations[OBS_KEY]
+            batch = obs.shape[0]
+            x = obs.reshape(batch, layout.frames, layout.features)
+            dt = observations[DT_KEY].reshape(batch, layout.frames) if layout.has_dt else None
+            valid = (
+                observations[VALID_KEY].reshape(batch, layout.frames) > 0.5
+                if layout.has_valid
+                else None
+            )
+        else:
+            batch = observations.shape[0]
+            x = observations.reshape(batch, layout.frames, layout.features)
+            dt = valid = None
+        resets = None
+        if valid is not None:
+            # Zero the state at the first real frame, so the padding before it leaves no trace.
+            previous = torch.cat([torch.zeros_like(valid[:, :1]), valid[:, :-1]], dim=1)
+            resets = valid & ~previous
+        if dt is not None and not self.cell.uses_timespans:
+            x = torch.cat([x, dt.unsqueeze(-1)], dim=-1)
+            dt = None
+        y, _ = self.cell(x, timespans=dt, resets=resets)
+        return y[:, -1]
+
+
+class ElapsedTimeExtractor(BaseFeaturesExtractor):
+    """Flatten a Dict observation and append its elapsed time Δt as the last feature.
+
+    :class:`RecurrentCellPolicy` picks this extractor for Dict observations with a ``"dt"``
+    entry and passes the last feature to its cell as ``timespans`` (or, for LSTM/GRU, as an
+    input). Δt is read as it is: normalise only the other entries
+    (``VecNormalize(venv, norm_obs_keys=["obs"])``).
+
+    :param observation_space: a Dict space with a ``time_key`` entry of one element
+    :param time_key: the key of the elapsed time
+    """
+
+    def __init__(self, observation_space: spaces.Dict, time_key: str = DT_KEY) -> None:
+        if (
+            not isinstance(observation_space, spaces.Dict)
+            or time_key not in observation_space.spaces
+        ):
+            raise ValueError(
+                f"ElapsedTimeExtractor needs a Dict observation with a {time_key!r} entry, "
+                f"got {observation_space}"
+            )
+        if spaces.flatdim(observation_space[time_key]) != 1:
+            raise ValueError(
+                f"{time_key!r} must hold one number, got shape {observation_space[time_key].shape}"
+            )
+        self.keys = sorted(key for key in observation_space.spaces if key != time_key)
+        size = sum(spaces.flatdim(observation_space[key]) for key in self.keys)
+        super().__init__(observation_space, features_dim=size + 1)
+        self.time_key = time_key
+
+    def forward(self, observations: dict[str, Tensor]) -> Tensor:
+        parts = [observations[key].flatten(start_dim=1) for key in self.keys]
+        parts.append(observations[self.time_key].reshape(-1, 1))
+        return torch.cat(parts, dim=1)

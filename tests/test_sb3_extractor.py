@@ -1,0 +1,171 @@
+"""SequenceExtractor: layouts, equality with running the cell by hand, every SB3 algorithm."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gymnasium import spaces
+from stable_baselines3 import A2C, DQN, PPO, SAC, TD3
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.vec_env import VecFrameStack
+
+import cfc_rl.envs  # noqa: F401  (registers the task ids)
+from cfc_rl.sb3 import SequenceExtractor, WindowLayout
+
+SMALL_CELLS = {
+    "cfc": {"hidden_size": 8, "backbone_units": 16},
+    "ltc": {"hidden_size": 8, "ode_unfolds": 2},
+    "lstm": {"hidden_size": 8},
+}
+
+
+def history_space(frames: int = 4, features: int = 3) -> spaces.Dict:
+    return spaces.Dict(
+        {
+            "obs": spaces.Box(-np.inf, np.inf, (frames, features), np.float32),
+            "dt": spaces.Box(0, np.inf, (frames, 1), np.float32),
+            "valid": spaces.Box(0, 1, (frames, 1), np.float32),
+        }
+    )
+
+
+def test_layouts_are_read_from_the_space() -> None:
+    flat = spaces.Box(-1, 1, (12,), np.float32)
+    assert WindowLayout.from_space(flat, 4) == WindowLayout(4, 3, False, False)
+    assert WindowLayout.from_space(history_space(), None) == WindowLayout(4, 3, True, True)
+    stacked_dict = spaces.Dict(
+        {"obs": spaces.Box(-1, 1, (12,), np.float32), "dt": spaces.Box(0, 1, (4,), np.float32)}
+    )
+    assert WindowLayout.from_space(stacked_dict, 4) == WindowLayout(4, 3, True, False)
+
+
+@pytest.mark.parametrize(
+    ("space", "n_stack", "message"),
+    [
+        (spaces.Box(-1, 1, (12,), np.float32), None, "needs n_stack"),
+        (spaces.Box(-1, 1, (12,), np.float32), 5, "n_stack=5 does not divide the observation"),
+        (spaces.Box(-1, 1, (3, 4, 5), np.float32), None, "expected a flat Box of n_stack frames"),
+        (spaces.Discrete(3), None, "cannot read Discrete"),
+        (spaces.Dict({"x": spaces.Box(-1, 1, (3,))}), None, "expected a flat Box"),
+        (history_space(), 3, "n_stack=3 but the observation holds 4 frames"),
+    ],
+)
+def test_unreadable_spaces_say_what_was_expected(space, n_stack, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        SequenceExtractor(space, n_stack=n_stack)
+
+
+def test_unknown_cell_lists_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="unknown cell 'mamba'; known cells: cfc"):
+        SequenceExtractor(spaces.Box(-1, 1, (12,), np.float32), cell="mamba", n_stack=4)
+
+
+def test_frame_stack_layout_equals_running_the_cell_on_the_frames() -> None:
+    torch.manual_seed(0)
+    extractor = SequenceExtractor(spaces.Box(-1, 1, (12,), np.float32), n_stack=4, hidden_size=5)
+    obs = torch.randn(6, 12)
+    expected, _ = extractor.cell(obs.reshape(6, 4, 3))
+    torch.testing.assert_close(extractor(obs), expected[:, -1])
+    assert extractor.features_dim == 5
+
+
+@pytest.mark.parametrize("cell", ["cfc", "ltc", "lstm"])
+def test_history_layout_skips_padding_and_feeds_dt(cell: str) -> None:
+    """The features equal running the cell on the real frames only, with their Δt (as
+    timespans, or as an input feature for LSTM)."""
+    torch.manual_seed(0)
+    extractor = SequenceExtractor(history_space(), cell=cell, **SMALL_CELLS[cell])
+    obs = torch.randn(3, 4, 3)
+    dt = torch.rand(3, 4, 1) + 0.1
+    valid = torch.ones(3, 4, 1)
+    real_from = [0, 2, 3]  # sample b has padding before frame real_from[b]
+    for b, start in enumerate(real_from):
+        valid[b, :start] = 0
+        obs[b, :start] = 0
+        dt[b, :start] = 0  # as HistoryWindow pads: a zero Δt must not break LTC
+    features = extractor({"obs": obs, "dt": dt, "valid": valid})
+    assert torch.isfinite(features).all()
+    for b, start in enumerate(real_from):
+        x, ts = obs[b : b + 1, start:], dt[b : b + 1, start:, 0]
+        if cell == "lstm":
+            y, _ = extractor.cell(torch.cat([x, ts.unsqueeze(-1)], dim=-1))
+        else:
+            y, _ = extractor.cell(x, timespans=ts)
+        torch.testing.assert_close(features[b], y[0, -1], atol=1e-6, rtol=1e-5)
+
+
+def _pendulum_stack():
+    return VecFrameStack(make_vec_env("cfc_rl/Pendulum-P-v1", n_envs=2, seed=0), n_stack=4)
+
+
+ALGORITHMS = {
+    "ppo": lambda env, kw: PPO("MlpPolicy", env, n_steps=64, batch_size=64, n_epochs=2, **kw),
+    "a2c": lambda env, kw: A2C("MlpPolicy", env, n_steps=8, **kw),
+    "sac": lambda env, kw: SAC(
+        "MlpPolicy", env, learning_starts=64, batch_size=32, buffer_size=1000, **kw
+    ),
+    "td3": lambda env, kw: TD3(
+        "MlpPolicy", env, learning_starts=64, batch_size=32, buffer_size=1000, **kw
+    ),
+    "dqn": lambda env, kw: DQN(
+        "MlpPolicy", env, learning_starts=64, batch_size=32, buffer_size=1000, **kw
+    ),
+}
+
+
+@pytest.mark.parametrize("cell", sorted(SMALL_CELLS))
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_every_algorithm_trains_saves_and_reloads(algorithm: str, cell: str, tmp_path) -> None:
+    if algorithm == "dqn":
+        env = VecFrameStack(make_vec_env("cfc_rl/CartPole-P-v1", n_envs=2, seed=0), n_stack=4)
+    else:
+        env = _pendulum_stack()
+    policy_kwargs = {
+        "features_extractor_class": SequenceExtractor,
+        "features_extractor_kwargs": {"cell": cell, "n_stack": 4, **SMALL_CELLS[cell]},
+    }
+    if algorithm in ("ppo", "a2c"):
+        # Both settings of the shared extractor work; alternate them across cells.
+        policy_kwargs["share_features_extractor"] = cell != "ltc"
+    model = ALGORITHMS[algorithm](env, {"policy_kwargs": policy_kwargs, "seed": 0})
+    before = [p.detach().clone() for p in model.policy.parameters()]
+    model.learn(160)
+    assert any(
+        not torch.equal(a, b) for a, b in zip(before, model.policy.parameters(), strict=True)
+    )
+    extractors = [m for m in model.policy.modules() if isinstance(m, SequenceExtractor)]
+    assert extractors and all(type(e.cell).__name__.lower() == cell for e in extractors)
+
+    model.save(tmp_path / "model.zip")
+    loaded = type(model).load(tmp_path / "model.zip", env=env)
+    obs = env.reset()
+    for _ in range(5):
+        action, _ = model.predict(obs, deterministic=True)
+        np.testing.assert_array_equal(loaded.predict(obs, deterministic=True)[0], action)
+        obs, *_ = env.step(action)
+
+
+def test_history_window_with_sac_and_separate_extractors(tmp_path) -> None:
+    env = make_vec_env(
+        "cfc_rl/Pendulum-P-v1", n_envs=1, seed=0, env_kwargs={"irregular": (1, 3), "history": 4}
+    )
+    model = SAC(
+        "MultiInputPolicy",
+        env,
+        learning_starts=32,
+        batch_size=16,
+        buffer_size=500,
+        seed=0,
+        policy_kwargs={
+            "features_extractor_class": SequenceExtractor,
+            "features_extractor_kwargs": {"cell": "cfc", "hidden_size": 8, "backbone_units": 8},
+        },
+    )
+    model.learn(80)
+    model.save(tmp_path / "sac.zip")
+    loaded = SAC.load(tmp_path / "sac.zip")
+    obs = env.reset()
+    np.testing.assert_array_equal(
+        loaded.predict(obs, deterministic=True)[0], model.predict(obs, deterministic=True)[0]
+    )

@@ -1,0 +1,198 @@
+"""RecurrentCellPolicy with the unmodified sb3_contrib.RecurrentPPO."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sb3_contrib import RecurrentPPO
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.vec_env import VecNormalize
+
+import cfc_rl.envs  # noqa: F401  (registers the task ids)
+from cfc_rl.nn import CELLS
+from cfc_rl.sb3 import ElapsedTimeExtractor, PolicyCell, RecurrentCellPolicy
+
+SMALL = {"hidden_size": 8}
+SMALL_CELL_KWARGS = {
+    "cfc": {"backbone_units": 16},
+    "cfc_nogate": {"backbone_units": 16},
+    "cfs": {"backbone_units": 16},
+    "cfc_mm": {"backbone_units": 16},
+    "ltc": {"ode_unfolds": 2},
+}
+
+
+def small_model(cell: str, env, **kwargs) -> RecurrentPPO:
+    policy_kwargs = {"cell": cell, **SMALL, **SMALL_CELL_KWARGS.get(cell, {})}
+    policy_kwargs.update(kwargs.pop("policy_kwargs", {}))
+    return RecurrentPPO(
+        RecurrentCellPolicy,
+        env,
+        n_steps=32,
+        batch_size=32,
+        n_epochs=2,
+        seed=0,
+        policy_kwargs=policy_kwargs,
+        **kwargs,
+    )
+
+
+def rollout_actions(model, env, steps: int = 25) -> np.ndarray:
+    """Deterministic actions of a rollout that carries the state and resets it at episode
+    starts, as a user of predict() does."""
+    obs = env.reset()
+    state, starts, actions = None, np.ones(env.num_envs, dtype=bool), []
+    for _ in range(steps):
+        action, state = model.predict(obs, state=state, episode_start=starts, deterministic=True)
+        actions.append(action)
+        obs, _, starts, _ = env.step(action)
+    return np.array(actions)
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_every_cell_trains_predicts_with_state_and_reloads(cell: str, tmp_path) -> None:
+    env = make_vec_env("cfc_rl/CartPole-P-v1", n_envs=2, seed=0)
+    model = small_model(cell, env)
+    assert isinstance(model.policy.lstm_actor, PolicyCell)
+    assert isinstance(model.policy.lstm_critic, PolicyCell)
+    before = [p.detach().clone() for p in model.policy.lstm_actor.parameters()]
+    model.learn(128)
+    after = list(model.policy.lstm_actor.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+    obs = env.reset()
+    _, state = model.predict(obs, deterministic=True)
+    state_size = model.policy.lstm_actor.cell.state_size
+    assert state[0].shape == (1, 2, state_size)
+    # The state carries memory: the same observation with another state may act differently,
+    # and an episode start wipes the state.
+    _, state_again = model.predict(obs, state=state, deterministic=True)
+    assert not np.allclose(state_again[0], state[0])
+    _, restarted = model.predict(obs, state=state, episode_start=np.ones(2), deterministic=True)
+    np.testing.assert_allclose(restarted[0], state[0], atol=1e-6)
+
+    model.save(tmp_path / "model.zip")
+    loaded = RecurrentPPO.load(tmp_path / "model.zip", env=env)
+    np.testing.assert_array_equal(rollout_actions(loaded, env), rollout_actions(model, env))
+
+
+def _step_by_step(features, lstm_states, episode_starts, lstm: PolicyCell):
+    """Reference: one call per time step, resetting by hand, as sb3-contrib's loop does."""
+    hidden, unused = lstm_states
+    n_seq = hidden.shape[1]
+    x = features.reshape(n_seq, -1, lstm.input_size)
+    starts = episode_starts.reshape(n_seq, -1)
+    state, outputs = hidden[0], []
+    for t in range(x.shape[1]):
+        state = state * (1.0 - starts[:, t : t + 1])
+        step = x[:, t : t + 1]
+        timespans = None
+        if lstm.split_time:
+            step, timespans = step[..., :-1], step[..., -1]
+        y, state = lstm.cell(step, state, timespans=timespans)
+        outputs.append(y)
+    y = torch.cat(outputs, dim=1)
+    return y.reshape(-1, lstm.output_size), (state.unsqueeze(0), unused)
+
+
+@pytest.mark.parametrize(
+    ("cell", "env_kwargs"), [("cfc", {}), ("ltc", {"irregular": (1, 3)}), ("lstm", {})]
+)
+def test_one_call_training_path_equals_the_step_by_step_path(cell, env_kwargs, monkeypatch):
+    task = "cfc_rl/Pendulum-P-v1" if env_kwargs else "cfc_rl/CartPole-P-v1"
+    env = make_vec_env(task, n_envs=2, seed=0, env_kwargs=env_kwargs)
+    model = small_model(cell, env)
+    model.learn(64)  # fills the rollout buffer with episodes that start mid-sequence
+    batch = next(model.rollout_buffer.get(48))
+    starts = batch.episode_starts.reshape(len(batch.lstm_states.pi[0][0]), -1)
+    assert starts[:, 0].any(), "the minibatch should hold sequences that start an episode"
+
+    def loss_and_grads():
+        model.policy.zero_grad()
+        values, log_prob, entropy = model.policy.evaluate_actions(
+            batch.observations, batch.actions, batch.lstm_states, batch.episode_starts
+        )
+        loss = values.square().mean() - log_prob.mean() - 0.1 * entropy.mean()
+        loss.backward()
+        grads = [p.grad.clone() for p in model.policy.parameters() if p.grad is not None]
+        return loss.detach(), grads
+
+    loss, grads = loss_and_grads()
+    monkeypatch.setattr(RecurrentCellPolicy, "_process_sequence", staticmethod(_step_by_step))
+    loss_ref, grads_ref = loss_and_grads()
+    torch.testing.assert_close(loss, loss_ref, atol=1e-6, rtol=1e-5)
+    assert len(grads) == len(grads_ref) and len(grads) > 4
+    for grad, grad_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(grad, grad_ref, atol=1e-5, rtol=1e-4)
+
+
+def test_elapsed_time_reaches_the_cell_unnormalised() -> None:
+    env = make_vec_env("cfc_rl/Pendulum-P-v1", n_envs=2, seed=0, env_kwargs={"irregular": (1, 4)})
+    env = VecNormalize(env, norm_obs_keys=["obs"])
+    model = small_model("cfc", env)
+    assert isinstance(model.policy.pi_features_extractor, ElapsedTimeExtractor)
+    seen: list[torch.Tensor] = []
+
+    def record(module, args, kwargs):
+        seen.append(kwargs["timespans"].detach().flatten())
+
+    model.policy.lstm_actor.cell.register_forward_pre_hook(record, with_kwargs=True)
+    model.learn(64)
+    timespans = torch.cat(seen)
+    timespans = timespans[timespans > 0]  # training minibatches pad sequences with zeros
+    # Pendulum's base step is 0.05 s; an action lasts 1 to 4 of them.
+    np.testing.assert_allclose(
+        sorted(set(np.round(timespans.numpy(), 6))), [0.05, 0.1, 0.15, 0.2], rtol=1e-5
+    )
+
+
+def test_lstm_gets_elapsed_time_as_an_input_feature() -> None:
+    env = make_vec_env("cfc_rl/Pendulum-P-v1", n_envs=1, seed=0, env_kwargs={"irregular": (1, 4)})
+    lstm = small_model("lstm", env).policy.lstm_actor
+    cfc = small_model("cfc", env).policy.lstm_actor
+    assert not lstm.split_time and lstm.cell.input_size == 3  # cos θ, sin θ, Δt
+    assert cfc.split_time and cfc.cell.input_size == 2
+
+
+@pytest.mark.parametrize(
+    "policy_kwargs",
+    [
+        {"shared_cell": True, "enable_critic_cell": False},
+        {"enable_critic_cell": False},
+        {"share_features_extractor": False, "net_arch": {"pi": [16], "vf": [16]}},
+    ],
+)
+def test_critic_options_of_recurrent_ppo(policy_kwargs, tmp_path) -> None:
+    env = make_vec_env("cfc_rl/CartPole-P-v1", n_envs=2, seed=0)
+    model = small_model("cfc", env, policy_kwargs=policy_kwargs)
+    model.learn(64)
+    expected_critic = policy_kwargs.get("enable_critic_cell", True)
+    assert (model.policy.lstm_critic is not None) == expected_critic
+    model.save(tmp_path / "model.zip")
+    loaded = RecurrentPPO.load(tmp_path / "model.zip", env=env)
+    np.testing.assert_array_equal(rollout_actions(loaded, env, 10), rollout_actions(model, env, 10))
+
+
+def test_bad_policy_arguments_are_clear_errors() -> None:
+    env = make_vec_env("cfc_rl/CartPole-P-v1", n_envs=1, seed=0)
+    with pytest.raises(ValueError, match="unknown cell 'cfcc'; known cells"):
+        small_model("cfcc", env)
+    with pytest.raises(ValueError, match="shared_cell=True needs enable_critic_cell=False"):
+        small_model("cfc", env, policy_kwargs={"shared_cell": True})
+    with pytest.raises(TypeError, match="backbone_unit"):
+        small_model("cfc", env, policy_kwargs={"backbone_unit": 3})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("cell", ["cfc", "ltc", "lstm"])
+def test_training_runs_on_cuda_end_to_end(cell: str, tmp_path) -> None:
+    env = make_vec_env("cfc_rl/Pendulum-P-v1", n_envs=2, seed=0, env_kwargs={"irregular": (1, 4)})
+    model = small_model(cell, env, device="cuda")
+    assert next(model.policy.parameters()).is_cuda
+    model.learn(128)
+    model.save(tmp_path / "model.zip")
+    loaded = RecurrentPPO.load(tmp_path / "model.zip", env=env, device="cuda")
+    np.testing.assert_allclose(
+        rollout_actions(loaded, env, 10), rollout_actions(model, env, 10), atol=1e-5
+    )
