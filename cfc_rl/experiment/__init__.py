@@ -1,0 +1,1 @@
+"""Experiments: benchmarks, and (soon) training, evaluation and comparison from YAML files."""
