@@ -248,3 +248,40 @@ def test_ltc_state_does_not_move_when_no_time_passes() -> None:
     state = torch.randn(B, 8, dtype=torch.float64)
     _, final = cell(inputs()[0], state, timespans=0.0)
     torch.testing.assert_close(final, state, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["default", "no_gate", "pure"])
+@pytest.mark.parametrize("activation", ["lecun_tanh", "tanh", "relu", "silu", "gelu"])
+def test_fused_cfc_kernel_equals_the_autograd_loop(mode: str, activation: str) -> None:
+    """Outputs and every gradient (inputs, Δt, state, parameters) of the hand-written
+    backward pass equal autograd's through the reference loop."""
+    torch.manual_seed(0)
+    cell = CfC(I, H, mode=mode, backbone_units=8, activation=activation).double()
+    assert cell.fused
+    x, timespans = inputs()
+    x.requires_grad_()
+    timespans.requires_grad_()
+    state = torch.randn(B, H, dtype=torch.float64, requires_grad=True)
+    resets = torch.zeros(B, T, dtype=torch.bool)
+    resets[0, 3] = resets[2, 1] = True
+    wrt = [x, timespans, state, *cell.parameters()]
+    for given_resets in (None, resets):
+        y, final = cell(x, state, timespans=timespans, resets=given_resets)
+        y_ref, final_ref = cell._sequence_autograd(x, state, timespans, given_resets)
+        torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-12)
+        torch.testing.assert_close(final, final_ref, rtol=0, atol=1e-12)
+        loss, loss_ref = (
+            v[0].sin().sum() + v[1].square().sum() for v in ((y, final), (y_ref, final_ref))
+        )
+        for grad, grad_ref in zip(
+            torch.autograd.grad(loss, wrt), torch.autograd.grad(loss_ref, wrt), strict=True
+        ):
+            torch.testing.assert_close(grad, grad_ref, rtol=0, atol=1e-11)
+
+
+def test_configurations_outside_the_fused_kernel_use_the_autograd_loop() -> None:
+    assert CfC(I, H).fused and CfC(I, H, mode="pure", activation="gelu").fused
+    assert not CfC(I, H, mixed_memory=True).fused
+    assert not CfC(I, H, backbone_layers=2).fused
+    assert not CfC(I, H, backbone_layers=0).fused
+    assert not CfC(I, AutoNCP(10, 3)).fused

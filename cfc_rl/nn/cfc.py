@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cfc_rl.nn.base import RecurrentModule, keep_masks
+from cfc_rl.nn.cfc_fused import FUSED_ACTIVATIONS, cfc_sequence
 from cfc_rl.nn.rnn import MemoryCell
 from cfc_rl.nn.wirings import Wiring
 
@@ -83,6 +84,7 @@ class CfCLayer(nn.Module):
         self.in_features = in_features
         self.hidden_size = hidden_size
         self.mode = mode
+        self.activation_name = activation
         self.activation = ACTIVATIONS[activation]()
         concat = in_features + hidden_size
         self.backbone = nn.ModuleList(
@@ -244,6 +246,15 @@ class CfC(RecurrentModule):
         self.state_size = 2 * self.units if mixed_memory else self.units
         self.proj = None if proj_size is None else nn.Linear(cell_output, proj_size)
         self.output_size = cell_output if proj_size is None else proj_size
+        # The fused kernel covers one unwired layer with a one-layer backbone; the autograd
+        # loop below runs everything else.
+        only = self.layers[0]
+        self.fused = (
+            self.wiring is None
+            and self.memory is None
+            and len(only.backbone) == 1
+            and only.activation_name in FUSED_ACTIVATIONS
+        )
 
     @property
     def mixed_memory(self) -> bool:
@@ -252,6 +263,30 @@ class CfC(RecurrentModule):
     def _sequence(
         self, x: Tensor, state: Tensor, timespans: Tensor, resets: Tensor | None
     ) -> tuple[Tensor, Tensor]:
+        if not self.fused:
+            return self._sequence_autograd(x, state, timespans, resets)
+        layer = self.layers[0]
+        w_in, w_rec, bias = layer.first_linear()
+        y = cfc_sequence(
+            F.linear(x, w_in, bias),
+            state,
+            timespans,
+            resets,
+            w_rec,
+            layer.heads.weight,
+            layer.heads.bias,
+            getattr(layer, "w_tau", None),
+            getattr(layer, "A", None),
+            layer.mode,
+            layer.activation_name,
+        )
+        final = y[:, -1]
+        return (y if self.proj is None else self.proj(y)), final
+
+    def _sequence_autograd(
+        self, x: Tensor, state: Tensor, timespans: Tensor, resets: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """The reference path: a time loop under autograd, for every configuration."""
         first = self.layers[0]
         w_in, w_rec0, bias0 = first.first_linear()
         x_projected = F.linear(x, w_in, bias0)  # (B, T, D): the input half, all steps at once
