@@ -41,14 +41,14 @@ _ACTIVATIONS: dict[str, tuple[float, float, str]] = {
 FUSED_ACTIVATIONS = tuple(_ACTIVATIONS)
 
 
-def _apply(base: str, p: Tensor) -> Tensor:
+def _apply(base: str, p: Tensor, out: Tensor | None) -> Tensor:
+    """g(p), written into ``out`` when given."""
     if base == "tanh":
-        return torch.tanh(p)
+        return torch.tanh(p, out=out)
     if base == "relu":
-        return torch.relu(p)
-    if base == "silu":
-        return torch.nn.functional.silu(p)
-    return torch.nn.functional.gelu(p)
+        return torch.clamp_min(p, 0.0, out=out)
+    value = torch.nn.functional.silu(p) if base == "silu" else torch.nn.functional.gelu(p)
+    return value if out is None else out.copy_(value)
 
 
 def _derivative(base: str, p: Tensor, z: Tensor) -> Tensor:
@@ -62,6 +62,66 @@ def _derivative(base: str, p: Tensor, z: Tensor) -> Tensor:
         return s * (1.0 + p * (1.0 - s))
     cdf = 0.5 * (1.0 + torch.erf(p / math.sqrt(2.0)))
     return cdf + p * torch.exp(-0.5 * p * p) / math.sqrt(2.0 * math.pi)
+
+
+def _run(
+    xw: Tensor,
+    h0: Tensor,
+    timespans: Tensor,
+    keep: Tensor | None,
+    w_rec: Tensor,
+    w_heads: Tensor,
+    b_heads: Tensor,
+    w_tau: Tensor | None,
+    big_a: Tensor | None,
+    mode: str,
+    activation: str,
+    record: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """The forward loop, time major: the states ``(T + 1, B, H)`` from h0 on and, with
+    ``record``, the backbone pre-activations, activations and heads of every step (what the
+    backward pass needs)."""
+    a, c, base = _ACTIVATIONS[activation]
+    hidden = h0.shape[1]
+    w_rec_t, w_heads_t = w_rec.t(), w_heads.t()
+    abs_tau = w_tau.abs() if w_tau is not None else None
+    # Time-major buffers, written step by step through per-step views made once in C++
+    # (unbind) rather than by indexing in the loop; each view is contiguous, so `out=` writes
+    # in place.
+    steps, batch, units = xw.shape
+    options = {"device": xw.device, "dtype": xw.dtype}
+    states = torch.empty(steps + 1, batch, hidden, **options)
+    states[0] = h0
+    state_s = states.unbind(0)
+    if record:
+        pres = torch.empty(steps, batch, units, **options)
+        acts = torch.empty_like(pres)
+        heads = torch.empty(steps, batch, w_heads.shape[0], **options)
+        pre_s, act_s, head_s = pres.unbind(0), acts.unbind(0), heads.unbind(0)
+    else:
+        pres = acts = heads = None
+    xw_s, ts_s = xw.unbind(0), timespans.unsqueeze(-1).unbind(0)
+    keep_s = keep.unbind(0) if keep is not None else None
+    h = h0
+    for t in range(steps):
+        if keep_s is not None:
+            h = h * keep_s[t]
+        pre = torch.addmm(xw_s[t], h, w_rec_t, beta=a, alpha=a, out=pre_s[t] if record else None)
+        act = _apply(base, pre, act_s[t] if record else None)
+        head = torch.addmm(b_heads, act, w_heads_t, alpha=c, out=head_s[t] if record else None)
+        if mode == "pure":  # h = A - A·f·exp(-Δt·(|w_tau| + |f|))
+            decay = torch.exp(-ts_s[t] * (abs_tau + head.abs()))
+            h = torch.addcmul(big_a, big_a, head * decay, value=-1.0, out=state_s[t + 1])
+        else:
+            ff = torch.tanh(head[:, : 2 * hidden])
+            gate = torch.sigmoid(
+                torch.addcmul(head[:, 3 * hidden :], head[:, 2 * hidden : 3 * hidden], ts_s[t])
+            )
+            if mode == "default":
+                h = torch.lerp(ff[:, :hidden], ff[:, hidden:], gate, out=state_s[t + 1])
+            else:
+                h = torch.addcmul(ff[:, :hidden], gate, ff[:, hidden:], out=state_s[t + 1])
+    return states, pres, acts, heads
 
 
 class _CfCSequence(torch.autograd.Function):
@@ -82,61 +142,17 @@ class _CfCSequence(torch.autograd.Function):
         mode: str,
         activation: str,
     ) -> Tensor:
-        a, c, base = _ACTIVATIONS[activation]
-        hidden = h0.shape[1]
-        w_rec_t = w_rec.t()
-        w_heads_t = (w_heads * c).t() if c != 1.0 else w_heads.t()
-        abs_tau = w_tau.abs() if w_tau is not None else None
-        # Per-step views are made once in C++ (unbind), not by indexing in the loop; every
-        # step writes new contiguous tensors, stacked once after the loop.
-        xw_s, ts_s = xw.unbind(0), timespans.unsqueeze(-1).unbind(0)
-        keep_s = keep.unbind(0) if keep is not None else None
-        pres, acts, heads, states, ffs, gates = [], [], [], [h0], [], []
-        h = h0
-        for t in range(len(xw_s)):
-            if keep_s is not None:
-                h = h * keep_s[t]
-            pre = torch.addmm(xw_s[t], h, w_rec_t, beta=a, alpha=a)
-            act = _apply(base, pre)
-            head = torch.addmm(b_heads, act, w_heads_t)
-            if mode == "pure":  # h = A - A·f·exp(-Δt·(|w_tau| + |f|))
-                h = torch.addcmul(
-                    big_a, big_a, head * torch.exp(-ts_s[t] * (abs_tau + head.abs())), value=-1.0
-                )
-            else:
-                ff = torch.tanh(head[:, : 2 * hidden])
-                gate = torch.sigmoid(
-                    torch.addcmul(head[:, 3 * hidden :], head[:, 2 * hidden : 3 * hidden], ts_s[t])
-                )
-                if mode == "default":
-                    h = torch.lerp(ff[:, :hidden], ff[:, hidden:], gate)
-                else:
-                    h = torch.addcmul(ff[:, :hidden], gate, ff[:, hidden:])
-                ffs.append(ff)
-                gates.append(gate)
-            pres.append(pre)
-            acts.append(act)
-            heads.append(head)
-            states.append(h)
-        states_all = torch.stack(states)
-        saved = [
-            timespans,
-            w_rec,
-            w_heads,
-            torch.stack(pres),
-            torch.stack(acts),
-            torch.stack(heads),
-            states_all,
-        ]
+        states, pres, acts, heads = _run(
+            xw, h0, timespans, keep, w_rec, w_heads, b_heads, w_tau, big_a, mode, activation, True
+        )
+        saved = [timespans, w_rec, w_heads, pres, acts, heads, states]
         if mode == "pure":
             saved += [w_tau, big_a]
-        else:
-            saved += [torch.stack(ffs), torch.stack(gates)]
         if keep is not None:
             saved.append(keep)
         ctx.save_for_backward(*saved)
         ctx.mode, ctx.activation, ctx.has_keep = mode, activation, keep is not None
-        return states_all[1:]
+        return states[1:]
 
     @staticmethod
     @once_differentiable
@@ -155,7 +171,11 @@ class _CfCSequence(torch.autograd.Function):
             decay = torch.exp(-ts * (w_tau.abs() + heads.abs()))
             coefficients = -big_a * decay * (1.0 - ts * heads.abs())  # dh/df
         else:
-            ff, gate = saved[7:]
+            # The gates, recomputed for all steps at once rather than kept from the loop.
+            ff = torch.tanh(heads[..., : 2 * hidden])
+            gate = torch.sigmoid(
+                torch.addcmul(heads[..., 3 * hidden :], heads[..., 2 * hidden : 3 * hidden], ts)
+            )
             ff1, ff2 = ff[..., :hidden], ff[..., hidden:]
             tanh_grad = 1.0 - ff * ff
             gate_slope = gate * (1.0 - gate)
@@ -169,35 +189,37 @@ class _CfCSequence(torch.autograd.Function):
             coefficients = torch.stack([coef_ff1, coef_ff2, coef_gate * ts, coef_gate], dim=2)
         n_heads = heads.shape[2] // hidden
         coefficient_s = coefficients.view(steps, batch, n_heads, hidden).unbind(0)
-        act_grad_s = _derivative(base, pre, act).unbind(0)
+        # c·g'(p): the outer scale of the activation folded into its derivative.
+        act_grad_s = _derivative(base, pre, act).mul_(c).unbind(0)
         grad_y_s = grad_y.unbind(0)
         keep_s = keep.unbind(0) if keep is not None else None
-        w_heads_c = w_heads * c if c != 1.0 else w_heads
-        w_rec_a = w_rec * a
 
+        grad_heads = torch.empty_like(heads).view(steps, batch, n_heads, hidden)
+        grad_pres = torch.empty_like(pre)
+        grad_head_s, grad_pre_s = grad_heads.unbind(0), grad_pres.unbind(0)
+        grad_states = torch.empty_like(states[1:]) if mode == "pure" else None
         grad_h = grad_y_s[steps - 1]
-        grad_states, grad_heads, grad_pres = [], [], []
         for t in range(steps - 1, -1, -1):
-            grad_states.append(grad_h)
-            grad_head = (coefficient_s[t] * grad_h.unsqueeze(1)).view(batch, -1)
-            grad_pre = torch.mm(grad_head, w_heads_c).mul_(act_grad_s[t])
+            if grad_states is not None:
+                grad_states[t] = grad_h
+            grad_head = torch.mul(coefficient_s[t], grad_h.unsqueeze(1), out=grad_head_s[t])
+            grad_pre = torch.mm(grad_head.view(batch, -1), w_heads, out=grad_pre_s[t])
+            grad_pre.mul_(act_grad_s[t])
             if keep_s is None:
                 grad_h = (
-                    torch.addmm(grad_y_s[t - 1], grad_pre, w_rec_a)
+                    torch.addmm(grad_y_s[t - 1], grad_pre, w_rec, alpha=a)
                     if t > 0
-                    else torch.mm(grad_pre, w_rec_a)
+                    else torch.mm(grad_pre, w_rec).mul_(a)
                 )
             else:
-                grad_h = torch.mm(grad_pre, w_rec_a).mul_(keep_s[t])
+                grad_h = torch.mm(grad_pre, w_rec).mul_(keep_s[t] * a)
                 if t > 0:
                     grad_h = grad_h + grad_y_s[t - 1]
-            grad_heads.append(grad_head)
-            grad_pres.append(grad_pre)
         grad_h0 = grad_h
 
         # Parameter gradients: one large multiply each, over all steps and samples.
-        grad_heads_all = torch.stack(grad_heads[::-1])
-        grad_xw = torch.stack(grad_pres[::-1]).mul_(a)
+        grad_heads_all = grad_heads.view(steps, batch, -1)
+        grad_xw = grad_pres.mul_(a)
         flat = (steps * batch, -1)
         inputs_h = states[:-1] if keep is None else states[:-1] * keep
         grad_w_rec = grad_xw.reshape(flat).t() @ inputs_h.reshape(flat)
@@ -207,7 +229,7 @@ class _CfCSequence(torch.autograd.Function):
         grad_b_heads = grad_heads_all.sum(dim=(0, 1))
         grad_w_tau = grad_big_a = None
         if mode == "pure":
-            grad_hs = torch.stack(grad_states[::-1])
+            grad_hs = grad_states
             fe = heads * decay
             grad_big_a = (grad_hs * (1.0 - fe)).sum(dim=(0, 1)).unsqueeze(0)
             common = grad_hs * big_a * fe
@@ -259,17 +281,12 @@ def cfc_sequence(
     :return: the state after every step, ``(B, T, H)``
     """
     keep = (~resets).t().unsqueeze(-1).to(xw.dtype) if resets is not None else None
-    states = _CfCSequence.apply(
-        xw.transpose(0, 1).contiguous(),
-        h0,
-        timespans.t().contiguous(),
-        keep,
-        w_rec,
-        w_heads,
-        b_heads,
-        w_tau,
-        big_a,
-        mode,
-        activation,
-    )
+    args = (xw.transpose(0, 1).contiguous(), h0, timespans.t().contiguous(), keep, w_rec)
+    args += (w_heads, b_heads, w_tau, big_a, mode, activation)
+    if torch.is_grad_enabled() and any(
+        isinstance(arg, Tensor) and arg.requires_grad for arg in args
+    ):
+        states = _CfCSequence.apply(*args)
+    else:  # rollouts: no graph, nothing kept for a backward pass
+        states = _run(*args, record=False)[0][1:]
     return states.transpose(0, 1)
