@@ -124,6 +124,42 @@ def _run(
     return states, pres, acts, heads
 
 
+# Elements of the per-chunk buffers of the backward pass: 64 Ki floats, 256 KiB in float32.
+_CHUNK_ELEMENTS = 1 << 16
+
+
+def _coefficients(
+    heads: Tensor,
+    ts: Tensor,
+    mode: str,
+    hidden: int,
+    abs_tau: Tensor | None,
+    big_a: Tensor | None,
+) -> Tensor:
+    """dh/dheads for a chunk of steps, ``(steps, B, n_heads, H)``: dL/dheads_t is dL/dh_t
+    times this, which does not depend on dL/dh_t, so the backward loop needs one multiply."""
+    if mode == "pure":  # h = A - A·f·e, e = exp(-Δt·(|w_tau| + |f|)): dh/df = -A·e·(1 - Δt·|f|)
+        magnitude = heads.abs()
+        decay = torch.exp(-ts * (abs_tau + magnitude))
+        return (-big_a * decay * (1.0 - ts * magnitude)).unsqueeze(2)
+    # The gates, recomputed here rather than kept from the forward loop.
+    ff = torch.tanh(heads[..., : 2 * hidden])
+    gate = torch.sigmoid(
+        torch.addcmul(heads[..., 3 * hidden :], heads[..., 2 * hidden : 3 * hidden], ts)
+    )
+    ff1, ff2 = ff[..., :hidden], ff[..., hidden:]
+    tanh_grad = 1.0 - ff * ff
+    gate_slope = gate * (1.0 - gate)
+    if mode == "default":  # h = ff1 + gate·(ff2 - ff1)
+        coef_ff1 = (1.0 - gate) * tanh_grad[..., :hidden]
+        coef_gate = (ff2 - ff1) * gate_slope
+    else:  # h = ff1 + gate·ff2
+        coef_ff1 = tanh_grad[..., :hidden]
+        coef_gate = ff2 * gate_slope
+    coef_ff2 = gate * tanh_grad[..., hidden:]
+    return torch.stack([coef_ff1, coef_ff2, coef_gate * ts, coef_gate], dim=2)
+
+
 class _CfCSequence(torch.autograd.Function):
     """The states after every step, for ``xw (T, B, U)`` and ``h0 (B, H)``; time major."""
 
@@ -164,57 +200,46 @@ class _CfCSequence(torch.autograd.Function):
         steps, batch, _ = pre.shape
         hidden = states.shape[2]
         ts = timespans.unsqueeze(-1)
-        # dL/dheads_t = dL/dh_t times a coefficient that does not depend on dL/dh_t: computed
-        # for all steps at once, so the loop below is four operations per step.
-        if mode == "pure":
-            w_tau, big_a = saved[7:]
-            decay = torch.exp(-ts * (w_tau.abs() + heads.abs()))
-            coefficients = -big_a * decay * (1.0 - ts * heads.abs())  # dh/df
-        else:
-            # The gates, recomputed for all steps at once rather than kept from the loop.
-            ff = torch.tanh(heads[..., : 2 * hidden])
-            gate = torch.sigmoid(
-                torch.addcmul(heads[..., 3 * hidden :], heads[..., 2 * hidden : 3 * hidden], ts)
-            )
-            ff1, ff2 = ff[..., :hidden], ff[..., hidden:]
-            tanh_grad = 1.0 - ff * ff
-            gate_slope = gate * (1.0 - gate)
-            if mode == "default":  # h = ff1 + gate·(ff2 - ff1)
-                coef_ff1 = (1.0 - gate) * tanh_grad[..., :hidden]
-                coef_gate = (ff2 - ff1) * gate_slope
-            else:  # h = ff1 + gate·ff2
-                coef_ff1 = tanh_grad[..., :hidden]
-                coef_gate = ff2 * gate_slope
-            coef_ff2 = gate * tanh_grad[..., hidden:]
-            coefficients = torch.stack([coef_ff1, coef_ff2, coef_gate * ts, coef_gate], dim=2)
         n_heads = heads.shape[2] // hidden
-        coefficient_s = coefficients.view(steps, batch, n_heads, hidden).unbind(0)
-        # c·g'(p): the outer scale of the activation folded into its derivative.
-        act_grad_s = _derivative(base, pre, act).mul_(c).unbind(0)
         grad_y_s = grad_y.unbind(0)
         keep_s = keep.unbind(0) if keep is not None else None
-
         grad_heads = torch.empty_like(heads).view(steps, batch, n_heads, hidden)
         grad_pres = torch.empty_like(pre)
         grad_head_s, grad_pre_s = grad_heads.unbind(0), grad_pres.unbind(0)
         grad_states = torch.empty_like(states[1:]) if mode == "pure" else None
+        big_a = saved[8] if mode == "pure" else None
+        abs_tau = saved[7].abs() if mode == "pure" else None
+
+        # Steps are taken in chunks: what does not depend on dL/dh (the coefficients below and
+        # the activation's derivative) is computed for a whole chunk at once, few operations
+        # for small batches, while a chunk stays small enough to remain in cache for large ones.
+        chunk = max(1, _CHUNK_ELEMENTS // (batch * heads.shape[2]))
         grad_h = grad_y_s[steps - 1]
-        for t in range(steps - 1, -1, -1):
-            if grad_states is not None:
-                grad_states[t] = grad_h
-            grad_head = torch.mul(coefficient_s[t], grad_h.unsqueeze(1), out=grad_head_s[t])
-            grad_pre = torch.mm(grad_head.view(batch, -1), w_heads, out=grad_pre_s[t])
-            grad_pre.mul_(act_grad_s[t])
-            if keep_s is None:
-                grad_h = (
-                    torch.addmm(grad_y_s[t - 1], grad_pre, w_rec, alpha=a)
-                    if t > 0
-                    else torch.mm(grad_pre, w_rec).mul_(a)
+        for end in range(steps, 0, -chunk):
+            begin = max(0, end - chunk)
+            coefficient_s = _coefficients(
+                heads[begin:end], ts[begin:end], mode, hidden, abs_tau, big_a
+            ).unbind(0)
+            # c·g'(p): the outer scale of the activation folded into its derivative.
+            act_grad_s = _derivative(base, pre[begin:end], act[begin:end]).mul_(c).unbind(0)
+            for t in range(end - 1, begin - 1, -1):
+                if grad_states is not None:
+                    grad_states[t] = grad_h
+                grad_head = torch.mul(
+                    coefficient_s[t - begin], grad_h.unsqueeze(1), out=grad_head_s[t]
                 )
-            else:
-                grad_h = torch.mm(grad_pre, w_rec).mul_(keep_s[t] * a)
-                if t > 0:
-                    grad_h = grad_h + grad_y_s[t - 1]
+                grad_pre = torch.mm(grad_head.view(batch, -1), w_heads, out=grad_pre_s[t])
+                grad_pre.mul_(act_grad_s[t - begin])
+                if keep_s is None:
+                    grad_h = (
+                        torch.addmm(grad_y_s[t - 1], grad_pre, w_rec, alpha=a)
+                        if t > 0
+                        else torch.mm(grad_pre, w_rec).mul_(a)
+                    )
+                else:
+                    grad_h = torch.mm(grad_pre, w_rec).mul_(keep_s[t] * a)
+                    if t > 0:
+                        grad_h = grad_h + grad_y_s[t - 1]
         grad_h0 = grad_h
 
         # Parameter gradients: one large multiply each, over all steps and samples.
@@ -229,6 +254,8 @@ class _CfCSequence(torch.autograd.Function):
         grad_b_heads = grad_heads_all.sum(dim=(0, 1))
         grad_w_tau = grad_big_a = None
         if mode == "pure":
+            w_tau = saved[7]
+            decay = torch.exp(-ts * (abs_tau + heads.abs()))
             grad_hs = grad_states
             fe = heads * decay
             grad_big_a = (grad_hs * (1.0 - fe)).sum(dim=(0, 1)).unsqueeze(0)
