@@ -196,11 +196,20 @@ class TaskConfig:
         except ValueError as e:
             raise ConfigError(f"{source}: {e}") from None
         for section, section_cls in _SECTIONS.items():
-            values[section] = _parse_section(section_cls, data.get(section), section, source)
+            values[section] = parse_section(section_cls, data.get(section), section, source)
         return cls(**values)
 
 
-def _parse_section(section_cls: type, data: Any, section: str, source: str) -> Any:
+def parse_section(section_cls: type, data: Any, section: str, source: str) -> Any:
+    """Build the dataclass ``section_cls`` from the mapping ``data`` of a YAML file, checking
+    every key and type; shared with the agent files of :mod:`cfc_rl.experiment`.
+
+    :param section_cls: a dataclass whose fields are the allowed keys
+    :param data: the mapping read from the file (None: all defaults)
+    :param section: the section's name, for messages (``wrappers``, ``train``, ...)
+    :param source: the file, for messages
+    :raises ConfigError: naming the file, the key and what was expected
+    """
     if data is None:
         return section_cls()
     if not isinstance(data, Mapping):

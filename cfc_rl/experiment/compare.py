@@ -1,0 +1,359 @@
+"""Compare agents: every (agent, task, seed) trained as an independent job, then aggregated
+with honest statistics.
+
+:func:`compare` builds the job grid, skips runs that are complete (so that an interrupted
+comparison resumes where it stopped, and a partial run continues from its checkpoint), runs the
+rest on an :class:`Executor`, and writes to the output folder:
+
+- ``summary.csv`` and ``summary.md``: per task and agent, the interquartile mean (IQM) and the
+  mean of the final returns over seeds, each with a 95% stratified-bootstrap confidence interval
+  (rliable, Agarwal et al. 2021), plus wall-clock time, environment steps per second and the
+  number of parameters;
+- ``curves_<task>.png``: IQM return against environment steps during training, one line per
+  agent, with the 95% confidence band.
+
+The executor is a small interface (:class:`Executor`) with a local process pool behind it
+(:class:`LocalExecutor`); a cluster executor only has to implement ``run``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import io
+import logging
+import multiprocessing
+import os
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from cfc_rl.experiment.runs import RunFolder, atomic_write, atomic_write_text, run_folder
+
+__all__ = [
+    "Executor",
+    "Job",
+    "JobResult",
+    "LocalExecutor",
+    "aggregate",
+    "compare",
+    "run_job",
+]
+
+logger = logging.getLogger(__name__)
+
+BOOTSTRAP_REPS = 10_000  # rliable's bootstrap resamples for the final-return intervals
+CURVE_BOOTSTRAP_REPS = 1_000  # per evaluation point of the learning curves (cheaper)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training run of a comparison (plain data, so that it can go to another process or
+    machine).
+
+    :param agent: path of the agent file
+    :param task: path of the task file
+    :param seed: the seed
+    :param run_dir: the run folder
+    :param steps: budget in environment steps (None: the task file's)
+    :param device: ``"auto"``, ``"cpu"`` or ``"cuda"``
+    :param threads: torch threads of the job (1: jobs run side by side on separate cores)
+    """
+
+    agent: str
+    task: str
+    seed: int
+    run_dir: str
+    steps: int | None = None
+    device: str = "cpu"
+    threads: int = 1
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What became of a job.
+
+    :param job: the job
+    :param status: ``"done"``, ``"skipped"`` (already complete) or ``"failed"``
+    :param seconds: time the job took in this invocation
+    :param error: the traceback of a failed job
+    """
+
+    job: Job
+    status: str
+    seconds: float = 0.0
+    error: str = ""
+
+
+def run_job(job: Job) -> JobResult:
+    """Train one job to completion (resuming a partial run); never raises, so that one
+    failing job does not stop the others."""
+    start = time.perf_counter()
+    try:
+        import torch
+
+        from cfc_rl.experiment.train import train
+
+        torch.set_num_threads(job.threads)
+        run = RunFolder(Path(job.run_dir))
+        train(
+            job.agent,
+            job.task,
+            seed=job.seed,
+            steps=job.steps,
+            device=job.device,
+            run_dir=run.root,
+            resume=run.config.exists(),
+        )
+        return JobResult(job, "done", time.perf_counter() - start)
+    except Exception:
+        return JobResult(job, "failed", time.perf_counter() - start, traceback.format_exc())
+
+
+class Executor(Protocol):
+    """Runs independent jobs; a cluster executor (Slurm, Ray...) implements this one method."""
+
+    def run(self, fn: Callable[[Job], JobResult], jobs: Sequence[Job]) -> Iterator[JobResult]:
+        """Run ``fn`` on every job and yield the results as jobs finish, in any order."""
+        ...
+
+
+class LocalExecutor:
+    """Jobs in parallel processes on this machine (in this process when ``jobs == 1``).
+
+    :param jobs: number of jobs at once
+    """
+
+    def __init__(self, jobs: int = 1) -> None:
+        if jobs < 1:
+            raise ValueError(f"jobs must be at least 1, got {jobs}")
+        self.jobs = jobs
+
+    def run(self, fn: Callable[[Job], JobResult], jobs: Sequence[Job]) -> Iterator[JobResult]:
+        """Run ``fn`` on every job, ``self.jobs`` at a time."""
+        if self.jobs == 1:
+            for job in jobs:
+                yield fn(job)
+            return
+        # spawn, not fork: forking a process that has started torch's thread pools can hang.
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(self.jobs, mp_context=context) as pool:
+            futures = [pool.submit(fn, job) for job in jobs]
+            for future in concurrent.futures.as_completed(futures):
+                yield future.result()
+
+
+def compare(
+    agents: Sequence[str | os.PathLike[str]],
+    tasks: Sequence[str | os.PathLike[str]],
+    *,
+    seeds: int | Sequence[int] = 3,
+    steps: int | None = None,
+    out: str | os.PathLike[str] = "runs/compare",
+    device: str = "cpu",
+    executor: Executor | None = None,
+    on_result: Callable[[JobResult], None] | None = None,
+) -> tuple[list[JobResult], list[dict[str, Any]]]:
+    """Train every (agent, task, seed) that is not complete yet, then aggregate.
+
+    :param agents: agent files
+    :param tasks: task files
+    :param seeds: a number of seeds (0, 1, ... n-1) or the seeds themselves
+    :param steps: budget of every run (None: each task file's ``train.total_timesteps``)
+    :param out: output folder: run folders under ``<out>/<task>/<agent>/seed_<n>``, and the
+        summary files and plots
+    :param device: device of every job
+    :param executor: where the jobs run (default: :class:`LocalExecutor` with one job)
+    :param on_result: called with each job's result as it finishes (progress display)
+    :return: the job results (skipped ones included) and the summary rows
+    """
+    from cfc_rl.experiment.config import load_agent_config, load_task, task_name
+
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    # Load everything first: a typo in the last file should not wait for hours of training.
+    agent_cfgs = {str(a): load_agent_config(a) for a in agents}
+    task_cfgs = {str(t): load_task(t) for t in tasks}
+    jobs, results = [], []
+    for task_path, task_cfg in task_cfgs.items():
+        budget = steps or task_cfg.train.total_timesteps
+        for agent_path, agent_cfg in agent_cfgs.items():
+            for seed in seed_list:
+                run = run_folder(out, task_name(task_cfg), agent_cfg.name, seed)
+                job = Job(agent_path, task_path, seed, str(run.root), steps, device)
+                if run.is_complete(budget):
+                    results.append(JobResult(job, "skipped"))
+                    if on_result:
+                        on_result(results[-1])
+                else:
+                    jobs.append(job)
+    logger.info("%d runs to train, %d already complete", len(jobs), len(results))
+    for result in (executor or LocalExecutor()).run(run_job, jobs):
+        results.append(result)
+        if on_result:
+            on_result(result)
+    rows = aggregate(out)
+    return results, rows
+
+
+def aggregate(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Summarise every complete run under ``out`` into ``summary.csv``, ``summary.md`` and one
+    ``curves_<task>.png`` per task.
+
+    :param out: the comparison's output folder
+    :return: one row per (task, agent), as written to ``summary.csv``
+    """
+    out = Path(out)
+    runs: dict[tuple[str, str], list[RunFolder]] = {}
+    for result_file in sorted(out.glob("*/*/seed_*/result.json")):
+        run = RunFolder(result_file.parent)
+        runs.setdefault((run.root.parent.parent.name, run.root.parent.name), []).append(run)
+    rows = []
+    for (task, agent), folders in sorted(runs.items()):
+        results = [f.read_result() for f in folders]
+        finals = np.array([[r["final_mean_return"]] for r in results])  # (seeds, 1 task)
+        (iqm, iqm_lo, iqm_hi), (mean, mean_lo, mean_hi) = _interval_estimates(finals)
+        rows.append(
+            {
+                "task": task,
+                "agent": agent,
+                "seeds": len(results),
+                "steps": results[0]["total_timesteps"],
+                "iqm": iqm,
+                "iqm_ci_low": iqm_lo,
+                "iqm_ci_high": iqm_hi,
+                "mean": mean,
+                "mean_ci_low": mean_lo,
+                "mean_ci_high": mean_hi,
+                "wall_clock_s": float(np.mean([r["wall_clock_s"] for r in results])),
+                "steps_per_s": float(np.mean([r["steps_per_s"] for r in results])),
+                "params": results[0]["params"],
+            }
+        )
+    _write_csv(out / "summary.csv", rows)
+    atomic_write_text(out / "summary.md", summary_markdown(rows))
+    for task in sorted({task for task, _ in runs}):
+        _plot_curves(
+            out / f"curves_{task}.png", task, {a: f for (t, a), f in runs.items() if t == task}
+        )
+    return rows
+
+
+def _interval_estimates(
+    scores: np.ndarray, reps: int = BOOTSTRAP_REPS
+) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """IQM and mean of ``scores`` (runs, tasks), each with its 95% stratified-bootstrap CI."""
+    from rliable import library as rly
+    from rliable import metrics
+
+    def iqm_and_mean(x: np.ndarray) -> np.ndarray:
+        return np.array([metrics.aggregate_iqm(x), metrics.aggregate_mean(x)])
+
+    # rliable draws from numpy's global generator: seed it for repeatable intervals.
+    state = np.random.get_state()
+    np.random.seed(0)
+    try:
+        points, intervals = rly.get_interval_estimates({"x": scores}, iqm_and_mean, reps=reps)
+    finally:
+        np.random.set_state(state)
+    point, ci = points["x"], intervals["x"]
+    return (
+        (float(point[0]), float(ci[0, 0]), float(ci[1, 0])),
+        (float(point[1]), float(ci[0, 1]), float(ci[1, 1])),
+    )
+
+
+def summary_markdown(rows: list[dict[str, Any]]) -> str:
+    """The summary as Markdown: one table per task."""
+    lines = [
+        "Final return: the mean over each run's final evaluation episodes; per agent, the",
+        "interquartile mean (IQM) and the mean over seeds with 95% stratified-bootstrap",
+        "confidence intervals (rliable). With fewer than 4 seeds the IQM trims nothing and",
+        "equals the mean. Steps/s: training throughput, evaluations excluded.",
+        "",
+    ]
+    for task in sorted({r["task"] for r in rows}):
+        task_rows = [r for r in rows if r["task"] == task]
+        lines += [
+            f"### {task} ({task_rows[0]['steps']:,} steps)",
+            "",
+            "| agent | seeds | IQM [95% CI] | mean [95% CI] | wall clock | steps/s | params |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in sorted(task_rows, key=lambda r: -r["iqm"]):
+            lines.append(
+                f"| {r['agent']} | {r['seeds']} "
+                f"| {r['iqm']:.1f} [{r['iqm_ci_low']:.1f}, {r['iqm_ci_high']:.1f}] "
+                f"| {r['mean']:.1f} [{r['mean_ci_low']:.1f}, {r['mean_ci_high']:.1f}] "
+                f"| {r['wall_clock_s']:.0f} s | {r['steps_per_s']:.0f} | {r['params']:,} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    text = io.StringIO()
+    fields = list(rows[0]) if rows else ["task", "agent"]
+    writer = csv.DictWriter(text, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, text.getvalue())
+
+
+def _plot_curves(path: Path, task: str, runs: dict[str, list[RunFolder]]) -> None:
+    """IQM evaluation return against steps, one line per agent, with 95% bootstrap bands."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    from rliable import library as rly
+    from rliable import metrics
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for agent, folders in sorted(runs.items()):
+        curves = []
+        for folder in folders:
+            if folder.evaluations.exists():
+                with np.load(folder.evaluations) as data:
+                    curves.append((data["timesteps"], data["results"].mean(axis=1)))
+        if not curves:
+            continue
+        # Seeds evaluate at the same step counts; keep the points they all have.
+        n = min(len(t) for t, _ in curves)
+        if n == 0:
+            continue
+        steps = curves[0][0][:n]
+        scores = np.stack([r[:n] for _, r in curves])  # (seeds, points)
+
+        def iqm_per_point(x: np.ndarray) -> np.ndarray:
+            return np.array([metrics.aggregate_iqm(x[:, [i]]) for i in range(x.shape[1])])
+
+        state = np.random.get_state()
+        np.random.seed(0)
+        try:
+            points, intervals = rly.get_interval_estimates(
+                {agent: scores}, iqm_per_point, reps=CURVE_BOOTSTRAP_REPS
+            )
+        finally:
+            np.random.set_state(state)
+        (line,) = ax.plot(steps, points[agent], label=f"{agent} ({len(curves)} seeds)")
+        ax.fill_between(
+            steps, intervals[agent][0], intervals[agent][1], alpha=0.2, color=line.get_color()
+        )
+    ax.set_xlabel("environment steps")
+    ax.set_ylabel("evaluation return (IQM, 95% CI)")
+    ax.set_title(task)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
+
+
+def results_table(results: Sequence[JobResult]) -> str:
+    """One line per job: status, seconds and run folder (for the command line)."""
+    return "\n".join(f"{r.status:8s} {r.seconds:7.1f} s  {r.job.run_dir}" for r in results)

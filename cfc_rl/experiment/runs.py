@@ -1,0 +1,143 @@
+"""The run folder: where :func:`~cfc_rl.experiment.train.train` writes and what
+:func:`~cfc_rl.experiment.evaluate.evaluate_run` and :mod:`~cfc_rl.experiment.compare` read.
+
+Layout of ``runs/<task>/<agent>/seed_<n>/``::
+
+    config.yaml          resolved agent + task + seed + package versions (enough to rebuild)
+    model.zip            the final model              } written when the budget is reached
+    vecnormalize.pkl     its normalisation statistics }
+    result.json          final evaluation, wall clock, steps/s, parameters: the "done" marker
+    checkpoints/         latest.json -> step_<n>.zip (+ _vecnormalize.pkl, _replay_buffer.pkl)
+    monitor/             one Monitor CSV per training environment
+    progress.csv         SB3's training log; tb/ holds the same as TensorBoard events
+    evaluations.csv/.npz periodic evaluations during training (returns, lengths)
+    evaluation_episodes.csv   per-episode results of the last ``evaluate``
+
+Every file is written atomically (:func:`atomic_write`): to a temporary file in the same folder,
+then ``os.replace``, so an interruption leaves the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+
+__all__ = ["RunFolder", "atomic_write", "atomic_write_text", "run_folder"]
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> None:
+    """Write a file so that readers see either the old content or the whole new one.
+
+    :param path: the destination
+    :param write: called with a binary file object open on a temporary file in the same folder
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Same folder: os.replace is atomic only within one file system. The suffix keeps the
+    # destination's extension, for writers that pick a format from it (imageio).
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; runs are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """:func:`atomic_write` for text (UTF-8)."""
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """Paths of one run (see the module docstring).
+
+    :param root: the run folder
+    """
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model.zip"
+
+    @property
+    def vecnormalize(self) -> Path:
+        return self.root / "vecnormalize.pkl"
+
+    @property
+    def result(self) -> Path:
+        return self.root / "result.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def latest_checkpoint(self) -> Path:
+        return self.checkpoints / "latest.json"
+
+    @property
+    def monitor(self) -> Path:
+        return self.root / "monitor"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tb"
+
+    @property
+    def evaluations(self) -> Path:
+        return self.root / "evaluations.npz"
+
+    def read_config(self) -> dict[str, Any]:
+        """The resolved configuration the run was started with."""
+        with self.config.open() as f:
+            return yaml.safe_load(f)
+
+    def read_result(self) -> dict[str, Any] | None:
+        """``result.json``, or None while the run has not reached its budget."""
+        if not self.result.exists():
+            return None
+        return json.loads(self.result.read_text())
+
+    def is_complete(self, total_timesteps: int | None = None) -> bool:
+        """Whether the run reached its budget (``total_timesteps``, when given)."""
+        result = self.read_result()
+        if result is None:
+            return False
+        return total_timesteps is None or result["total_timesteps"] == total_timesteps
+
+    def read_checkpoint(self) -> dict[str, Any] | None:
+        """The latest checkpoint's record (file names, steps, elapsed seconds), or None."""
+        if not self.latest_checkpoint.exists():
+            return None
+        return json.loads(self.latest_checkpoint.read_text())
+
+
+def run_folder(out: str | os.PathLike[str], task: str, agent: str, seed: int) -> RunFolder:
+    """The run folder of one (task, agent, seed): ``<out>/<task>/<agent>/seed_<seed>``."""
+    return RunFolder(Path(out) / task / agent / f"seed_{seed}")
+
+
+def dump_yaml(data: Any) -> str:
+    """YAML text with keys in insertion order."""
+    stream = io.StringIO()
+    yaml.safe_dump(data, stream, sort_keys=False)
+    return stream.getvalue()

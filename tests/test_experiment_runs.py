@@ -1,0 +1,243 @@
+"""train -> evaluate round trips, resume after an interruption, and compare, on tiny budgets.
+
+The agents are the shipped files with smaller cells and rollouts (a few hundred steps each), so
+that the whole module runs in well under a minute on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from cfc_rl.experiment import cli
+from cfc_rl.experiment.runs import RunFolder
+from cfc_rl.experiment.train import Checkpoints, TrainingInterrupted, train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Smaller versions of shipped agents: same algorithm, policy and cell, tiny sizes.
+TINY = {
+    "ppo_cfc": {
+        "hyperparams": {"n_steps": 64, "batch_size": 64, "n_epochs": 2},
+        "policy_kwargs": {"hidden_size": 8, "backbone_units": 16},
+    },
+    "ppo_gru": {
+        "hyperparams": {"n_steps": 64, "batch_size": 64, "n_epochs": 2},
+        "policy_kwargs": {"hidden_size": 8},
+    },
+    "ppo_mlp": {"hyperparams": {"n_steps": 64, "batch_size": 64, "n_epochs": 2}},
+    "sac_cfc": {
+        "hyperparams": {"learning_starts": 50, "batch_size": 32, "buffer_size": 1000},
+        "features_extractor": {"hidden_size": 8, "backbone_units": 16},
+        "wrappers": {"history": 4},
+    },
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_agent(folder: Path, name: str) -> Path:
+    """The shipped agent ``name`` with the TINY changes, written to ``folder/name.yaml``."""
+    data = yaml.safe_load((ROOT / "agents" / f"{name}.yaml").read_text())
+    for key, value in TINY[name].items():
+        data[key] = {**(data.get(key) or {}), **value}
+    data.pop("overrides", None)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def tiny_task(folder: Path, task: str = "cartpole_p", n_envs: int = 2) -> Path:
+    """The shipped task with a 256-step budget and short evaluations every 128 steps."""
+    data = yaml.safe_load((ROOT / "envs" / f"{task}.yaml").read_text())
+    data["train"] = {**data["train"], "total_timesteps": 256, "n_envs": n_envs}
+    data["eval"] = {"episodes": 2, "every_steps": 128, "deterministic": True}
+    path = folder / f"{task}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("agent", "task"),
+    [("ppo_cfc", "cartpole_p"), ("ppo_mlp", "cartpole_p"), ("sac_cfc", "pendulum_p_irregular")],
+)
+def test_train_then_evaluate_round_trip(tmp_path: Path, capsys, agent: str, task: str) -> None:
+    agent_file, task_file = tiny_agent(tmp_path, agent), tiny_task(tmp_path, task)
+    out = tmp_path / "runs"
+    argv = ["--agent", str(agent_file), "--task", str(task_file), "--out", str(out), "--seed", "3"]
+    assert cli.main(["train", *argv, "--no-progress"]) == 0
+    run = RunFolder(out / task / agent / "seed_3")
+    assert str(run.root) in capsys.readouterr().out  # train tells where the run is
+
+    for name in ("config.yaml", "model.zip", "vecnormalize.pkl", "progress.csv"):
+        assert (run.root / name).stat().st_size > 0, name
+    assert list(run.monitor.glob("*.monitor.csv"))
+    assert list(run.tensorboard.glob("events.out.tfevents.*"))
+    config = run.read_config()
+    assert config["seed"] == 3
+    assert config["agent"]["name"] == agent
+    assert config["task"]["train"]["total_timesteps"] == 256
+    assert config["versions"]["stable-baselines3"]
+    result = run.read_result()
+    assert result["num_timesteps"] >= 256
+    assert result["eval_episodes"] == 2 and result["params"] > 0
+    with (run.root / "evaluations.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["timesteps"]) for r in rows][:2] == [128, 256]
+    with np.load(run.evaluations) as data:
+        assert data["results"].shape == (len(rows), 2)
+    assert not list(run.root.glob(".*"))  # no temporary files left
+
+    assert cli.main(["evaluate", str(run.root), "--episodes", "3", "--json"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    evaluation = json.loads(line)
+    assert evaluation["episodes"] == 3
+    assert {"mean_return", "std_return", "mean_length"} <= set(evaluation)
+    with (run.root / "evaluation_episodes.csv").open() as f:
+        episodes = list(csv.DictReader(f))
+    assert len(episodes) == 3
+    mean = np.mean([float(e["return"]) for e in episodes])
+    assert mean == pytest.approx(evaluation["mean_return"])
+
+
+def test_an_existing_run_needs_resume(tmp_path: Path) -> None:
+    agent, task = tiny_agent(tmp_path, "ppo_mlp"), tiny_task(tmp_path)
+    train(agent, task, out=tmp_path)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(agent, task, out=tmp_path)
+    # A complete run resumed to the same budget is left as it is.
+    run = train(agent, task, out=tmp_path, resume=True)
+    assert run.read_result()["num_timesteps"] == 256
+
+
+@pytest.mark.parametrize("agent", ["ppo_gru", "sac_cfc"])
+def test_resume_after_an_interruption_reaches_the_same_step_count(
+    tmp_path: Path, monkeypatch, capsys, agent: str
+) -> None:
+    task_name = "cartpole_p" if agent.startswith("ppo") else "pendulum_p_irregular"
+    agent_file, task_file = tiny_agent(tmp_path, agent), tiny_task(tmp_path, task_name)
+    budget = 300  # not a whole number of PPO rollouts (2 envs x 64 steps): PPO ends at 384
+    reference = train(agent_file, task_file, steps=budget, run_dir=tmp_path / "reference")
+    expected = reference.read_result()["num_timesteps"]
+
+    # Ctrl-C in the middle of the second half of training.
+    original = Checkpoints._on_step
+
+    def interrupt(self) -> bool:
+        if self.num_timesteps >= 200:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(Checkpoints, "_on_step", interrupt)
+    monkeypatch.setattr("cfc_rl.experiment.train.CHECKPOINTS_PER_RUN", 1)  # only the Ctrl-C one
+    run_dir = tmp_path / "interrupted"
+    argv = ["--agent", str(agent_file), "--task", str(task_file), "--steps", str(budget)]
+    assert cli.main(["train", *argv, "--run-dir", str(run_dir), "--no-progress"]) == 130
+    assert "--resume" in capsys.readouterr().err
+    run = RunFolder(run_dir)
+    assert run.read_result() is None and not run.model.exists()
+    saved = run.read_checkpoint()
+    assert 0 < saved["steps"] < budget
+    assert (run.checkpoints / saved["model"]).exists()
+
+    monkeypatch.setattr(Checkpoints, "_on_step", original)
+    assert cli.main(["train", "--resume", "--run-dir", str(run_dir), "--no-progress"]) == 0
+    result = run.read_result()
+    assert result["num_timesteps"] == expected
+    assert result["total_timesteps"] == budget
+    with np.load(run.evaluations) as data:
+        timesteps = data["timesteps"].tolist()
+    with np.load(reference.evaluations) as data:
+        assert timesteps == data["timesteps"].tolist()  # same evaluation points, no repeats
+
+
+def test_sac_on_discrete_actions_says_why(tmp_path: Path) -> None:
+    agent = tmp_path / "sac_mlp.yaml"
+    agent.write_text((ROOT / "agents" / "sac_mlp.yaml").read_text())
+    with pytest.raises(ValueError, match="needs continuous actions"):
+        train(agent, tiny_task(tmp_path), out=tmp_path)
+
+
+@pytest.mark.skipif(
+    not (importlib.util.find_spec("pygame") and importlib.util.find_spec("imageio_ffmpeg")),
+    reason="video needs the [video] extra (pygame, imageio-ffmpeg)",
+)
+def test_evaluate_records_a_video(tmp_path: Path, capsys) -> None:
+    run = train(tiny_agent(tmp_path, "ppo_mlp"), tiny_task(tmp_path), out=tmp_path)
+    assert cli.main(["evaluate", str(run.root), "--episodes", "1", "--video"]) == 0
+    video = run.root / "video.mp4"
+    assert video.stat().st_size > 1000
+    assert video.read_bytes()[4:8] == b"ftyp"  # an MP4 container
+    assert f"video: {video}" in capsys.readouterr().out
+
+
+def test_compare_summarises_and_skips_finished_runs(tmp_path: Path, capsys) -> None:
+    agents = [str(tiny_agent(tmp_path, "ppo_mlp")), str(tiny_agent(tmp_path, "ppo_gru"))]
+    task = str(tiny_task(tmp_path))
+    out = tmp_path / "compare"
+    argv = ["--agents", *agents, "--tasks", task, "--seeds", "2", "--out", str(out)]
+    assert cli.main(["compare", *argv, "-j", "2"]) == 0
+    first = capsys.readouterr().out
+    assert first.count("done ") == 4
+
+    with (out / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["task"], r["agent"]) for r in rows} == {
+        ("cartpole_p", "ppo_mlp"),
+        ("cartpole_p", "ppo_gru"),
+    }
+    for r in rows:
+        assert r["seeds"] == "2"
+        assert float(r["iqm_ci_low"]) <= float(r["iqm"]) <= float(r["iqm_ci_high"])
+        assert float(r["mean_ci_low"]) <= float(r["mean"]) <= float(r["mean_ci_high"])
+        assert float(r["steps_per_s"]) > 0 and int(r["params"]) > 0
+    markdown = (out / "summary.md").read_text()
+    assert "| ppo_gru | 2 |" in markdown and "95%" in markdown
+    assert (out / "curves_cartpole_p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    results = sorted(out.glob("*/*/seed_*/result.json"))
+    stamps = [p.stat().st_mtime_ns for p in results]
+    assert cli.main(["compare", *argv, "-j", "1"]) == 0
+    second = capsys.readouterr().out
+    assert second.count("skipped") == 4 and "done " not in second
+    assert [p.stat().st_mtime_ns for p in results] == stamps
+
+
+def test_interrupted_training_raises_with_a_resume_hint(tmp_path: Path, monkeypatch) -> None:
+    def interrupt(self) -> bool:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Checkpoints, "_on_step", interrupt)
+    with pytest.raises(TrainingInterrupted, match="cfc-rl train --resume --run-dir"):
+        train(tiny_agent(tmp_path, "ppo_mlp"), tiny_task(tmp_path), out=tmp_path)
+
+
+def test_same_config_and_seed_give_the_same_numbers(tmp_path: Path) -> None:
+    agent, task = tiny_agent(tmp_path, "ppo_cfc"), tiny_task(tmp_path)
+    first = train(agent, task, seed=5, run_dir=tmp_path / "a").read_result()
+    second = train(agent, task, seed=5, run_dir=tmp_path / "b").read_result()
+    assert first["final_mean_return"] == second["final_mean_return"]
+    assert (tmp_path / "a" / "evaluations.csv").read_text() == (
+        tmp_path / "b" / "evaluations.csv"
+    ).read_text()
+
+
+def test_cli_reports_a_bad_agent_file_without_a_traceback(tmp_path: Path, capsys) -> None:
+    agent = tmp_path / "broken.yaml"
+    agent.write_text("algo: ppo\npolicy: MlpPolicy\nhyperparams: {n_stepz: 8}\n")
+    argv = ["train", "--agent", str(agent), "--task", str(tiny_task(tmp_path))]
+    assert cli.main(argv) == 2
+    assert f"error: {agent}: unknown key hyperparams.n_stepz" in capsys.readouterr().err
