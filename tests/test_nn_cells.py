@@ -285,3 +285,21 @@ def test_configurations_outside_the_fused_kernel_use_the_autograd_loop() -> None
     assert not CfC(I, H, backbone_layers=2).fused
     assert not CfC(I, H, backbone_layers=0).fused
     assert not CfC(I, AutoNCP(10, 3)).fused
+
+
+def test_large_training_batches_take_the_autograd_loop(monkeypatch) -> None:
+    import cfc_rl.nn.cfc as cfc_module
+
+    cell = CfC(I, H, backbone_units=8).double()
+    calls = []
+    original = cell._sequence_autograd
+    monkeypatch.setattr(cell, "_sequence_autograd", lambda *a: calls.append(1) or original(*a))
+    x, timespans = inputs()
+    y_kernel = cell(x, timespans=timespans)[0]
+    assert not calls
+    monkeypatch.setattr(cfc_module, "FUSED_MAX_STEP_ELEMENTS", B * cell._fused_step_size - 1)
+    torch.testing.assert_close(cell(x, timespans=timespans)[0], y_kernel, rtol=0, atol=1e-12)
+    assert calls
+    with torch.no_grad():  # rollouts keep nothing per step: always the kernel
+        cell(x, timespans=timespans)
+    assert len(calls) == 1
