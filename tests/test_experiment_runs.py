@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,8 @@ import torch
 import yaml
 
 from cfc_rl.experiment import cli
-from cfc_rl.experiment.runs import RunFolder
+from cfc_rl.experiment.evaluate import evaluate_run
+from cfc_rl.experiment.runs import RunError, RunFolder
 from cfc_rl.experiment.train import Checkpoints, TrainingInterrupted, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -241,3 +243,41 @@ def test_cli_reports_a_bad_agent_file_without_a_traceback(tmp_path: Path, capsys
     argv = ["train", "--agent", str(agent), "--task", str(tiny_task(tmp_path))]
     assert cli.main(argv) == 2
     assert f"error: {agent}: unknown key hyperparams.n_stepz" in capsys.readouterr().err
+
+
+def test_damaged_run_files_are_named_in_the_error(tmp_path: Path, capsys) -> None:
+    agent, task = tiny_agent(tmp_path, "ppo_mlp"), tiny_task(tmp_path)
+    run = train(agent, task, run_dir=tmp_path / "run")
+    good_model = run.model.read_bytes()
+
+    run.model.write_bytes(good_model[:300])  # a truncated zip
+    assert cli.main(["evaluate", str(run.root)]) == 2
+    assert f"{run.model} is damaged" in capsys.readouterr().err
+    run.model.write_bytes(good_model)
+    run.vecnormalize.write_bytes(b"not a pickle")
+    with pytest.raises(RunError, match=r"vecnormalize\.pkl is damaged"):
+        evaluate_run(run.root)
+    with pytest.raises(RunError, match=r"is not a run folder: it has no config\.yaml"):
+        evaluate_run(tmp_path)
+    run.config.write_text("algo: [unclosed\n")
+    with pytest.raises(RunError, match=r"config\.yaml is damaged"):
+        evaluate_run(run.root)
+
+
+def test_resuming_from_a_damaged_checkpoint_names_it(tmp_path: Path, monkeypatch) -> None:
+    agent, task = tiny_agent(tmp_path, "ppo_mlp"), tiny_task(tmp_path)
+    monkeypatch.setattr(
+        Checkpoints,
+        "_on_step",
+        lambda self: (
+            (_ for _ in ()).throw(KeyboardInterrupt) if self.num_timesteps >= 128 else True
+        ),
+    )
+    with pytest.raises(TrainingInterrupted):
+        train(agent, task, steps=512, run_dir=tmp_path / "run")
+    run = RunFolder(tmp_path / "run")
+    checkpoint = run.checkpoints / run.read_checkpoint()["model"]
+    checkpoint.write_bytes(b"\0" * 64)
+    monkeypatch.undo()
+    with pytest.raises(RunError, match=re.escape(f"{checkpoint} is damaged")):
+        train(run_dir=run.root, resume=True)

@@ -15,6 +15,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from cfc_rl.experiment.runs import RunError
+
 __all__ = ["compare_main", "evaluate_main", "main", "train_main"]
 
 
@@ -83,7 +85,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     except TrainingInterrupted as e:
         print(f"\n{e}", file=sys.stderr)
         return 130
-    except (ConfigError, FileExistsError, FileNotFoundError) as e:
+    except (ConfigError, RunError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     result = run.read_result()
@@ -139,7 +141,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     except VideoUnavailable as e:
         print(f"error: --video: {e}", file=sys.stderr)
         return 3
-    except FileNotFoundError as e:
+    except (RunError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
@@ -186,7 +188,7 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
             executor=LocalExecutor(args.jobs),
             on_result=show,
         )
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, RunError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print()

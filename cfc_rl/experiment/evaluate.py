@@ -12,7 +12,6 @@ import csv
 import io
 import logging
 import os
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,13 @@ from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.vec_env import VecEnv
 
 from cfc_rl.experiment.config import algo_class
-from cfc_rl.experiment.runs import RunFolder, atomic_write, atomic_write_text
+from cfc_rl.experiment.runs import (
+    RunFolder,
+    atomic_write,
+    atomic_write_text,
+    load_model,
+    load_normalization,
+)
 from cfc_rl.experiment.train import configs_from_record, make_env, replace_normalization
 
 __all__ = ["VideoUnavailable", "evaluate_run", "load_run"]
@@ -66,9 +71,8 @@ def load_run(
     env = make_env(task, agent, n_envs=n_envs, seed=seed, training=False, render_mode=render_mode)
     if run.vecnormalize.exists():
         # The run's statistics, frozen (make_env built the env with training=False).
-        with run.vecnormalize.open("rb") as f:
-            env = replace_normalization(env, pickle.load(f))
-    model = algo_class(agent.algo).load(run.model, device=device)
+        env = replace_normalization(env, load_normalization(run.vecnormalize))
+    model = load_model(algo_class(agent.algo), run.model, device=device)
     return model, env
 
 

@@ -22,7 +22,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import tempfile
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,45 @@ from typing import IO, Any
 
 import yaml
 
-__all__ = ["RunFolder", "atomic_write", "atomic_write_text", "run_folder"]
+__all__ = [
+    "RunError",
+    "RunFolder",
+    "atomic_write",
+    "atomic_write_text",
+    "load_model",
+    "load_normalization",
+    "run_folder",
+]
+
+
+class RunError(ValueError):
+    """A run folder that cannot be read: not a run folder, or one of its files is damaged."""
+
+
+def _damaged(path: Path, error: BaseException) -> RunError:
+    return RunError(f"{path} is damaged and cannot be read ({type(error).__name__}: {error})")
+
+
+def load_model(algo: type, path: Path, **kwargs: Any) -> Any:
+    """``algo.load(path, **kwargs)``, with a :class:`RunError` naming the file if it is damaged.
+
+    :param algo: the SB3 algorithm class
+    :param path: the saved model (``.zip``)
+    :param kwargs: passed to ``algo.load``
+    """
+    try:
+        return algo.load(path, **kwargs)
+    except (ValueError, KeyError, EOFError, RuntimeError, OSError, zipfile.BadZipFile) as e:
+        raise _damaged(path, e) from e
+
+
+def load_normalization(path: Path) -> Any:
+    """The pickled ``VecNormalize`` statistics at ``path``, or a :class:`RunError` naming it."""
+    try:
+        with path.open("rb") as f:
+            return pickle.load(f)
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, ImportError) as e:
+        raise _damaged(path, e) from e
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> None:
@@ -107,15 +147,34 @@ class RunFolder:
         return self.root / "evaluations.npz"
 
     def read_config(self) -> dict[str, Any]:
-        """The resolved configuration the run was started with."""
-        with self.config.open() as f:
-            return yaml.safe_load(f)
+        """The resolved configuration the run was started with.
+
+        :raises RunError: if the folder holds no run, or its config.yaml is damaged
+        """
+        if not self.config.exists():
+            raise RunError(
+                f"{self.root} is not a run folder: it has no config.yaml (cfc-rl train makes one)"
+            )
+        try:
+            data = yaml.safe_load(self.config.read_text())
+        except yaml.YAMLError as e:
+            raise _damaged(self.config, e) from e
+        if not isinstance(data, dict):
+            raise RunError(f"{self.config} is damaged: expected a mapping, got {data!r}")
+        return data
 
     def read_result(self) -> dict[str, Any] | None:
         """``result.json``, or None while the run has not reached its budget."""
         if not self.result.exists():
             return None
-        return json.loads(self.result.read_text())
+        return self._read_json(self.result)
+
+    @staticmethod
+    def _read_json(path: Path) -> dict[str, Any]:
+        try:
+            return json.loads(path.read_text())
+        except ValueError as e:
+            raise _damaged(path, e) from e
 
     def is_complete(self, total_timesteps: int | None = None) -> bool:
         """Whether the run reached its budget (``total_timesteps``, when given)."""
@@ -128,7 +187,7 @@ class RunFolder:
         """The latest checkpoint's record (file names, steps, elapsed seconds), or None."""
         if not self.latest_checkpoint.exists():
             return None
-        return json.loads(self.latest_checkpoint.read_text())
+        return self._read_json(self.latest_checkpoint)
 
 
 def run_folder(out: str | os.PathLike[str], task: str, agent: str, seed: int) -> RunFolder:

@@ -51,7 +51,15 @@ from cfc_rl.experiment.config import (
     resolve_agent,
     task_name,
 )
-from cfc_rl.experiment.runs import RunFolder, atomic_write, atomic_write_text, dump_yaml, run_folder
+from cfc_rl.experiment.runs import (
+    RunFolder,
+    atomic_write,
+    atomic_write_text,
+    dump_yaml,
+    load_model,
+    load_normalization,
+    run_folder,
+)
 
 __all__ = ["TrainingInterrupted", "build_model", "make_env", "train"]
 
@@ -144,8 +152,8 @@ def train(
         append_monitor=checkpoint is not None,
     )
     if checkpoint is not None and checkpoint.get("vecnormalize"):
-        with (run.checkpoints / checkpoint["vecnormalize"]).open("rb") as f:
-            env = replace_normalization(env, pickle.load(f))
+        statistics = load_normalization(run.checkpoints / checkpoint["vecnormalize"])
+        env = replace_normalization(env, statistics)
     eval_env = make_env(
         task_cfg,
         agent_cfg,
@@ -158,8 +166,11 @@ def train(
     if checkpoint is None:
         model = build_model(agent_cfg, env, seed=seed, device=device)
     else:
-        model = algo_class(agent_cfg.algo).load(
-            run.checkpoints / checkpoint["model"], env=env, device=device
+        model = load_model(
+            algo_class(agent_cfg.algo),
+            run.checkpoints / checkpoint["model"],
+            env=env,
+            device=device,
         )
         if checkpoint.get("replay_buffer"):
             model.load_replay_buffer(run.checkpoints / checkpoint["replay_buffer"])
