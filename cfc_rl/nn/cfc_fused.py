@@ -4,14 +4,15 @@ Autograd over a Python time loop records a graph of T × ~15 tiny operations and
 backwards, and at RL sizes (a few dozen samples, 64 units) the per-operation overhead, not
 arithmetic, is the cost. This kernel runs the same equations with the fewest operations per
 step (seven forward) and computes the backward pass by hand: per step only what the
-recurrence needs (four operations), and everything else (the weight gradients, the
-derivatives of the activations and gates, the gradient of the elapsed times) as a few large
-operations over all steps before or after the loop.
+recurrence needs (four operations); the derivatives of the activations and gates are computed
+for chunks of steps at once, and the weight gradients and the gradient of the elapsed times
+as one large operation each after the loop.
 
 It covers the common configuration: an unwired CfC with one backbone layer, in any mode and
 with any backbone activation, without mixed memory; :class:`~cfc_rl.nn.CfC` uses the
-autograd loop for the rest. Both give the same numbers (tests compare them, and gradcheck
-checks this backward pass in float64).
+autograd loop for the rest, and for training batches so large that arithmetic, not overhead,
+dominates. Both give the same numbers (tests compare them, and gradcheck checks this backward
+pass in float64).
 
 Notation (one backbone layer, ``a`` and ``c`` the activation's inner and outer scale, ``g`` its
 base function, so LeCun's tanh is ``1.7159·tanh(0.666·x)``)::

@@ -12,6 +12,7 @@ as the last feature, where the policy's cell takes it as its ``timespans``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,7 +71,7 @@ class WindowLayout:
             else:
                 raise ValueError(f"SequenceExtractor cannot read {OBS_KEY!r} of shape {shape}")
             for key in (DT_KEY, VALID_KEY):
-                if key in space.spaces and int(torch.tensor(space[key].shape).prod()) != frames:
+                if key in space.spaces and math.prod(space[key].shape) != frames:
                     raise ValueError(
                         f"{key!r} has shape {space[key].shape}; expected one entry per frame "
                         f"({frames})"
