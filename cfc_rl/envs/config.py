@@ -236,9 +236,20 @@ def load_task_config(path: str | os.PathLike[str]) -> TaskConfig:
     :raises ConfigError: for a file that does not match the schema (the message names the file)
     """
     path = Path(path)
-    with path.open() as f:
-        try:
-            data = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    return TaskConfig.from_dict(data, source=str(path))
+    return TaskConfig.from_dict(read_yaml(path), source=str(path))
+
+
+def read_yaml(path: str | os.PathLike[str]) -> Any:
+    """The contents of a YAML config file; shared with the agent files of
+    :mod:`cfc_rl.experiment`.
+
+    :param path: the file
+    :raises ConfigError: if the file does not exist or is not valid YAML (naming the file)
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None

@@ -37,11 +37,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from torch import nn
 
 from cfc_rl.envs import ConfigError, TaskConfig, WrapperSettings, load_task_config
-from cfc_rl.envs.config import parse_section
+from cfc_rl.envs.config import parse_section, read_yaml
 from cfc_rl.nn import CELLS
 
 __all__ = [
@@ -354,12 +353,7 @@ def load_agent_config(path: str | os.PathLike[str]) -> AgentConfig:
     :raises ConfigError: for a file that does not match the schema (the message names the file)
     """
     path = Path(path)
-    with path.open() as f:
-        try:
-            data = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    return AgentConfig.from_dict(data, name=path.stem, source=str(path))
+    return AgentConfig.from_dict(read_yaml(path), name=path.stem, source=str(path))
 
 
 def load_task(task: str | os.PathLike[str] | Mapping[str, Any] | TaskConfig) -> TaskConfig:
