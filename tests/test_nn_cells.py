@@ -250,18 +250,23 @@ def test_ltc_state_does_not_move_when_no_time_passes() -> None:
     torch.testing.assert_close(final, state, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("mixed_memory", [False, True])
 @pytest.mark.parametrize("mode", ["default", "no_gate", "pure"])
 @pytest.mark.parametrize("activation", ["lecun_tanh", "tanh", "relu", "silu", "gelu"])
-def test_fused_cfc_kernel_equals_the_autograd_loop(mode: str, activation: str) -> None:
+def test_fused_cfc_kernel_equals_the_autograd_loop(
+    mode: str, activation: str, mixed_memory: bool
+) -> None:
     """Outputs and every gradient (inputs, Δt, state, parameters) of the hand-written
     backward pass equal autograd's through the reference loop."""
     torch.manual_seed(0)
-    cell = CfC(I, H, mode=mode, backbone_units=8, activation=activation).double()
+    cell = CfC(
+        I, H, mode=mode, backbone_units=8, activation=activation, mixed_memory=mixed_memory
+    ).double()
     assert cell.fused
     x, timespans = inputs()
     x.requires_grad_()
     timespans.requires_grad_()
-    state = torch.randn(B, H, dtype=torch.float64, requires_grad=True)
+    state = torch.randn(B, cell.state_size, dtype=torch.float64, requires_grad=True)
     resets = torch.zeros(B, T, dtype=torch.bool)
     resets[0, 3] = resets[2, 1] = True
     wrt = [x, timespans, state, *cell.parameters()]
@@ -281,7 +286,7 @@ def test_fused_cfc_kernel_equals_the_autograd_loop(mode: str, activation: str) -
 
 def test_configurations_outside_the_fused_kernel_use_the_autograd_loop() -> None:
     assert CfC(I, H).fused and CfC(I, H, mode="pure", activation="gelu").fused
-    assert not CfC(I, H, mixed_memory=True).fused
+    assert CfC(I, H, mixed_memory=True).fused
     assert not CfC(I, H, backbone_layers=2).fused
     assert not CfC(I, H, backbone_layers=0).fused
     assert not CfC(I, AutoNCP(10, 3)).fused

@@ -254,13 +254,16 @@ class CfC(RecurrentModule):
         only = self.layers[0]
         self.fused = (
             self.wiring is None
-            and self.memory is None
             and len(only.backbone) == 1
             and only.activation_name in FUSED_ACTIVATIONS
         )
         # Numbers the kernel keeps per sample and step (pre-activations, activations, heads,
-        # states): see _sequence for why it matters.
-        self._fused_step_size = 2 * only.heads.in_features + only.heads.out_features + self.units
+        # states; the memory cell's gates, output and cell state): see _sequence for why.
+        self._fused_step_size = (
+            2 * only.heads.in_features
+            + only.heads.out_features
+            + self.units * (7 if mixed_memory else 1)
+        )
 
     @property
     def mixed_memory(self) -> bool:
@@ -279,9 +282,14 @@ class CfC(RecurrentModule):
             return self._sequence_autograd(x, state, timespans, resets)
         layer = self.layers[0]
         w_in, w_rec, bias = layer.first_linear()
-        y = cfc_sequence(
+        if self.memory is None:
+            h, memory = state, None
+        else:
+            h, c = state.chunk(2, dim=1)
+            memory = (self.memory.project_inputs(x), c, self.memory.recurrent_map.weight)
+        y, final_cell = cfc_sequence(
             F.linear(x, w_in, bias),
-            state,
+            h,
             timespans,
             resets,
             w_rec,
@@ -291,8 +299,9 @@ class CfC(RecurrentModule):
             getattr(layer, "A", None),
             layer.mode,
             layer.activation_name,
+            memory,
         )
-        final = y[:, -1]
+        final = y[:, -1] if final_cell is None else torch.cat([y[:, -1], final_cell], dim=1)
         return (y if self.proj is None else self.proj(y)), final
 
     def _sequence_autograd(

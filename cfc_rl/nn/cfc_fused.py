@@ -4,20 +4,20 @@ Autograd over a Python time loop records a graph of T × ~15 tiny operations and
 backwards, and at RL sizes (a few dozen samples, 64 units) the per-operation overhead, not
 arithmetic, is the cost. This kernel runs the same equations with the fewest operations per
 step (seven forward) and computes the backward pass by hand: per step only what the
-recurrence needs (four operations); the derivatives of the activations and gates are computed
-for chunks of steps at once, and the weight gradients and the gradient of the elapsed times
-as one large operation each after the loop.
+recurrence needs (four operations, eight with mixed memory); the derivatives of the
+activations and gates are computed for chunks of steps at once, and the weight gradients and
+the gradient of the elapsed times as one large operation each after the loop.
 
-It covers the common configuration: an unwired CfC with one backbone layer, in any mode and
-with any backbone activation, without mixed memory; :class:`~cfc_rl.nn.CfC` uses the
-autograd loop for the rest, and for training batches so large that arithmetic, not overhead,
-dominates. Both give the same numbers (tests compare them, and gradcheck checks this backward
-pass in float64).
+It covers an unwired CfC with one backbone layer, in any mode, with any backbone activation,
+with or without mixed memory; :class:`~cfc_rl.nn.CfC` uses the autograd loop for the rest,
+and for training batches so large that arithmetic, not overhead, dominates. Both give the same
+numbers (tests compare them, and gradcheck checks this backward pass in float64).
 
 Notation (one backbone layer, ``a`` and ``c`` the activation's inner and outer scale, ``g`` its
 base function, so LeCun's tanh is ``1.7159·tanh(0.666·x)``)::
 
-    p_t = a · (xw_t + h_{t-1} W_rec^T)        xw: the input half, hoisted out of the loop
+    r_t = h_{t-1}, or with mixed memory the output of the LSTM memory cell on (h_{t-1}, c_{t-1})
+    p_t = a · (xw_t + r_t W_rec^T)            xw: the input half, hoisted out of the loop
     z_t = g(p_t)
     heads_t = b + z_t (c·W_heads)^T           ff1, ff2, t_a, t_b (ff1 only in pure mode)
 """
@@ -25,7 +25,7 @@ base function, so LeCun's tanh is ``1.7159·tanh(0.666·x)``)::
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -40,6 +40,9 @@ _ACTIVATIONS: dict[str, tuple[float, float, str]] = {
     "gelu": (1.0, 1.0, "gelu"),
 }
 FUSED_ACTIVATIONS = tuple(_ACTIVATIONS)
+
+# Elements of the per-chunk buffers of the backward pass: 64 Ki floats, 256 KiB in float32.
+_CHUNK_ELEMENTS = 1 << 16
 
 
 def _apply(base: str, p: Tensor, out: Tensor | None) -> Tensor:
@@ -65,54 +68,99 @@ def _derivative(base: str, p: Tensor, z: Tensor) -> Tensor:
     return cdf + p * torch.exp(-0.5 * p * p) / math.sqrt(2.0 * math.pi)
 
 
+class _Weights(NamedTuple):
+    """The parameters the kernel reads (see the notation of the module docstring)."""
+
+    w_rec: Tensor  # (U, H)
+    w_heads: Tensor  # (n_heads·H, U)
+    b_heads: Tensor  # (n_heads·H,)
+    w_tau: Tensor | None  # (1, H), pure mode
+    big_a: Tensor | None  # (1, H), pure mode
+    w_memory: Tensor | None  # (4H, H), the memory cell's recurrent weight (mixed memory)
+
+
+class _Trace(NamedTuple):
+    """What the forward loop keeps, time major: the states always; the rest when recording."""
+
+    states: Tensor  # (T + 1, B, H): h0, h1, ..., hT
+    cells: Tensor | None  # (T + 1, B, H): c0, ..., cT (mixed memory)
+    memory_out: Tensor | None  # (T, B, H): r_t, the memory cell's output (mixed memory)
+    memory_pre: Tensor | None  # (T, B, 4H): the memory cell's gate pre-activations
+    pres: Tensor | None  # (T, B, U)
+    acts: Tensor | None  # (T, B, U)
+    heads: Tensor | None  # (T, B, n_heads·H)
+
+
 def _run(
     xw: Tensor,
+    xm: Tensor | None,
     h0: Tensor,
+    c0: Tensor | None,
     timespans: Tensor,
     keep: Tensor | None,
-    w_rec: Tensor,
-    w_heads: Tensor,
-    b_heads: Tensor,
-    w_tau: Tensor | None,
-    big_a: Tensor | None,
+    weights: _Weights,
     mode: str,
     activation: str,
     record: bool,
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """The forward loop, time major: the states ``(T + 1, B, H)`` from h0 on and, with
-    ``record``, the backbone pre-activations, activations and heads of every step (what the
-    backward pass needs)."""
+) -> _Trace:
+    """The forward loop over time-major inputs; ``xm`` (T, B, 4H) is the memory cell's input
+    projection (forget-gate offset included) and ``c0`` its initial cell state."""
     a, c, base = _ACTIVATIONS[activation]
+    w = weights
     hidden = h0.shape[1]
-    w_rec_t, w_heads_t = w_rec.t(), w_heads.t()
-    abs_tau = w_tau.abs() if w_tau is not None else None
+    w_rec_t, w_heads_t = w.w_rec.t(), w.w_heads.t()
+    abs_tau = w.w_tau.abs() if w.w_tau is not None else None
+    memory = xm is not None
     # Time-major buffers, written step by step through per-step views made once in C++
     # (unbind) rather than by indexing in the loop; each view is contiguous, so `out=` writes
     # in place.
     steps, batch, units = xw.shape
     options = {"device": xw.device, "dtype": xw.dtype}
-    states = torch.empty(steps + 1, batch, hidden, **options)
+
+    def buffer(*shape: int) -> tuple[Tensor, tuple[Tensor, ...]]:
+        tensor = torch.empty(*shape, **options)
+        return tensor, tensor.unbind(0)
+
+    states, state_s = buffer(steps + 1, batch, hidden)
     states[0] = h0
-    state_s = states.unbind(0)
+    cells = memory_out = memory_pre = pres = acts = heads = None
+    if memory:
+        cells, cell_s = buffer(steps + 1, batch, hidden)
+        cells[0] = c0
+        w_memory_t = w.w_memory.t()
+        xm_s = xm.unbind(0)
     if record:
-        pres = torch.empty(steps, batch, units, **options)
-        acts = torch.empty_like(pres)
-        heads = torch.empty(steps, batch, w_heads.shape[0], **options)
-        pre_s, act_s, head_s = pres.unbind(0), acts.unbind(0), heads.unbind(0)
-    else:
-        pres = acts = heads = None
+        pres, pre_s = buffer(steps, batch, units)
+        acts, act_s = buffer(steps, batch, units)
+        heads, head_s = buffer(steps, batch, w.w_heads.shape[0])
+        if memory:
+            memory_out, memory_out_s = buffer(steps, batch, hidden)
+            memory_pre, memory_pre_s = buffer(steps, batch, 4 * hidden)
     xw_s, ts_s = xw.unbind(0), timespans.unsqueeze(-1).unbind(0)
     keep_s = keep.unbind(0) if keep is not None else None
-    h = h0
+    h, cell = h0, c0
     for t in range(steps):
         if keep_s is not None:
             h = h * keep_s[t]
+            cell = cell * keep_s[t] if memory else None
+        if memory:  # the LSTM memory cell: gates (input, input gate, forget gate, output gate)
+            z = torch.addmm(xm_s[t], h, w_memory_t, out=memory_pre_s[t] if record else None)
+            gates = torch.sigmoid(z[:, hidden:])
+            cell = torch.addcmul(
+                cell * gates[:, hidden : 2 * hidden],
+                torch.tanh(z[:, :hidden]),
+                gates[:, :hidden],
+                out=cell_s[t + 1],
+            )
+            h = torch.mul(
+                torch.tanh(cell), gates[:, 2 * hidden :], out=memory_out_s[t] if record else None
+            )
         pre = torch.addmm(xw_s[t], h, w_rec_t, beta=a, alpha=a, out=pre_s[t] if record else None)
         act = _apply(base, pre, act_s[t] if record else None)
-        head = torch.addmm(b_heads, act, w_heads_t, alpha=c, out=head_s[t] if record else None)
+        head = torch.addmm(w.b_heads, act, w_heads_t, alpha=c, out=head_s[t] if record else None)
         if mode == "pure":  # h = A - A·f·exp(-Δt·(|w_tau| + |f|))
             decay = torch.exp(-ts_s[t] * (abs_tau + head.abs()))
-            h = torch.addcmul(big_a, big_a, head * decay, value=-1.0, out=state_s[t + 1])
+            h = torch.addcmul(w.big_a, w.big_a, head * decay, value=-1.0, out=state_s[t + 1])
         else:
             ff = torch.tanh(head[:, : 2 * hidden])
             gate = torch.sigmoid(
@@ -122,11 +170,7 @@ def _run(
                 h = torch.lerp(ff[:, :hidden], ff[:, hidden:], gate, out=state_s[t + 1])
             else:
                 h = torch.addcmul(ff[:, :hidden], gate, ff[:, hidden:], out=state_s[t + 1])
-    return states, pres, acts, heads
-
-
-# Elements of the per-chunk buffers of the backward pass: 64 Ki floats, 256 KiB in float32.
-_CHUNK_ELEMENTS = 1 << 16
+    return _Trace(states, cells, memory_out, memory_pre, pres, acts, heads)
 
 
 def _coefficients(
@@ -161,14 +205,41 @@ def _coefficients(
     return torch.stack([coef_ff1, coef_ff2, coef_gate * ts, coef_gate], dim=2)
 
 
+def _memory_coefficients(
+    memory_pre: Tensor, cell_in: Tensor, cell: Tensor, hidden: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """For a chunk of steps of the memory cell (c = c_in·f + tanh(i)·s_i, r = tanh(c)·s_o):
+    dr/dc, the gate pre-activations' derivatives (dc/d(i, i_gate, f_gate) and dr/d(o_gate),
+    stacked as (steps, B, 4, H)), and f, the factor of c_in."""
+    candidate = torch.tanh(memory_pre[..., :hidden])
+    gates = torch.sigmoid(memory_pre[..., hidden:])
+    input_gate, forget_gate = gates[..., :hidden], gates[..., hidden : 2 * hidden]
+    output_gate = gates[..., 2 * hidden :]
+    cell_tanh = torch.tanh(cell)
+    slopes = gates * (1.0 - gates)
+    coefficients = torch.stack(
+        [
+            input_gate * (1.0 - candidate * candidate),
+            candidate * slopes[..., :hidden],
+            cell_in * slopes[..., hidden : 2 * hidden],
+            cell_tanh * slopes[..., 2 * hidden :],
+        ],
+        dim=2,
+    )
+    return output_gate * (1.0 - cell_tanh * cell_tanh), coefficients, forget_gate
+
+
 class _CfCSequence(torch.autograd.Function):
-    """The states after every step, for ``xw (T, B, U)`` and ``h0 (B, H)``; time major."""
+    """The states after every step and the final cell state (mixed memory; else empty), for
+    time-major inputs."""
 
     @staticmethod
     def forward(
         ctx: FunctionCtx,
         xw: Tensor,
+        xm: Tensor | None,
         h0: Tensor,
+        c0: Tensor | None,
         timespans: Tensor,
         keep: Tensor | None,
         w_rec: Tensor,
@@ -176,28 +247,30 @@ class _CfCSequence(torch.autograd.Function):
         b_heads: Tensor,
         w_tau: Tensor | None,
         big_a: Tensor | None,
+        w_memory: Tensor | None,
         mode: str,
         activation: str,
-    ) -> Tensor:
-        states, pres, acts, heads = _run(
-            xw, h0, timespans, keep, w_rec, w_heads, b_heads, w_tau, big_a, mode, activation, True
-        )
-        saved = [timespans, w_rec, w_heads, pres, acts, heads, states]
-        if mode == "pure":
-            saved += [w_tau, big_a]
-        if keep is not None:
-            saved.append(keep)
-        ctx.save_for_backward(*saved)
-        ctx.mode, ctx.activation, ctx.has_keep = mode, activation, keep is not None
-        return states[1:]
+    ) -> tuple[Tensor, Tensor]:
+        weights = _Weights(w_rec, w_heads, b_heads, w_tau, big_a, w_memory)
+        trace = _run(xw, xm, h0, c0, timespans, keep, weights, mode, activation, True)
+        ctx.save_for_backward(timespans, keep, *weights, *trace)
+        ctx.mode, ctx.activation = mode, activation
+        if trace.cells is None:
+            final_cell = h0.new_empty(0)
+            ctx.mark_non_differentiable(final_cell)
+        else:
+            final_cell = trace.cells[-1]
+        return trace.states[1:], final_cell
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad_y: Tensor, grad_final_cell: Tensor | None) -> tuple[Any, ...]:
         mode, (a, c, base) = ctx.mode, _ACTIVATIONS[ctx.activation]
-        saved = list(ctx.saved_tensors)
-        keep = saved.pop() if ctx.has_keep else None
-        timespans, w_rec, w_heads, pre, act, heads, states = saved[:7]
+        timespans, keep, *rest = ctx.saved_tensors
+        w = _Weights(*rest[:6])
+        trace = _Trace(*rest[6:])
+        pre, act, heads, states = trace.pres, trace.acts, trace.heads, trace.states
+        memory = trace.cells is not None
         steps, batch, _ = pre.shape
         hidden = states.shape[2]
         ts = timespans.unsqueeze(-1)
@@ -208,68 +281,98 @@ class _CfCSequence(torch.autograd.Function):
         grad_pres = torch.empty_like(pre)
         grad_head_s, grad_pre_s = grad_heads.unbind(0), grad_pres.unbind(0)
         grad_states = torch.empty_like(states[1:]) if mode == "pure" else None
-        big_a = saved[8] if mode == "pure" else None
-        abs_tau = saved[7].abs() if mode == "pure" else None
+        abs_tau = w.w_tau.abs() if mode == "pure" else None
+        if memory:
+            cells_in = trace.cells[:-1] if keep is None else trace.cells[:-1] * keep
+            grad_memory_pre = torch.empty_like(trace.memory_pre).view(steps, batch, 4, hidden)
+            grad_memory_pre_s = grad_memory_pre.unbind(0)
+            grad_cell = (
+                grad_final_cell
+                if grad_final_cell is not None
+                else torch.zeros_like(trace.cells[-1])
+            )
 
-        # Steps are taken in chunks: what does not depend on dL/dh (the coefficients below and
-        # the activation's derivative) is computed for a whole chunk at once, few operations
-        # for small batches, while a chunk stays small enough to remain in cache for large ones.
+        # Steps are taken in chunks: what does not depend on the incoming gradients (the
+        # coefficients and the activation's derivative) is computed for a whole chunk at
+        # once, few operations for small batches, while a chunk stays small enough to remain
+        # in cache for large ones.
         chunk = max(1, _CHUNK_ELEMENTS // (batch * heads.shape[2]))
         grad_h = grad_y_s[steps - 1]
         for end in range(steps, 0, -chunk):
             begin = max(0, end - chunk)
             coefficient_s = _coefficients(
-                heads[begin:end], ts[begin:end], mode, hidden, abs_tau, big_a
+                heads[begin:end], ts[begin:end], mode, hidden, abs_tau, w.big_a
             ).unbind(0)
             # c·g'(p): the outer scale of the activation folded into its derivative.
             act_grad_s = _derivative(base, pre[begin:end], act[begin:end]).mul_(c).unbind(0)
+            if memory:
+                output_slope, memory_coefficients, forget = _memory_coefficients(
+                    trace.memory_pre[begin:end],
+                    cells_in[begin:end],
+                    trace.cells[begin + 1 : end + 1],
+                    hidden,
+                )
+                output_slope_s = output_slope.unbind(0)
+                memory_coefficient_s = memory_coefficients.unbind(0)
+                forget_s = forget.unbind(0)
             for t in range(end - 1, begin - 1, -1):
+                k = t - begin
                 if grad_states is not None:
                     grad_states[t] = grad_h
-                grad_head = torch.mul(
-                    coefficient_s[t - begin], grad_h.unsqueeze(1), out=grad_head_s[t]
-                )
-                grad_pre = torch.mm(grad_head.view(batch, -1), w_heads, out=grad_pre_s[t])
-                grad_pre.mul_(act_grad_s[t - begin])
-                if keep_s is None:
-                    grad_h = (
-                        torch.addmm(grad_y_s[t - 1], grad_pre, w_rec, alpha=a)
-                        if t > 0
-                        else torch.mm(grad_pre, w_rec).mul_(a)
+                grad_head = torch.mul(coefficient_s[k], grad_h.unsqueeze(1), out=grad_head_s[t])
+                grad_pre = torch.mm(grad_head.view(batch, -1), w.w_heads, out=grad_pre_s[t])
+                grad_pre.mul_(act_grad_s[k])
+                if memory:
+                    # Through the memory cell: dL/dr_t, then its cell state and gates.
+                    grad_r = torch.mm(grad_pre, w.w_rec).mul_(a)
+                    grad_cell = torch.addcmul(grad_cell, grad_r, output_slope_s[k])
+                    grad_gates = torch.mul(
+                        memory_coefficient_s[k],
+                        torch.stack([grad_cell, grad_cell, grad_cell, grad_r], dim=1),
+                        out=grad_memory_pre_s[t],
                     )
+                    grad_h = torch.mm(grad_gates.view(batch, -1), w.w_memory)
+                    grad_cell = grad_cell * forget_s[k]
                 else:
-                    grad_h = torch.mm(grad_pre, w_rec).mul_(keep_s[t] * a)
-                    if t > 0:
-                        grad_h = grad_h + grad_y_s[t - 1]
-        grad_h0 = grad_h
+                    grad_h = torch.mm(grad_pre, w.w_rec).mul_(a)
+                if keep_s is not None:
+                    grad_h = grad_h.mul_(keep_s[t])
+                    grad_cell = grad_cell * keep_s[t] if memory else None
+                if t > 0:
+                    grad_h = grad_h + grad_y_s[t - 1]
 
         # Parameter gradients: one large multiply each, over all steps and samples.
-        grad_heads_all = grad_heads.view(steps, batch, -1)
-        grad_xw = grad_pres.mul_(a)
         flat = (steps * batch, -1)
         inputs_h = states[:-1] if keep is None else states[:-1] * keep
-        grad_w_rec = grad_xw.reshape(flat).t() @ inputs_h.reshape(flat)
+        grad_heads_all = grad_heads.view(steps, batch, -1)
+        grad_xw = grad_pres.mul_(a)
+        rec_inputs = trace.memory_out if memory else inputs_h
+        grad_w_rec = grad_xw.reshape(flat).t() @ rec_inputs.reshape(flat)
         grad_w_heads = grad_heads_all.reshape(flat).t() @ act.reshape(flat)
         if c != 1.0:
             grad_w_heads.mul_(c)
         grad_b_heads = grad_heads_all.sum(dim=(0, 1))
-        grad_w_tau = grad_big_a = None
+        grad_w_tau = grad_big_a = grad_xm = grad_c0 = grad_w_memory = None
+        if memory:
+            grad_xm = grad_memory_pre.view(steps, batch, -1)
+            grad_w_memory = grad_xm.reshape(flat).t() @ inputs_h.reshape(flat)
+            grad_c0 = grad_cell
         if mode == "pure":
-            w_tau = saved[7]
             decay = torch.exp(-ts * (abs_tau + heads.abs()))
-            grad_hs = grad_states
             fe = heads * decay
-            grad_big_a = (grad_hs * (1.0 - fe)).sum(dim=(0, 1)).unsqueeze(0)
-            common = grad_hs * big_a * fe
-            grad_w_tau = ((common * ts).sum(dim=(0, 1)) * torch.sign(w_tau[0])).unsqueeze(0)
-            grad_timespans = (common * (w_tau.abs() + heads.abs())).sum(-1)
+            grad_big_a = (grad_states * (1.0 - fe)).sum(dim=(0, 1)).unsqueeze(0)
+            common = grad_states * w.big_a * fe
+            grad_w_tau = ((common * ts).sum(dim=(0, 1)) * torch.sign(w.w_tau[0])).unsqueeze(0)
+            grad_timespans = (common * (abs_tau + heads.abs())).sum(-1)
         else:
             # gate pre-activation = t_a·Δt + t_b: dL/dΔt = dL/dt_b · t_a
             grad_t_b = grad_heads_all[..., 3 * hidden :]
             grad_timespans = (grad_t_b * heads[..., 2 * hidden : 3 * hidden]).sum(-1)
         return (
             grad_xw,
-            grad_h0,
+            grad_xm,
+            grad_h,
+            grad_c0,
             grad_timespans,
             None,
             grad_w_rec,
@@ -277,6 +380,7 @@ class _CfCSequence(torch.autograd.Function):
             grad_b_heads,
             grad_w_tau,
             grad_big_a,
+            grad_w_memory,
             None,
             None,
         )
@@ -294,7 +398,8 @@ def cfc_sequence(
     big_a: Tensor | None,
     mode: str,
     activation: str,
-) -> Tensor:
+    memory: tuple[Tensor, Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor | None]:
     """Run an unwired one-backbone-layer CfC over a batch-first sequence with the fused kernel.
 
     :param xw: ``(B, T, U)`` the input half of the backbone's pre-activation, bias included
@@ -306,15 +411,29 @@ def cfc_sequence(
     :param w_tau: ``(1, H)`` pure mode's w_tau (None otherwise); ``big_a`` its A
     :param mode: "default", "no_gate" or "pure"
     :param activation: a name of ``FUSED_ACTIVATIONS``
-    :return: the state after every step, ``(B, T, H)``
+    :param memory: mixed memory: ``(xm (B, T, 4H), c0 (B, H), w_memory (4H, H))``, the memory
+        cell's input projection (forget-gate offset included), initial cell state and
+        recurrent weight
+    :return: the state after every step ``(B, T, H)`` and the final cell state (or None)
     """
     keep = (~resets).t().unsqueeze(-1).to(xw.dtype) if resets is not None else None
-    args = (xw.transpose(0, 1).contiguous(), h0, timespans.t().contiguous(), keep, w_rec)
-    args += (w_heads, b_heads, w_tau, big_a, mode, activation)
+    xm, c0, w_memory = memory if memory is not None else (None, None, None)
+    tensors = (
+        xw.transpose(0, 1).contiguous(),
+        xm.transpose(0, 1).contiguous() if xm is not None else None,
+        h0,
+        c0,
+        timespans.t().contiguous(),
+        keep,
+    )
+    weights = _Weights(w_rec, w_heads, b_heads, w_tau, big_a, w_memory)
     if torch.is_grad_enabled() and any(
-        isinstance(arg, Tensor) and arg.requires_grad for arg in args
+        arg is not None and arg.requires_grad for arg in (*tensors, *weights)
     ):
-        states = _CfCSequence.apply(*args)
+        states, final_cell = _CfCSequence.apply(*tensors, *weights, mode, activation)
+        final_cell = final_cell if memory is not None else None
     else:  # rollouts: no graph, nothing kept for a backward pass
-        states = _run(*args, record=False)[0][1:]
-    return states.transpose(0, 1)
+        trace = _run(*tensors, weights, mode, activation, record=False)
+        states = trace.states[1:]
+        final_cell = trace.cells[-1] if trace.cells is not None else None
+    return states.transpose(0, 1), final_cell

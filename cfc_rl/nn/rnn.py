@@ -7,6 +7,7 @@ import itertools
 from abc import abstractmethod
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cfc_rl.nn.base import RecurrentModule
@@ -112,17 +113,21 @@ class MemoryCell(nn.Module):
         super().__init__()
         self.input_map = nn.Linear(input_size, 4 * hidden_size, bias=True)
         self.recurrent_map = nn.Linear(hidden_size, 4 * hidden_size, bias=False)
+        # The reference adds 1 to the forget gate's pre-activation; folded into the projection.
+        offset = torch.zeros(4 * hidden_size)
+        offset[2 * hidden_size : 3 * hidden_size] = 1.0
+        self.register_buffer("gate_offset", offset, persistent=False)
         nn.init.xavier_uniform_(self.input_map.weight)
         nn.init.uniform_(self.input_map.bias, -0.1, 0.1)
         nn.init.orthogonal_(self.recurrent_map.weight)
 
     def project_inputs(self, x: Tensor) -> Tensor:
-        """The input half of the gates, for any leading shape."""
-        return self.input_map(x)
+        """The input half of the gates (forget-gate offset included), for any leading shape."""
+        return F.linear(x, self.input_map.weight, self.input_map.bias + self.gate_offset)
 
     def step(self, x_projected: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         """One update of ``(h, c)`` from the projected input of this step."""
         z = torch.addmm(x_projected, h, self.recurrent_map.weight.t())
         i, ig, fg, og = z.chunk(4, dim=1)
-        c = c * torch.sigmoid(fg + 1.0) + torch.tanh(i) * torch.sigmoid(ig)
+        c = c * torch.sigmoid(fg) + torch.tanh(i) * torch.sigmoid(ig)
         return torch.tanh(c) * torch.sigmoid(og), c
