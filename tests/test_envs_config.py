@@ -23,12 +23,8 @@ REQUIRED = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _mujoco_log_outside_the_repo(tmp_path_factory: pytest.TempPathFactory):
-    """MuJoCo writes MUJOCO_LOG.TXT into the working directory (HalfCheetah's XML warns)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(tmp_path_factory.mktemp("mujoco_log"))
-        yield
+# MuJoCo writes MUJOCO_LOG.TXT into the working directory: keep it out of the repository.
+pytestmark = pytest.mark.usefixtures("mujoco_log_outside_the_repo")
 
 
 def test_required_task_files_exist() -> None:
