@@ -188,7 +188,12 @@ def test_make_cell_knows_every_name_and_rejects_unknown_ones() -> None:
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda c: c(torch.randn(B, I)), r"expected x of shape \(batch, time, 4\), got \(3, 4\)"),
+        (
+            lambda c: c(torch.randn(B, I)),
+            r"expected x of shape \(batch, time >= 1, 4\), got \(3, 4\)",
+        ),
+        (lambda c: c(torch.randn(B, 0, I)), r"time >= 1, 4\), got \(3, 0, 4\)"),
+        (lambda c: c(torch.randn(B, T, I), torch.zeros(B, H, dtype=torch.float64)), "dtype"),
         (lambda c: c(torch.randn(B, T, I + 1)), r"expected x of shape .* got \(3, 8, 5\)"),
         (lambda c: c(torch.randn(B, T, I), torch.zeros(B, 2)), r"expected state .*\(3, 6\)"),
         (
@@ -308,3 +313,45 @@ def test_large_training_batches_take_the_autograd_loop(monkeypatch) -> None:
     with torch.no_grad():  # rollouts keep nothing per step: always the kernel
         cell(x, timespans=timespans)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_outputs_and_final_state_can_be_edited_in_place_independently(name: str) -> None:
+    cell = VARIANTS[name]()
+    x, timespans = inputs()
+    with torch.no_grad():
+        y, final = cell(x, timespans=timespans)
+        last = y[:, -1].clone()
+        final[0] = 0.0  # e.g. an episode ended in a rollout
+        torch.testing.assert_close(y[:, -1], last, rtol=0, atol=0)
+    y, final = cell(x, timespans=timespans)
+    y.add_(1.0)  # e.g. a residual connection
+    final[0] = 0.0
+    (y.sum() + final.sum()).backward()
+
+
+def test_second_derivatives_need_the_autograd_path() -> None:
+    x, timespans = inputs()
+    x.requires_grad_()
+    for fused in (True, False):
+        torch.manual_seed(0)
+        cell = CfC(I, H, backbone_units=8, fused=fused).double()
+        assert cell.fused == fused
+        y, _ = cell(x, timespans=timespans)
+        if fused:  # create_graph=True asks for a differentiable gradient: a clear error
+            with pytest.raises(RuntimeError, match=r"no second derivative.*fused=False"):
+                torch.autograd.grad(y.square().sum(), x, create_graph=True)
+            continue
+        (grad_x,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        second = torch.autograd.grad(grad_x.square().sum(), list(cell.parameters()))
+        assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in second)
+
+
+def test_a_scalar_tensor_timespan_keeps_its_gradient() -> None:
+    cell = VARIANTS["cfc"]()
+    x, _ = inputs()
+    scalar = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    full = torch.full((B, T), 0.7, dtype=torch.float64, requires_grad=True)
+    (grad_scalar,) = torch.autograd.grad(cell(x, timespans=scalar)[0].sum(), scalar)
+    (grad_full,) = torch.autograd.grad(cell(x, timespans=full)[0].sum(), full)
+    torch.testing.assert_close(grad_scalar, grad_full.sum(), rtol=1e-10, atol=1e-12)

@@ -64,13 +64,15 @@ class RecurrentModule(nn.Module, ABC):
         :param state: state before the first step, ``(B, state_size)``; zeros when None
         :param timespans: elapsed time of each step, a float for all steps or a ``(B, T)``
             tensor of per-sample values; 1.0 when None
-        :param resets: ``(B, T)`` boolean tensor; True zeroes the state before step t
+        :param resets: ``(B, T)`` boolean tensor (or 0/1 numbers); True zeroes the state
+            before step t
         :return: outputs ``(B, T, output_size)`` and the final state ``(B, state_size)``
         """
         name = type(self).__name__
-        if x.dim() != 3 or x.shape[2] != self.input_size:
+        if x.dim() != 3 or x.shape[2] != self.input_size or x.shape[1] == 0:
             raise ValueError(
-                f"{name} expected x of shape (batch, time, {self.input_size}), got {tuple(x.shape)}"
+                f"{name} expected x of shape (batch, time >= 1, {self.input_size}), "
+                f"got {tuple(x.shape)}"
             )
         batch, steps = x.shape[0], x.shape[1]
         if state is None:
@@ -80,23 +82,26 @@ class RecurrentModule(nn.Module, ABC):
                 f"{name} expected state of shape ({batch}, {self.state_size}), "
                 f"got {tuple(state.shape)}"
             )
-        if timespans is None:
-            timespans = 1.0
-        if isinstance(timespans, Tensor) and timespans.dim() > 0:
-            if timespans.shape != (batch, steps):
-                raise ValueError(
-                    f"{name} expected timespans of shape ({batch}, {steps}) or a float, "
-                    f"got {tuple(timespans.shape)}"
-                )
-            timespans = timespans.to(device=x.device, dtype=x.dtype)
-        else:
-            timespans = torch.full((batch, steps), float(timespans), device=x.device, dtype=x.dtype)
+        elif state.dtype != x.dtype:
+            raise ValueError(f"{name} got a state of dtype {state.dtype} for x of {x.dtype}")
+        # Tensors (and arrays) keep their autograd history; a number means every step.
+        timespans = torch.as_tensor(1.0 if timespans is None else timespans)
+        timespans = timespans.to(device=x.device, dtype=x.dtype)
+        if timespans.dim() == 0:
+            timespans = timespans.expand(batch, steps)
+        elif timespans.shape != (batch, steps):
+            raise ValueError(
+                f"{name} expected timespans of shape ({batch}, {steps}) or a float, "
+                f"got {tuple(timespans.shape)}"
+            )
         if resets is not None:
+            resets = torch.as_tensor(resets, device=x.device)
             if resets.shape != (batch, steps):
                 raise ValueError(
                     f"{name} expected resets of shape ({batch}, {steps}), got {tuple(resets.shape)}"
                 )
-            resets = resets.to(device=x.device) != 0
+            # Episode-start flags often come as 0./1. floats (SB3): above one half is a reset.
+            resets = resets if resets.dtype == torch.bool else resets > 0.5
         return self._sequence(x, state, timespans, resets)
 
     @abstractmethod

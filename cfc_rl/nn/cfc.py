@@ -170,6 +170,9 @@ class CfC(RecurrentModule):
     :param mixed_memory: put an LSTM memory cell before each update (CfC-mmRNN); the state
         is then ``[h | c]``
     :param proj_size: if set, the outputs go through a Linear layer to this size
+    :param fused: run through the fused kernel of :mod:`cfc_rl.nn.cfc_fused` where it applies
+        (an unwired CfC with a one-layer backbone): same numbers, several times faster at RL
+        sizes; False differentiates through autograd, which second derivatives need
     """
 
     def __init__(
@@ -184,6 +187,7 @@ class CfC(RecurrentModule):
         activation: str = "lecun_tanh",
         mixed_memory: bool = False,
         proj_size: int | None = None,
+        fused: bool = True,
     ) -> None:
         super().__init__()
         if input_size < 1:
@@ -253,7 +257,8 @@ class CfC(RecurrentModule):
         # loop below runs everything else.
         only = self.layers[0]
         self.fused = (
-            self.wiring is None
+            fused
+            and self.wiring is None
             and len(only.backbone) == 1
             and only.activation_name in FUSED_ACTIVATIONS
         )
@@ -301,7 +306,9 @@ class CfC(RecurrentModule):
             layer.activation_name,
             memory,
         )
-        final = y[:, -1] if final_cell is None else torch.cat([y[:, -1], final_cell], dim=1)
+        # The final state is its own tensor, not a view of y: callers edit states in place
+        # (episode resets) and outputs (residuals) independently.
+        final = y[:, -1].clone() if final_cell is None else torch.cat([y[:, -1], final_cell], 1)
         return (y if self.proj is None else self.proj(y)), final
 
     def _sequence_autograd(

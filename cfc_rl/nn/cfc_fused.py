@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import FunctionCtx
 
 # name -> (inner scale a, outer scale c, base function g)
 _ACTIVATIONS: dict[str, tuple[float, float, str]] = {
@@ -259,12 +259,22 @@ class _CfCSequence(torch.autograd.Function):
             final_cell = h0.new_empty(0)
             ctx.mark_non_differentiable(final_cell)
         else:
-            final_cell = trace.cells[-1]
-        return trace.states[1:], final_cell
+            final_cell = trace.cells[-1].clone()
+        # Copies, not views of the buffers the backward pass reads: the caller may edit them.
+        return trace.states[1:].clone(), final_cell
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad_y: Tensor, grad_final_cell: Tensor | None) -> tuple[Any, ...]:
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative is wanted
+            raise RuntimeError(
+                "the fused CfC kernel has no second derivative (double backward, gradient "
+                "penalties); build the CfC with fused=False to differentiate through autograd"
+            )
+        with torch.no_grad():
+            return _CfCSequence._backward(ctx, grad_y, grad_final_cell)
+
+    @staticmethod
+    def _backward(ctx: Any, grad_y: Tensor, grad_final_cell: Tensor | None) -> tuple[Any, ...]:
         mode, (a, c, base) = ctx.mode, _ACTIVATIONS[ctx.activation]
         timespans, keep, *rest = ctx.saved_tensors
         w = _Weights(*rest[:6])
