@@ -40,7 +40,6 @@ import platform
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -50,6 +49,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cfc_rl.experiment.runs import atomic_write_text
 from cfc_rl.nn import CELLS, make_cell
 
 try:
@@ -434,17 +434,6 @@ def machine_description(device: str) -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and ``os.replace``: never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        "w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False, newline=""
-    ) as handle:
-        handle.write(text)
-    os.chmod(handle.name, 0o644)  # NamedTemporaryFile makes it private (0600)
-    os.replace(handle.name, path)
-
-
 def csv_text(results: dict[str, dict[str, Candidate]], shapes: list[Shape]) -> str:
     """One row per (shape, candidate): raw median seconds per call, and how they were taken."""
     rows = []
@@ -509,6 +498,6 @@ def main(argv: list[str] | None = None) -> None:
     report = header + "\n\n" + results_tables(results, names, shapes)
     print("\n" + report)
     if args.out is not None:
-        write_atomically(args.out, report)
-        write_atomically(args.out.with_suffix(".csv"), csv_text(results, shapes))
+        atomic_write_text(args.out, report)
+        atomic_write_text(args.out.with_suffix(".csv"), csv_text(results, shapes))
         print(f"wrote {args.out} and {args.out.with_suffix('.csv')}")

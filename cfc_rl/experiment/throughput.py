@@ -30,7 +30,8 @@ from stable_baselines3.common.vec_env import VecNormalize
 from torch import nn
 
 import cfc_rl.envs  # noqa: F401  (registers the task ids)
-from cfc_rl.experiment.bench import machine_description, write_atomically
+from cfc_rl.experiment.bench import machine_description
+from cfc_rl.experiment.runs import atomic_write_text
 from cfc_rl.sb3 import RecurrentCellPolicy
 
 TASK = "cfc_rl/Pendulum-P-v1"
@@ -129,5 +130,5 @@ def main(argv: list[str] | None = None) -> None:
     )
     print("\n" + report)
     out = args.out or Path("results") / f"ppo_throughput_{args.device}.md"
-    write_atomically(out, report + "\n")
+    atomic_write_text(out, report + "\n")
     print(f"wrote {out}")
