@@ -25,11 +25,14 @@ base function, so LeCun's tanh is ``1.7159·tanh(0.666·x)``)::
 from __future__ import annotations
 
 import math
+from types import ModuleType
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
+
+from cfc_rl.nn import cpu_extensions
 
 # name -> (inner scale a, outer scale c, base function g)
 _ACTIVATIONS: dict[str, tuple[float, float, str]] = {
@@ -40,6 +43,9 @@ _ACTIVATIONS: dict[str, tuple[float, float, str]] = {
     "gelu": (1.0, 1.0, "gelu"),
 }
 FUSED_ACTIVATIONS = tuple(_ACTIVATIONS)
+# The compiled loops' numbering of modes and base functions (csrc/cfc_cpu.cpp).
+_MODES = ("default", "no_gate", "pure")
+_BASES = ("tanh", "relu", "silu", "gelu")
 
 # Elements of the per-chunk buffers of the backward pass: 64 Ki floats, 256 KiB in float32.
 _CHUNK_ELEMENTS = 1 << 16
@@ -91,6 +97,33 @@ class _Trace(NamedTuple):
     heads: Tensor | None  # (T, B, n_heads·H)
 
 
+def _extension(xw: Tensor, xm: Tensor | None) -> ModuleType | None:
+    """The compiled CPU loops where they apply (CPU tensors, no mixed memory), else None."""
+    if xm is not None or xw.device.type != "cpu":
+        return None
+    return cpu_extensions.load("cfc_cpu")
+
+
+def _extension_args(
+    keep: Tensor | None, w: _Weights, mode: str, activation: str
+) -> tuple[Any, ...]:
+    """The arguments the compiled loops share, after the per-call tensors."""
+    a, c, base = _ACTIVATIONS[activation]
+    empty = w.w_rec.new_empty(0)
+    return (
+        keep[..., 0].contiguous() if keep is not None else empty,
+        w.w_rec,
+        w.w_heads,
+        w.b_heads,
+        w.w_tau.abs() if w.w_tau is not None else empty,
+        w.big_a if w.big_a is not None else empty,
+        _MODES.index(mode),
+        _BASES.index(base),
+        a,
+        c,
+    )
+
+
 def _run(
     xw: Tensor,
     xm: Tensor | None,
@@ -107,6 +140,14 @@ def _run(
     projection (forget-gate offset included) and ``c0`` its initial cell state."""
     a, c, base = _ACTIVATIONS[activation]
     w = weights
+    extension = _extension(xw, xm)
+    if extension is not None:
+        states, pres, acts, heads = extension.forward(
+            xw, h0, timespans, *_extension_args(keep, w, mode, activation), record
+        )
+        if not record:
+            pres = acts = heads = None
+        return _Trace(states, None, None, None, pres, acts, heads)
     hidden = h0.shape[1]
     w_rec_t, w_heads_t = w.w_rec.t(), w.w_heads.t()
     abs_tau = w.w_tau.abs() if w.w_tau is not None else None
@@ -229,6 +270,89 @@ def _memory_coefficients(
     return output_gate * (1.0 - cell_tanh * cell_tanh), coefficients, forget_gate
 
 
+def _backward_loop(
+    grad_y: Tensor,
+    grad_cell: Tensor | None,
+    trace: _Trace,
+    timespans: Tensor,
+    keep: Tensor | None,
+    w: _Weights,
+    mode: str,
+    activation: str,
+    grad_heads: Tensor,
+    grad_pres: Tensor,
+    grad_states: Tensor | None,
+    grad_memory_pre: Tensor | None,
+) -> tuple[Tensor, Tensor | None]:
+    """The backward loop through time with ATen operations (the compiled loops' counterpart,
+    and the only one for mixed memory and CUDA). Fills ``grad_heads``, ``grad_pres``,
+    ``grad_states`` (pure mode) and ``grad_memory_pre`` (mixed memory); returns dL/dh0 and
+    dL/dc0 (mixed memory, else None)."""
+    a, c, base = _ACTIVATIONS[activation]
+    pre, act, heads = trace.pres, trace.acts, trace.heads
+    memory = trace.cells is not None
+    steps, batch, _ = pre.shape
+    hidden = trace.states.shape[2]
+    ts = timespans.unsqueeze(-1)
+    abs_tau = w.w_tau.abs() if mode == "pure" else None
+    grad_y_s = grad_y.unbind(0)
+    keep_s = keep.unbind(0) if keep is not None else None
+    grad_head_s = grad_heads.view(steps, batch, -1, hidden).unbind(0)
+    grad_pre_s = grad_pres.unbind(0)
+    if memory:
+        cells_in = trace.cells[:-1] if keep is None else trace.cells[:-1] * keep
+        grad_memory_pre_s = grad_memory_pre.view(steps, batch, 4, hidden).unbind(0)
+    # Steps are taken in chunks: what does not depend on the incoming gradients (the
+    # coefficients and the activation's derivative) is computed for a whole chunk at
+    # once, few operations for small batches, while a chunk stays small enough to remain
+    # in cache for large ones.
+    chunk = max(1, _CHUNK_ELEMENTS // (batch * heads.shape[2]))
+    grad_h = grad_y_s[steps - 1]
+    for end in range(steps, 0, -chunk):
+        begin = max(0, end - chunk)
+        coefficient_s = _coefficients(
+            heads[begin:end], ts[begin:end], mode, hidden, abs_tau, w.big_a
+        ).unbind(0)
+        # c·g'(p): the outer scale of the activation folded into its derivative.
+        act_grad_s = _derivative(base, pre[begin:end], act[begin:end]).mul_(c).unbind(0)
+        if memory:
+            output_slope, memory_coefficients, forget = _memory_coefficients(
+                trace.memory_pre[begin:end],
+                cells_in[begin:end],
+                trace.cells[begin + 1 : end + 1],
+                hidden,
+            )
+            output_slope_s = output_slope.unbind(0)
+            memory_coefficient_s = memory_coefficients.unbind(0)
+            forget_s = forget.unbind(0)
+        for t in range(end - 1, begin - 1, -1):
+            k = t - begin
+            if grad_states is not None:
+                grad_states[t] = grad_h
+            grad_head = torch.mul(coefficient_s[k], grad_h.unsqueeze(1), out=grad_head_s[t])
+            grad_pre = torch.mm(grad_head.view(batch, -1), w.w_heads, out=grad_pre_s[t])
+            grad_pre.mul_(act_grad_s[k])
+            if memory:
+                # Through the memory cell: dL/dr_t, then its cell state and gates.
+                grad_r = torch.mm(grad_pre, w.w_rec).mul_(a)
+                grad_cell = torch.addcmul(grad_cell, grad_r, output_slope_s[k])
+                grad_gates = torch.mul(
+                    memory_coefficient_s[k],
+                    torch.stack([grad_cell, grad_cell, grad_cell, grad_r], dim=1),
+                    out=grad_memory_pre_s[t],
+                )
+                grad_h = torch.mm(grad_gates.view(batch, -1), w.w_memory)
+                grad_cell = grad_cell * forget_s[k]
+            else:
+                grad_h = torch.mm(grad_pre, w.w_rec).mul_(a)
+            if keep_s is not None:
+                grad_h = grad_h.mul_(keep_s[t])
+                grad_cell = grad_cell * keep_s[t] if memory else None
+            if t > 0:
+                grad_h = grad_h + grad_y_s[t - 1]
+    return grad_h, grad_cell
+
+
 class _CfCSequence(torch.autograd.Function):
     """The states after every step and the final cell state (mixed memory; else empty), for
     time-major inputs."""
@@ -275,81 +399,54 @@ class _CfCSequence(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx: Any, grad_y: Tensor, grad_final_cell: Tensor | None) -> tuple[Any, ...]:
-        mode, (a, c, base) = ctx.mode, _ACTIVATIONS[ctx.activation]
+        mode, (a, c, _) = ctx.mode, _ACTIVATIONS[ctx.activation]
         timespans, keep, *rest = ctx.saved_tensors
         w = _Weights(*rest[:6])
         trace = _Trace(*rest[6:])
-        pre, act, heads, states = trace.pres, trace.acts, trace.heads, trace.states
+        act, heads, states = trace.acts, trace.heads, trace.states
         memory = trace.cells is not None
-        steps, batch, _ = pre.shape
+        steps, batch, _ = act.shape
         hidden = states.shape[2]
         ts = timespans.unsqueeze(-1)
-        n_heads = heads.shape[2] // hidden
-        grad_y_s = grad_y.unbind(0)
-        keep_s = keep.unbind(0) if keep is not None else None
-        grad_heads = torch.empty_like(heads).view(steps, batch, n_heads, hidden)
-        grad_pres = torch.empty_like(pre)
-        grad_head_s, grad_pre_s = grad_heads.unbind(0), grad_pres.unbind(0)
-        grad_states = torch.empty_like(states[1:]) if mode == "pure" else None
         abs_tau = w.w_tau.abs() if mode == "pure" else None
-        if memory:
-            cells_in = trace.cells[:-1] if keep is None else trace.cells[:-1] * keep
-            grad_memory_pre = torch.empty_like(trace.memory_pre).view(steps, batch, 4, hidden)
-            grad_memory_pre_s = grad_memory_pre.unbind(0)
-            grad_cell = (
-                grad_final_cell
-                if grad_final_cell is not None
-                else torch.zeros_like(trace.cells[-1])
+        # Filled by the loop through time: dL/dheads, dL/dp and, in pure mode, dL/dh_t.
+        grad_heads = torch.empty_like(heads)
+        grad_pres = torch.empty_like(trace.pres)
+        grad_states = torch.empty_like(states[1:]) if mode == "pure" else None
+        grad_memory_pre = grad_cell = None
+        extension = _extension(act, trace.memory_pre)
+        if extension is not None:
+            grad_h = extension.backward(
+                grad_y.contiguous(),
+                heads,
+                trace.pres,
+                act,
+                timespans,
+                *_extension_args(keep, w, mode, ctx.activation),
+                grad_heads,
+                grad_pres,
+                grad_states if grad_states is not None else grad_y.new_empty(0),
             )
-
-        # Steps are taken in chunks: what does not depend on the incoming gradients (the
-        # coefficients and the activation's derivative) is computed for a whole chunk at
-        # once, few operations for small batches, while a chunk stays small enough to remain
-        # in cache for large ones.
-        chunk = max(1, _CHUNK_ELEMENTS // (batch * heads.shape[2]))
-        grad_h = grad_y_s[steps - 1]
-        for end in range(steps, 0, -chunk):
-            begin = max(0, end - chunk)
-            coefficient_s = _coefficients(
-                heads[begin:end], ts[begin:end], mode, hidden, abs_tau, w.big_a
-            ).unbind(0)
-            # c·g'(p): the outer scale of the activation folded into its derivative.
-            act_grad_s = _derivative(base, pre[begin:end], act[begin:end]).mul_(c).unbind(0)
+        else:
             if memory:
-                output_slope, memory_coefficients, forget = _memory_coefficients(
-                    trace.memory_pre[begin:end],
-                    cells_in[begin:end],
-                    trace.cells[begin + 1 : end + 1],
-                    hidden,
-                )
-                output_slope_s = output_slope.unbind(0)
-                memory_coefficient_s = memory_coefficients.unbind(0)
-                forget_s = forget.unbind(0)
-            for t in range(end - 1, begin - 1, -1):
-                k = t - begin
-                if grad_states is not None:
-                    grad_states[t] = grad_h
-                grad_head = torch.mul(coefficient_s[k], grad_h.unsqueeze(1), out=grad_head_s[t])
-                grad_pre = torch.mm(grad_head.view(batch, -1), w.w_heads, out=grad_pre_s[t])
-                grad_pre.mul_(act_grad_s[k])
-                if memory:
-                    # Through the memory cell: dL/dr_t, then its cell state and gates.
-                    grad_r = torch.mm(grad_pre, w.w_rec).mul_(a)
-                    grad_cell = torch.addcmul(grad_cell, grad_r, output_slope_s[k])
-                    grad_gates = torch.mul(
-                        memory_coefficient_s[k],
-                        torch.stack([grad_cell, grad_cell, grad_cell, grad_r], dim=1),
-                        out=grad_memory_pre_s[t],
-                    )
-                    grad_h = torch.mm(grad_gates.view(batch, -1), w.w_memory)
-                    grad_cell = grad_cell * forget_s[k]
-                else:
-                    grad_h = torch.mm(grad_pre, w.w_rec).mul_(a)
-                if keep_s is not None:
-                    grad_h = grad_h.mul_(keep_s[t])
-                    grad_cell = grad_cell * keep_s[t] if memory else None
-                if t > 0:
-                    grad_h = grad_h + grad_y_s[t - 1]
+                grad_memory_pre = torch.empty_like(trace.memory_pre)
+                grad_cell = grad_final_cell
+                if grad_cell is None:
+                    grad_cell = torch.zeros_like(trace.cells[-1])
+            grad_h, grad_cell = _backward_loop(
+                grad_y,
+                grad_cell,
+                trace,
+                timespans,
+                keep,
+                w,
+                mode,
+                ctx.activation,
+                grad_heads,
+                grad_pres,
+                grad_states,
+                grad_memory_pre,
+            )
 
         # Parameter gradients: one large multiply each, over all steps and samples.
         flat = (steps * batch, -1)

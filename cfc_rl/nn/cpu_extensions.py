@@ -1,0 +1,77 @@
+"""C++ time loops for the CPU, compiled on first use.
+
+At RL sizes (a few dozen samples, 64 units) a time loop of ATen operations costs more in
+per-operation dispatch than in arithmetic. The files of ``csrc/`` run such loops in C++: the
+matrix multiplies through ATen (the same BLAS calls), the elementwise work fused into
+vectorised passes. :func:`load` compiles one of them with
+:func:`torch.utils.cpp_extension.load` the first time it is needed (under a minute, once per
+machine and torch version; the result is cached under ``TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``), for the CPU it runs on (``-march=native``).
+
+Where an extension cannot be built (no C++ compiler), or when the environment variable
+``CFC_RL_CPU_EXTENSIONS=0`` is set, :func:`load` returns None (after one warning in the first
+case) and the cells run their ATen loops instead: the same numbers, slower.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import warnings
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+
+SOURCES = Path(__file__).with_name("csrc")
+ENV_SWITCH = "CFC_RL_CPU_EXTENSIONS"
+
+# -fno-trapping-math lets GCC vectorise float-to-int conversions (nothing here reads
+# floating-point exception flags).
+_CFLAGS = ["-O3", "-march=native", "-fno-trapping-math"]
+
+
+def _cpu_tag() -> str:
+    """A short id of this CPU's instruction sets: -march=native code built on one machine must
+    not be loaded by another that shares the cache folder (a shared home directory)."""
+    flags = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags += line
+                break
+    except OSError:
+        pass
+    return hashlib.sha1(flags.encode()).hexdigest()[:8]
+
+
+def enabled() -> bool:
+    """False when the user switched the extensions off (``CFC_RL_CPU_EXTENSIONS=0``)."""
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in {"0", "false", "no", "off"}
+
+
+@cache
+def load(name: str) -> ModuleType | None:
+    """The compiled module of ``csrc/<name>.cpp``, or None where the extensions are switched
+    off or it cannot be built."""
+    if not enabled():
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        return cpp_extension.load(
+            name=f"cfc_rl_{name}_{_cpu_tag()}",
+            sources=[str(SOURCES / f"{name}.cpp")],
+            extra_cflags=_CFLAGS,
+            verbose=False,
+        )
+    except Exception as error:  # no compiler, no ninja, a failed build: fall back, say why
+        # A failed build's message ends with the compiler's; its last line says what failed.
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
+        warnings.warn(
+            f"cfc_rl: the C++ extension {name!r} could not be built ({reason}); running the "
+            f"slower ATen loops instead (set {ENV_SWITCH}=0 to skip the build)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None

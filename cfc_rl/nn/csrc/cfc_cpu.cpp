@@ -1,0 +1,365 @@
+// The time loops of the fused CfC kernel (cfc_rl/nn/cfc_fused.py) for the CPU.
+//
+// The Python kernel runs seven ATen operations per step forward and six backward; at RL sizes
+// (8 samples, 64 units) each costs a few microseconds of dispatch for under a microsecond of
+// arithmetic. Here each step is two matrix multiplies (at::mm_out, the same BLAS call as
+// PyTorch's) and passes over the elements that do all the elementwise work at once: bias,
+// activation, gates and state update forward; the gates' derivatives and the activation's
+// backward.
+//
+// Those passes are written so that GCC vectorises them (-O3 -march=native -fno-trapping-math):
+// in float, exp, tanh and erf are branch-free approximations accurate to a few units in the
+// last place (below); in double (gradcheck, tests) they are the C library's.
+//
+// Notation and the equations are those of cfc_fused.py; the weight gradients are computed
+// there, after the loop, from the buffers these functions fill.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+enum Mode : int64_t { kDefault = 0, kNoGate = 1, kPure = 2 };
+enum Base : int64_t { kTanh = 0, kRelu = 1, kSilu = 2, kGelu = 3 };
+
+// Rows (samples) per parallel task: small batches stay on the calling thread, where a task
+// switch would cost more than the work.
+constexpr int64_t kGrainElements = 1 << 15;
+
+template <typename F>
+void for_rows(int64_t rows, int64_t row_elements, const F& body) {
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, row_elements));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) body(i);
+  });
+}
+
+// exp, tanh and erf. The double versions are the C library's; the float ones are
+// polynomial and rational approximations that vectorise (the C library's are scalar calls).
+template <typename T>
+struct Math {
+  static T exp(T x) { return std::exp(x); }
+  static T tanh(T x) { return std::tanh(x); }
+  static T erf(T x) { return std::erf(x); }
+};
+
+template <>
+struct Math<float> {
+  // Cephes' expf: e^x = 2^n · e^r with |r| <= ln2/2, e^r a degree-7 polynomial; relative
+  // error below 1.5 ulp on the clamped range, whose ends give the smallest normal float and
+  // about 2.4e38 (no infinities: a sigmoid of a very negative input stays 0, not NaN).
+  static float exp(float x) {
+    x = x < -87.3365448f ? -87.3365448f : (x > 88.3762627f ? 88.3762627f : x);
+    const float n = std::floor(x * 1.44269504f + 0.5f);
+    float r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    float y = 1.9875691500e-4f;
+    y = y * r + 1.3981999507e-3f;
+    y = y * r + 8.3334519073e-3f;
+    y = y * r + 4.1665795894e-2f;
+    y = y * r + 1.6666665459e-1f;
+    y = y * r + 5.0000001201e-1f;
+    y = y * r * r + r + 1.0f;
+    return y * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  }
+  // Eigen's rational tanh (degree 13 over 6) on [-7.9053, 7.9053], where float tanh reaches
+  // 1; absolute and relative error below 3e-7.
+  static float tanh(float x) {
+    constexpr float kClamp = 7.90531110763549805f;
+    x = x < -kClamp ? -kClamp : (x > kClamp ? kClamp : x);
+    const float x2 = x * x;
+    float p = x2 * -2.76076847742355e-16f + 2.00018790482477e-13f;
+    p = p * x2 - 8.60467152213735e-11f;
+    p = p * x2 + 5.12229709037114e-08f;
+    p = p * x2 + 1.48572235717979e-05f;
+    p = p * x2 + 6.37261928875436e-04f;
+    p = p * x2 + 4.89352455891786e-03f;
+    float q = x2 * 1.19825839466702e-06f + 1.18534705686654e-04f;
+    q = q * x2 + 2.26843463243900e-03f;
+    q = q * x2 + 4.89352518554385e-03f;
+    return x * p / q;
+  }
+  // Abramowitz and Stegun 7.1.26: absolute error below 1.5e-7.
+  static float erf(float x) {
+    const float ax = std::abs(x);
+    const float t = 1.0f / (1.0f + 0.3275911f * ax);
+    float y = 1.061405429f;
+    y = y * t - 1.453152027f;
+    y = y * t + 1.421413741f;
+    y = y * t - 0.284496736f;
+    y = y * t + 0.254829592f;
+    y = 1.0f - y * t * exp(-ax * ax);
+    return x < 0.0f ? -y : y;
+  }
+};
+
+template <typename T>
+inline T sigmoid(T x) {
+  return T(1) / (T(1) + Math<T>::exp(-x));
+}
+
+// p = a·(xw + p), then z = g(p), over n elements.
+template <typename T>
+void activate(Base base, T a, const T* __restrict xw, T* __restrict p, T* __restrict z,
+              int64_t n) {
+  for (int64_t k = 0; k < n; ++k) p[k] = a * (xw[k] + p[k]);
+  switch (base) {
+    case kTanh:
+      for (int64_t k = 0; k < n; ++k) z[k] = Math<T>::tanh(p[k]);
+      break;
+    case kRelu:
+      for (int64_t k = 0; k < n; ++k) z[k] = p[k] > T(0) ? p[k] : T(0);
+      break;
+    case kSilu:
+      for (int64_t k = 0; k < n; ++k) z[k] = p[k] / (T(1) + Math<T>::exp(-p[k]));
+      break;
+    case kGelu:
+      for (int64_t k = 0; k < n; ++k) z[k] = T(0.5) * p[k] * (T(1) + Math<T>::erf(p[k] * T(M_SQRT1_2)));
+      break;
+  }
+}
+
+// g[k] *= c · g'(p[k]), with z = g(p).
+template <typename T>
+void scale_by_derivative(Base base, T c, const T* __restrict p, const T* __restrict z,
+                         T* __restrict g, int64_t n) {
+  switch (base) {
+    case kTanh:
+      for (int64_t k = 0; k < n; ++k) g[k] *= c * (T(1) - z[k] * z[k]);
+      break;
+    case kRelu:
+      for (int64_t k = 0; k < n; ++k) g[k] *= p[k] > T(0) ? c : T(0);
+      break;
+    case kSilu:
+      for (int64_t k = 0; k < n; ++k) {
+        const T s = sigmoid(p[k]);
+        g[k] *= c * s * (T(1) + p[k] * (T(1) - s));
+      }
+      break;
+    case kGelu: {
+      const T inv_sqrt_2pi = T(0.5) * T(M_2_SQRTPI) * T(M_SQRT1_2);
+      for (int64_t k = 0; k < n; ++k) {
+        const T cdf = T(0.5) * (T(1) + Math<T>::erf(p[k] * T(M_SQRT1_2)));
+        g[k] *= c * (cdf + p[k] * Math<T>::exp(T(-0.5) * p[k] * p[k]) * inv_sqrt_2pi);
+      }
+      break;
+    }
+  }
+}
+
+// One sample's heads -> its new state. `head` holds the n_heads·H raw products z·W_heads^T on
+// entry and b + c·(that) on exit (the backward pass reads them).
+template <typename T>
+void update_state(Mode mode, int64_t hidden, int64_t n_heads, T c, T ts, const T* __restrict bias,
+                  const T* __restrict abs_tau, const T* __restrict big_a, T* __restrict head,
+                  T* __restrict h) {
+  for (int64_t k = 0; k < n_heads * hidden; ++k) head[k] = bias[k] + c * head[k];
+  if (mode == kPure) {  // h = A - A·f·exp(-Δt·(|w_tau| + |f|))
+    for (int64_t j = 0; j < hidden; ++j) {
+      const T f = head[j];
+      h[j] = big_a[j] - big_a[j] * f * Math<T>::exp(-ts * (abs_tau[j] + std::abs(f)));
+    }
+    return;
+  }
+  const T* __restrict ff1 = head;
+  const T* __restrict ff2 = head + hidden;
+  const T* __restrict t_a = head + 2 * hidden;
+  const T* __restrict t_b = head + 3 * hidden;
+  for (int64_t j = 0; j < hidden; ++j) {
+    const T f1 = Math<T>::tanh(ff1[j]);
+    const T f2 = Math<T>::tanh(ff2[j]);
+    const T gate = sigmoid(t_a[j] * ts + t_b[j]);
+    h[j] = mode == kDefault ? f1 + gate * (f2 - f1) : f1 + gate * f2;
+  }
+}
+
+// dL/dheads for one sample and step: dL/dh_t times dh_t/dheads_t, the gates recomputed from
+// the heads kept by the forward loop.
+template <typename T>
+void heads_gradient(Mode mode, int64_t hidden, T ts, const T* __restrict head,
+                    const T* __restrict abs_tau, const T* __restrict big_a,
+                    const T* __restrict grad_h, T* __restrict grad_head) {
+  if (mode == kPure) {  // dh/df = -A·e·(1 - Δt·|f|), e = exp(-Δt·(|w_tau| + |f|))
+    for (int64_t j = 0; j < hidden; ++j) {
+      const T magnitude = std::abs(head[j]);
+      const T decay = Math<T>::exp(-ts * (abs_tau[j] + magnitude));
+      grad_head[j] = -big_a[j] * decay * (T(1) - ts * magnitude) * grad_h[j];
+    }
+    return;
+  }
+  for (int64_t j = 0; j < hidden; ++j) {
+    const T f1 = Math<T>::tanh(head[j]);
+    const T f2 = Math<T>::tanh(head[hidden + j]);
+    const T t_a = head[2 * hidden + j];
+    const T gate = sigmoid(t_a * ts + head[3 * hidden + j]);
+    const T slope = gate * (T(1) - gate);
+    const T g = grad_h[j];
+    // default: h = f1 + gate·(f2 - f1); no_gate: h = f1 + gate·f2
+    const T coef_ff1 = mode == kDefault ? (T(1) - gate) : T(1);
+    const T coef_gate = (mode == kDefault ? f2 - f1 : f2) * slope;
+    grad_head[j] = coef_ff1 * (T(1) - f1 * f1) * g;
+    grad_head[hidden + j] = gate * (T(1) - f2 * f2) * g;
+    grad_head[2 * hidden + j] = coef_gate * ts * g;
+    grad_head[3 * hidden + j] = coef_gate * g;
+  }
+}
+
+void check_inputs(const at::Tensor& xw, const at::Tensor& h0, const at::Tensor& ts,
+                  const at::Tensor& keep) {
+  TORCH_CHECK(xw.device().is_cpu(), "cfc_cpu: tensors must be on the CPU");
+  TORCH_CHECK(xw.dim() == 3 && xw.is_contiguous(), "cfc_cpu: xw must be contiguous (T, B, U)");
+  TORCH_CHECK(h0.dim() == 2 && h0.size(0) == xw.size(1), "cfc_cpu: h0 must be (B, H)");
+  TORCH_CHECK(ts.sizes() == xw.sizes().slice(0, 2) && ts.is_contiguous(),
+              "cfc_cpu: timespans must be contiguous (T, B)");
+  TORCH_CHECK(!keep.defined() || keep.numel() == 0 ||
+                  (keep.sizes() == ts.sizes() && keep.is_contiguous()),
+              "cfc_cpu: keep must be empty or contiguous (T, B)");
+}
+
+}  // namespace
+
+// The forward loop. Returns (states (T+1, B, H), pres (T, B, U), acts (T, B, U),
+// heads (T, B, n_heads·H)); with record=false only the states are kept and the other three are
+// one step long (scratch).
+std::vector<at::Tensor> cfc_forward(const at::Tensor& xw, const at::Tensor& h0,
+                                    const at::Tensor& ts, const at::Tensor& keep,
+                                    const at::Tensor& w_rec, const at::Tensor& w_heads,
+                                    const at::Tensor& b_heads, const at::Tensor& abs_tau,
+                                    const at::Tensor& big_a, int64_t mode, int64_t base, double a,
+                                    double c, bool record) {
+  check_inputs(xw, h0, ts, keep);
+  at::NoGradGuard no_grad;
+  const int64_t steps = xw.size(0), batch = xw.size(1), units = xw.size(2);
+  const int64_t hidden = h0.size(1), n_heads_h = w_heads.size(0);
+  const int64_t n_heads = n_heads_h / hidden;
+  const bool masked = keep.defined() && keep.numel() > 0;
+  const int64_t kept = record ? steps : 1;
+  auto states = at::empty({steps + 1, batch, hidden}, xw.options());
+  auto pres = at::empty({kept, batch, units}, xw.options());
+  auto acts = at::empty({kept, batch, units}, xw.options());
+  auto heads = at::empty({kept, batch, n_heads_h}, xw.options());
+  auto h_in = at::empty({batch, hidden}, xw.options());
+  states[0].copy_(h0);
+  // Per-step views made once: select() in the loop would cost a tensor allocation each time.
+  auto state_s = states.unbind(0), pre_s = pres.unbind(0), act_s = acts.unbind(0);
+  auto head_s = heads.unbind(0);
+  // Transposed into contiguous copies for sequences: MKL's small-batch multiply is about twice
+  // as fast with a contiguous right-hand matrix as with a transposed view, which pays for the
+  // copy from the second step on.
+  const auto w_rec_t = steps > 1 ? w_rec.t().contiguous() : w_rec.t();
+  const auto w_heads_t = steps > 1 ? w_heads.t().contiguous() : w_heads.t();
+  const auto bias = b_heads.contiguous();
+  const auto tau = mode == kPure ? abs_tau.contiguous() : abs_tau;
+  const auto amplitude = mode == kPure ? big_a.contiguous() : big_a;
+
+  AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "cfc_forward", [&] {
+    using T = scalar_t;
+    const T* ts_p = ts.data_ptr<T>();
+    const T* keep_p = masked ? keep.data_ptr<T>() : nullptr;
+    const T* bias_p = bias.data_ptr<T>();
+    const T* xw_p = xw.data_ptr<T>();
+    const T* tau_p = mode == kPure ? tau.data_ptr<T>() : nullptr;
+    const T* a_p = mode == kPure ? amplitude.data_ptr<T>() : nullptr;
+    for (int64_t t = 0; t < steps; ++t) {
+      const int64_t s = record ? t : 0;
+      at::Tensor h = state_s[t];
+      if (masked) {  // a reset zeroes the state before this step
+        const T* src = h.data_ptr<T>();
+        T* dst = h_in.data_ptr<T>();
+        const T* keep_t = keep_p + t * batch;
+        for (int64_t i = 0; i < batch; ++i)
+          for (int64_t j = 0; j < hidden; ++j) dst[i * hidden + j] = src[i * hidden + j] * keep_t[i];
+        h = h_in;
+      }
+      at::Tensor &pre = pre_s[s], &act = act_s[s], &head = head_s[s];
+      // p = a·(xw + h·W_rec^T): mm and the elementwise pass rather than addmm, whose bias
+      // costs more than the pass.
+      at::mm_out(pre, h, w_rec_t);
+      activate(static_cast<Base>(base), T(a), xw_p + t * batch * units, pre.data_ptr<T>(),
+               act.data_ptr<T>(), batch * units);
+      at::mm_out(head, act, w_heads_t);
+      T* head_p = head.data_ptr<T>();
+      T* next_p = state_s[t + 1].data_ptr<T>();
+      for_rows(batch, n_heads_h, [&](int64_t i) {
+        update_state<T>(static_cast<Mode>(mode), hidden, n_heads, T(c), ts_p[t * batch + i],
+                        bias_p, tau_p, a_p, head_p + i * n_heads_h, next_p + i * hidden);
+      });
+    }
+  });
+  return {states, pres, acts, heads};
+}
+
+// The backward loop through time. Fills grad_heads (T, B, n_heads·H) = dL/dheads,
+// grad_pres (T, B, U) = dL/dp and, in pure mode, grad_states (T, B, H) = dL/dh_t (the total
+// gradient of each state); returns dL/dh0.
+at::Tensor cfc_backward(const at::Tensor& grad_y, const at::Tensor& heads, const at::Tensor& pres,
+                        const at::Tensor& acts, const at::Tensor& ts, const at::Tensor& keep,
+                        const at::Tensor& w_rec, const at::Tensor& w_heads,
+                        const at::Tensor& /*b_heads: the kept heads include it*/,
+                        const at::Tensor& abs_tau, const at::Tensor& big_a, int64_t mode,
+                        int64_t base, double a, double c, at::Tensor grad_heads,
+                        at::Tensor grad_pres, at::Tensor grad_states) {
+  at::NoGradGuard no_grad;
+  const int64_t steps = pres.size(0), batch = pres.size(1), units = pres.size(2);
+  const int64_t hidden = grad_y.size(2), n_heads_h = heads.size(2);
+  const bool masked = keep.defined() && keep.numel() > 0;
+  TORCH_CHECK(grad_y.is_contiguous() && heads.is_contiguous() && pres.is_contiguous() &&
+                  acts.is_contiguous() && grad_heads.is_contiguous() && grad_pres.is_contiguous(),
+              "cfc_cpu: backward buffers must be contiguous");
+  const auto tau = mode == kPure ? abs_tau.contiguous() : abs_tau;
+  const auto amplitude = mode == kPure ? big_a.contiguous() : big_a;
+  auto grad_h = grad_y[steps - 1].clone();
+  auto grad_rec = at::empty({batch, hidden}, grad_y.options());
+  auto grad_head_s = grad_heads.unbind(0), grad_pre_s = grad_pres.unbind(0);
+
+  AT_DISPATCH_FLOATING_TYPES(grad_y.scalar_type(), "cfc_backward", [&] {
+    using T = scalar_t;
+    const T* ts_p = ts.data_ptr<T>();
+    const T* keep_p = masked ? keep.data_ptr<T>() : nullptr;
+    const T* tau_p = mode == kPure ? tau.data_ptr<T>() : nullptr;
+    const T* a_p = mode == kPure ? amplitude.data_ptr<T>() : nullptr;
+    const T* grad_y_p = grad_y.data_ptr<T>();
+    for (int64_t t = steps - 1; t >= 0; --t) {
+      T* grad_h_p = grad_h.data_ptr<T>();
+      if (mode == kPure) {
+        T* out = grad_states.data_ptr<T>() + t * batch * hidden;
+        for (int64_t k = 0; k < batch * hidden; ++k) out[k] = grad_h_p[k];
+      }
+      const T* head_p = heads.data_ptr<T>() + t * batch * n_heads_h;
+      T* grad_head_p = grad_heads.data_ptr<T>() + t * batch * n_heads_h;
+      for_rows(batch, n_heads_h, [&](int64_t i) {
+        heads_gradient<T>(static_cast<Mode>(mode), hidden, ts_p[t * batch + i],
+                          head_p + i * n_heads_h, tau_p, a_p, grad_h_p + i * hidden,
+                          grad_head_p + i * n_heads_h);
+      });
+      at::Tensor& grad_pre = grad_pre_s[t];
+      at::mm_out(grad_pre, grad_head_s[t], w_heads);
+      scale_by_derivative(static_cast<Base>(base), T(c), pres.data_ptr<T>() + t * batch * units,
+                          acts.data_ptr<T>() + t * batch * units, grad_pre.data_ptr<T>(),
+                          batch * units);
+      at::mm_out(grad_rec, grad_pre, w_rec);
+      // dL/dh_{t-1} = a·(dL/dp·W_rec)·keep_t + dL/dy_{t-1}
+      const T* rec_p = grad_rec.data_ptr<T>();
+      const T* previous = t > 0 ? grad_y_p + (t - 1) * batch * hidden : nullptr;
+      for (int64_t i = 0; i < batch; ++i) {
+        const T scale = masked ? T(a) * keep_p[t * batch + i] : T(a);
+        for (int64_t j = 0; j < hidden; ++j) {
+          const int64_t k = i * hidden + j;
+          grad_h_p[k] = scale * rec_p[k] + (previous ? previous[k] : T(0));
+        }
+      }
+    }
+  });
+  return grad_h;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &cfc_forward, "CfC forward loop (CPU)");
+  m.def("backward", &cfc_backward, "CfC backward loop through time (CPU)");
+}
