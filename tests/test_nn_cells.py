@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from cfc_rl.nn import CELLS, LTC, AutoNCP, CfC, RecurrentModule, make_cell
+from cfc_rl.nn import CELLS, LTC, AutoNCP, CfC, RecurrentModule, cfc_fused, make_cell
 
 B, T, I, H = 3, 8, 4, 6  # B is neither 1 nor the hidden size on purpose
 SMALL = {
@@ -255,14 +255,18 @@ def test_ltc_state_does_not_move_when_no_time_passes() -> None:
     torch.testing.assert_close(final, state, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("loops", ["compiled", "aten"])
 @pytest.mark.parametrize("mixed_memory", [False, True])
 @pytest.mark.parametrize("mode", ["default", "no_gate", "pure"])
 @pytest.mark.parametrize("activation", ["lecun_tanh", "tanh", "relu", "silu", "gelu"])
 def test_fused_cfc_kernel_equals_the_autograd_loop(
-    mode: str, activation: str, mixed_memory: bool
+    mode: str, activation: str, mixed_memory: bool, loops: str, monkeypatch
 ) -> None:
     """Outputs and every gradient (inputs, Δt, state, parameters) of the hand-written
-    backward pass equal autograd's through the reference loop."""
+    backward pass equal autograd's through the reference loop, with the kernel's compiled CPU
+    loops and with its ATen loops (what CUDA runs)."""
+    if loops == "aten":
+        monkeypatch.setattr(cfc_fused, "compiled_loops", lambda device: None)
     torch.manual_seed(0)
     cell = CfC(
         I, H, mode=mode, backbone_units=8, activation=activation, mixed_memory=mixed_memory
@@ -297,14 +301,24 @@ def test_configurations_outside_the_fused_kernel_use_the_autograd_loop() -> None
     assert not CfC(I, AutoNCP(10, 3)).fused
 
 
-def test_large_training_batches_take_the_autograd_loop(monkeypatch) -> None:
+def test_large_training_batches_take_the_autograd_loop_without_compiled_loops(
+    monkeypatch,
+) -> None:
     import cfc_rl.nn.cfc as cfc_module
 
     cell = CfC(I, H, backbone_units=8).double()
-    calls = []
-    original = cell._sequence_autograd
-    monkeypatch.setattr(cell, "_sequence_autograd", lambda *a: calls.append(1) or original(*a))
     x, timespans = inputs()
+    # The compiled loops are the faster at every size: the kernel keeps large batches.
+    monkeypatch.setattr(cfc_module, "FUSED_MAX_STEP_ELEMENTS", B * cell._fused_step_size - 1)
+    original = cell._sequence_autograd
+    monkeypatch.setattr(cell, "_sequence_autograd", lambda *a: pytest.fail("autograd loop"))
+    cell(x, timespans=timespans)
+    # Its ATen loops hand them to the autograd loop.
+    monkeypatch.setattr(cfc_module, "compiled_loops", lambda device: None)
+    monkeypatch.setattr(cfc_fused, "compiled_loops", lambda device: None)
+    monkeypatch.setattr(cfc_module, "FUSED_MAX_STEP_ELEMENTS", 1 << 16)
+    calls = []
+    monkeypatch.setattr(cell, "_sequence_autograd", lambda *a: calls.append(1) or original(*a))
     y_kernel = cell(x, timespans=timespans)[0]
     assert not calls
     monkeypatch.setattr(cfc_module, "FUSED_MAX_STEP_ELEMENTS", B * cell._fused_step_size - 1)

@@ -17,13 +17,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cfc_rl.nn.base import RecurrentModule, keep_masks
-from cfc_rl.nn.cfc_fused import FUSED_ACTIVATIONS, cfc_sequence
+from cfc_rl.nn.cfc_fused import FUSED_ACTIVATIONS, cfc_sequence, compiled_loops
 from cfc_rl.nn.rnn import MemoryCell
 from cfc_rl.nn.wirings import Wiring
 
 MODES = ("default", "no_gate", "pure")
-# Above this many numbers kept per step (batch × per-sample size), training takes the autograd
-# loop, which is faster there (see CfC._sequence).
+# Above this many numbers kept per step (batch × per-sample size), training with the kernel's
+# ATen loops takes the autograd loop instead, which is faster there (see CfC._sequence).
 FUSED_MAX_STEP_ELEMENTS = 1 << 16
 
 
@@ -278,12 +278,19 @@ class CfC(RecurrentModule):
         self, x: Tensor, state: Tensor, timespans: Tensor, resets: Tensor | None
     ) -> tuple[Tensor, Tensor]:
         # The kernel saves the per-operation overhead of autograd, which dominates for the
-        # batches of RL (dozens of samples); for large batches the arithmetic dominates and the
-        # kernel's extra memory traffic makes it slower than the autograd loop (measured on
-        # 2 CPU cores, forward + backward: B64 T128 H64, kernel 44 ms, autograd 52 ms;
-        # B256 T64 H128, kernel 150 ms, autograd 123 ms).
+        # batches of RL (dozens of samples). With its ATen loops (CUDA, mixed memory, no C++
+        # compiler), large training batches are faster through the autograd loop, where the
+        # kernel's extra memory traffic costs more than it saves (measured on 2 CPU cores,
+        # forward + backward, B256 T64 H128: kernel 150 ms, autograd 123 ms); its compiled CPU
+        # loops are the faster at every size measured (B256 T64 H128: 153 ms against 165 ms).
+        if not self.fused:
+            return self._sequence_autograd(x, state, timespans, resets)
         per_step = x.shape[0] * self._fused_step_size
-        if not self.fused or (torch.is_grad_enabled() and per_step > FUSED_MAX_STEP_ELEMENTS):
+        if (
+            torch.is_grad_enabled()
+            and per_step > FUSED_MAX_STEP_ELEMENTS
+            and compiled_loops(x.device) is None
+        ):
             return self._sequence_autograd(x, state, timespans, resets)
         layer = self.layers[0]
         w_in, w_rec, bias = layer.first_linear()

@@ -97,9 +97,10 @@ class _Trace(NamedTuple):
     heads: Tensor | None  # (T, B, n_heads·H)
 
 
-def _extension(xw: Tensor, xm: Tensor | None) -> ModuleType | None:
-    """The compiled CPU loops where they apply (CPU tensors, no mixed memory), else None."""
-    if xm is not None or xw.device.type != "cpu":
+def compiled_loops(device: torch.device) -> ModuleType | None:
+    """The compiled CPU loops (``csrc/cfc_cpu.cpp``) for tensors on ``device``, where they
+    apply (the CPU) and could be built. None means the ATen loops run."""
+    if device.type != "cpu":
         return None
     return cpu_extensions.load("cfc_cpu")
 
@@ -140,14 +141,24 @@ def _run(
     projection (forget-gate offset included) and ``c0`` its initial cell state."""
     a, c, base = _ACTIVATIONS[activation]
     w = weights
-    extension = _extension(xw, xm)
+    extension = compiled_loops(xw.device)
     if extension is not None:
-        states, pres, acts, heads = extension.forward(
-            xw, h0, timespans, *_extension_args(keep, w, mode, activation), record
+        empty = xw.new_empty(0)
+        states, pres, acts, heads, cells, memory_out, memory_pre = extension.forward(
+            xw,
+            h0,
+            timespans,
+            *_extension_args(keep, w, mode, activation),
+            xm if xm is not None else empty,
+            c0 if c0 is not None else empty,
+            w.w_memory if w.w_memory is not None else empty,
+            record,
         )
-        if not record:
-            pres = acts = heads = None
-        return _Trace(states, None, None, None, pres, acts, heads)
+        if xm is None:
+            cells = memory_out = memory_pre = None
+        if not record:  # one step of scratch each
+            pres = acts = heads = memory_out = memory_pre = None
+        return _Trace(states, cells, memory_out, memory_pre, pres, acts, heads)
     hidden = h0.shape[1]
     w_rec_t, w_heads_t = w.w_rec.t(), w.w_heads.t()
     abs_tau = w.w_tau.abs() if w.w_tau is not None else None
@@ -413,26 +424,32 @@ class _CfCSequence(torch.autograd.Function):
         grad_heads = torch.empty_like(heads)
         grad_pres = torch.empty_like(trace.pres)
         grad_states = torch.empty_like(states[1:]) if mode == "pure" else None
-        grad_memory_pre = grad_cell = None
-        extension = _extension(act, trace.memory_pre)
+        grad_memory_pre = torch.empty_like(trace.memory_pre) if memory else None
+        grad_cell = None
+        if memory:
+            grad_cell = grad_final_cell
+            if grad_cell is None:
+                grad_cell = torch.zeros_like(trace.cells[-1])
+        extension = compiled_loops(act.device)
         if extension is not None:
-            grad_h = extension.backward(
+            empty = act.new_empty(0)
+            grad_h, grad_cell = extension.backward(
                 grad_y.contiguous(),
                 heads,
                 trace.pres,
                 act,
                 timespans,
                 *_extension_args(keep, w, mode, ctx.activation),
+                trace.memory_pre if memory else empty,
+                trace.cells if memory else empty,
+                w.w_memory if memory else empty,
+                grad_cell.contiguous() if memory else empty,
                 grad_heads,
                 grad_pres,
-                grad_states if grad_states is not None else grad_y.new_empty(0),
+                grad_states if grad_states is not None else empty,
+                grad_memory_pre if memory else empty,
             )
         else:
-            if memory:
-                grad_memory_pre = torch.empty_like(trace.memory_pre)
-                grad_cell = grad_final_cell
-                if grad_cell is None:
-                    grad_cell = torch.zeros_like(trace.cells[-1])
             grad_h, grad_cell = _backward_loop(
                 grad_y,
                 grad_cell,

@@ -222,38 +222,104 @@ void check_inputs(const at::Tensor& xw, const at::Tensor& h0, const at::Tensor& 
               "cfc_cpu: keep must be empty or contiguous (T, B)");
 }
 
+// The memory cell of mixed memory (an LSTM cell before the update) for one sample:
+// z = xm + h·W_memory^T holds the raw product on entry and the pre-activations on exit (the
+// backward pass reads them); c = c_in·σ(z_f) + tanh(z_c)·σ(z_i), r = tanh(c)·σ(z_o).
+template <typename T>
+void memory_step(int64_t hidden, const T* __restrict xm, T* __restrict z,
+                 const T* __restrict c_in, T* __restrict c, T* __restrict r) {
+  for (int64_t k = 0; k < 4 * hidden; ++k) z[k] += xm[k];
+  for (int64_t j = 0; j < hidden; ++j) {
+    const T cell = c_in[j] * sigmoid(z[2 * hidden + j]) +
+                   Math<T>::tanh(z[j]) * sigmoid(z[hidden + j]);
+    c[j] = cell;
+    r[j] = Math<T>::tanh(cell) * sigmoid(z[3 * hidden + j]);
+  }
+}
+
+// The memory cell's backward for one sample: given dL/dr and dL/dc (the cell state's gradient
+// from the later steps, updated in place to dL/dc_in), fills dL/dz.
+template <typename T>
+void memory_gradient(int64_t hidden, const T* __restrict z, const T* __restrict c_in,
+                     const T* __restrict c, const T* __restrict grad_r, T* __restrict grad_c,
+                     T* __restrict grad_z) {
+  for (int64_t j = 0; j < hidden; ++j) {
+    const T candidate = Math<T>::tanh(z[j]);
+    const T input_gate = sigmoid(z[hidden + j]);
+    const T forget_gate = sigmoid(z[2 * hidden + j]);
+    const T output_gate = sigmoid(z[3 * hidden + j]);
+    const T cell_tanh = Math<T>::tanh(c[j]);
+    const T g = grad_c[j] + grad_r[j] * output_gate * (T(1) - cell_tanh * cell_tanh);
+    grad_z[j] = g * input_gate * (T(1) - candidate * candidate);
+    grad_z[hidden + j] = g * candidate * input_gate * (T(1) - input_gate);
+    grad_z[2 * hidden + j] = g * c_in[j] * forget_gate * (T(1) - forget_gate);
+    grad_z[3 * hidden + j] = grad_r[j] * cell_tanh * output_gate * (T(1) - output_gate);
+    grad_c[j] = g * forget_gate;
+  }
+}
+
+// dst = src·keep (per sample): the state a step starts from, zeroed where a reset comes.
+template <typename T>
+void mask_rows(const T* __restrict src, const T* __restrict keep, T* __restrict dst,
+               int64_t batch, int64_t width) {
+  for (int64_t i = 0; i < batch; ++i)
+    for (int64_t j = 0; j < width; ++j) dst[i * width + j] = src[i * width + j] * keep[i];
+}
+
+bool given(const at::Tensor& tensor) { return tensor.defined() && tensor.numel() > 0; }
+
 }  // namespace
 
 // The forward loop. Returns (states (T+1, B, H), pres (T, B, U), acts (T, B, U),
-// heads (T, B, n_heads·H)); with record=false only the states are kept and the other three are
-// one step long (scratch).
+// heads (T, B, n_heads·H), and with mixed memory cells (T+1, B, H), memory_out (T, B, H),
+// memory_pre (T, B, 4H), else three empty tensors); with record=false the buffers other than
+// states and cells are one step long (scratch). Mixed memory: xm (T, B, 4H) is the memory
+// cell's input projection (forget-gate offset included), c0 its initial cell state, w_memory
+// (4H, H) its recurrent weight; empty tensors without it.
 std::vector<at::Tensor> cfc_forward(const at::Tensor& xw, const at::Tensor& h0,
                                     const at::Tensor& ts, const at::Tensor& keep,
                                     const at::Tensor& w_rec, const at::Tensor& w_heads,
                                     const at::Tensor& b_heads, const at::Tensor& abs_tau,
                                     const at::Tensor& big_a, int64_t mode, int64_t base, double a,
-                                    double c, bool record) {
+                                    double c, const at::Tensor& xm, const at::Tensor& c0,
+                                    const at::Tensor& w_memory, bool record) {
   check_inputs(xw, h0, ts, keep);
+  const bool memory = given(xm);
+  TORCH_CHECK(!memory || (xm.is_contiguous() && xm.size(0) == xw.size(0) &&
+                          xm.size(1) == xw.size(1) && xm.size(2) == 4 * h0.size(1) &&
+                          c0.sizes() == h0.sizes()),
+              "cfc_cpu: xm must be contiguous (T, B, 4H) and c0 (B, H)");
   at::NoGradGuard no_grad;
   const int64_t steps = xw.size(0), batch = xw.size(1), units = xw.size(2);
   const int64_t hidden = h0.size(1), n_heads_h = w_heads.size(0);
   const int64_t n_heads = n_heads_h / hidden;
-  const bool masked = keep.defined() && keep.numel() > 0;
+  const bool masked = given(keep);
   const int64_t kept = record ? steps : 1;
-  auto states = at::empty({steps + 1, batch, hidden}, xw.options());
-  auto pres = at::empty({kept, batch, units}, xw.options());
-  auto acts = at::empty({kept, batch, units}, xw.options());
-  auto heads = at::empty({kept, batch, n_heads_h}, xw.options());
-  auto h_in = at::empty({batch, hidden}, xw.options());
+  const auto options = xw.options();
+  auto states = at::empty({steps + 1, batch, hidden}, options);
+  auto pres = at::empty({kept, batch, units}, options);
+  auto acts = at::empty({kept, batch, units}, options);
+  auto heads = at::empty({kept, batch, n_heads_h}, options);
+  auto h_in = at::empty({batch, hidden}, options);
+  auto cells = at::empty({memory ? steps + 1 : 0, batch, hidden}, options);
+  auto memory_out = at::empty({memory ? kept : 0, batch, hidden}, options);
+  auto memory_pre = at::empty({memory ? kept : 0, batch, 4 * hidden}, options);
+  auto c_in = at::empty({memory ? batch : 0, hidden}, options);
   states[0].copy_(h0);
+  if (memory) cells[0].copy_(c0);
   // Per-step views made once: select() in the loop would cost a tensor allocation each time.
   auto state_s = states.unbind(0), pre_s = pres.unbind(0), act_s = acts.unbind(0);
-  auto head_s = heads.unbind(0);
+  auto head_s = heads.unbind(0), memory_out_s = memory_out.unbind(0);
+  auto memory_pre_s = memory_pre.unbind(0);
   // Transposed into contiguous copies for sequences: MKL's small-batch multiply is about twice
   // as fast with a contiguous right-hand matrix as with a transposed view, which pays for the
   // copy from the second step on.
-  const auto w_rec_t = steps > 1 ? w_rec.t().contiguous() : w_rec.t();
-  const auto w_heads_t = steps > 1 ? w_heads.t().contiguous() : w_heads.t();
+  const auto transposed = [steps](const at::Tensor& w) {
+    return steps > 1 ? w.t().contiguous() : w.t();
+  };
+  const auto w_rec_t = transposed(w_rec);
+  const auto w_heads_t = transposed(w_heads);
+  const auto w_memory_t = memory ? transposed(w_memory) : w_memory;
   const auto bias = b_heads.contiguous();
   const auto tau = mode == kPure ? abs_tau.contiguous() : abs_tau;
   const auto amplitude = mode == kPure ? big_a.contiguous() : big_a;
@@ -264,18 +330,32 @@ std::vector<at::Tensor> cfc_forward(const at::Tensor& xw, const at::Tensor& h0,
     const T* keep_p = masked ? keep.data_ptr<T>() : nullptr;
     const T* bias_p = bias.data_ptr<T>();
     const T* xw_p = xw.data_ptr<T>();
+    const T* xm_p = memory ? xm.data_ptr<T>() : nullptr;
     const T* tau_p = mode == kPure ? tau.data_ptr<T>() : nullptr;
     const T* a_p = mode == kPure ? amplitude.data_ptr<T>() : nullptr;
     for (int64_t t = 0; t < steps; ++t) {
       const int64_t s = record ? t : 0;
       at::Tensor h = state_s[t];
       if (masked) {  // a reset zeroes the state before this step
-        const T* src = h.data_ptr<T>();
-        T* dst = h_in.data_ptr<T>();
-        const T* keep_t = keep_p + t * batch;
-        for (int64_t i = 0; i < batch; ++i)
-          for (int64_t j = 0; j < hidden; ++j) dst[i * hidden + j] = src[i * hidden + j] * keep_t[i];
+        mask_rows(h.data_ptr<T>(), keep_p + t * batch, h_in.data_ptr<T>(), batch, hidden);
         h = h_in;
+      }
+      if (memory) {
+        const T* cell_p = cells.data_ptr<T>() + t * batch * hidden;
+        if (masked) {
+          mask_rows(cell_p, keep_p + t * batch, c_in.data_ptr<T>(), batch, hidden);
+          cell_p = c_in.data_ptr<T>();
+        }
+        at::Tensor& z = memory_pre_s[s];
+        at::mm_out(z, h, w_memory_t);
+        T* z_p = z.data_ptr<T>();
+        T* next_cell_p = cells.data_ptr<T>() + (t + 1) * batch * hidden;
+        T* r_p = memory_out_s[s].data_ptr<T>();
+        for_rows(batch, 4 * hidden, [&](int64_t i) {
+          memory_step<T>(hidden, xm_p + (t * batch + i) * 4 * hidden, z_p + i * 4 * hidden,
+                         cell_p + i * hidden, next_cell_p + i * hidden, r_p + i * hidden);
+        });
+        h = memory_out_s[s];  // the backbone reads the memory cell's output
       }
       at::Tensor &pre = pre_s[s], &act = act_s[s], &head = head_s[s];
       // p = a·(xw + h·W_rec^T): mm and the elementwise pass rather than addmm, whose bias
@@ -292,31 +372,41 @@ std::vector<at::Tensor> cfc_forward(const at::Tensor& xw, const at::Tensor& h0,
       });
     }
   });
-  return {states, pres, acts, heads};
+  return {states, pres, acts, heads, cells, memory_out, memory_pre};
 }
 
 // The backward loop through time. Fills grad_heads (T, B, n_heads·H) = dL/dheads,
-// grad_pres (T, B, U) = dL/dp and, in pure mode, grad_states (T, B, H) = dL/dh_t (the total
-// gradient of each state); returns dL/dh0.
-at::Tensor cfc_backward(const at::Tensor& grad_y, const at::Tensor& heads, const at::Tensor& pres,
-                        const at::Tensor& acts, const at::Tensor& ts, const at::Tensor& keep,
-                        const at::Tensor& w_rec, const at::Tensor& w_heads,
-                        const at::Tensor& /*b_heads: the kept heads include it*/,
-                        const at::Tensor& abs_tau, const at::Tensor& big_a, int64_t mode,
-                        int64_t base, double a, double c, at::Tensor grad_heads,
-                        at::Tensor grad_pres, at::Tensor grad_states) {
+// grad_pres (T, B, U) = dL/dp, in pure mode grad_states (T, B, H) = dL/dh_t (the total
+// gradient of each state) and with mixed memory grad_memory_pre (T, B, 4H) = dL/dz. Returns
+// dL/dh0 and, with mixed memory, dL/dc0 (grad_cell: dL/dc_T on entry).
+std::vector<at::Tensor> cfc_backward(
+    const at::Tensor& grad_y, const at::Tensor& heads, const at::Tensor& pres,
+    const at::Tensor& acts, const at::Tensor& ts, const at::Tensor& keep, const at::Tensor& w_rec,
+    const at::Tensor& w_heads, const at::Tensor& /*b_heads: the kept heads include it*/,
+    const at::Tensor& abs_tau, const at::Tensor& big_a, int64_t mode, int64_t base, double a,
+    double c, const at::Tensor& memory_pre, const at::Tensor& cells, const at::Tensor& w_memory,
+    const at::Tensor& grad_cell, at::Tensor grad_heads, at::Tensor grad_pres,
+    at::Tensor grad_states, at::Tensor grad_memory_pre) {
   at::NoGradGuard no_grad;
   const int64_t steps = pres.size(0), batch = pres.size(1), units = pres.size(2);
   const int64_t hidden = grad_y.size(2), n_heads_h = heads.size(2);
-  const bool masked = keep.defined() && keep.numel() > 0;
+  const bool masked = given(keep), memory = given(memory_pre);
   TORCH_CHECK(grad_y.is_contiguous() && heads.is_contiguous() && pres.is_contiguous() &&
-                  acts.is_contiguous() && grad_heads.is_contiguous() && grad_pres.is_contiguous(),
+                  acts.is_contiguous() && grad_heads.is_contiguous() &&
+                  grad_pres.is_contiguous() && (mode != kPure || grad_states.is_contiguous()) &&
+                  (!memory || (memory_pre.is_contiguous() && cells.is_contiguous() &&
+                               grad_memory_pre.is_contiguous())),
               "cfc_cpu: backward buffers must be contiguous");
   const auto tau = mode == kPure ? abs_tau.contiguous() : abs_tau;
   const auto amplitude = mode == kPure ? big_a.contiguous() : big_a;
+  const auto options = grad_y.options();
   auto grad_h = grad_y[steps - 1].clone();
-  auto grad_rec = at::empty({batch, hidden}, grad_y.options());
+  auto grad_c = memory ? grad_cell.clone() : at::empty({0}, options);
+  auto grad_rec = at::empty({batch, hidden}, options);
+  auto grad_memory_in = at::empty({memory ? batch : 0, hidden}, options);
+  auto c_in = at::empty({memory ? batch : 0, hidden}, options);
   auto grad_head_s = grad_heads.unbind(0), grad_pre_s = grad_pres.unbind(0);
+  auto grad_memory_pre_s = grad_memory_pre.unbind(0);
 
   AT_DISPATCH_FLOATING_TYPES(grad_y.scalar_type(), "cfc_backward", [&] {
     using T = scalar_t;
@@ -344,11 +434,35 @@ at::Tensor cfc_backward(const at::Tensor& grad_y, const at::Tensor& heads, const
                           acts.data_ptr<T>() + t * batch * units, grad_pre.data_ptr<T>(),
                           batch * units);
       at::mm_out(grad_rec, grad_pre, w_rec);
-      // dL/dh_{t-1} = a·(dL/dp·W_rec)·keep_t + dL/dy_{t-1}
-      const T* rec_p = grad_rec.data_ptr<T>();
+      T* rec_p = grad_rec.data_ptr<T>();
+      for (int64_t k = 0; k < batch * hidden; ++k) rec_p[k] *= T(a);  // dL/d(backbone input)
+      if (memory) {  // through the memory cell to the state it started from
+        const T* cell_p = cells.data_ptr<T>() + t * batch * hidden;
+        if (masked) {
+          mask_rows(cell_p, keep_p + t * batch, c_in.data_ptr<T>(), batch, hidden);
+          cell_p = c_in.data_ptr<T>();
+        }
+        const T* z_p = memory_pre.data_ptr<T>() + t * batch * 4 * hidden;
+        const T* next_cell_p = cells.data_ptr<T>() + (t + 1) * batch * hidden;
+        T* grad_c_p = grad_c.data_ptr<T>();
+        T* grad_z_p = grad_memory_pre.data_ptr<T>() + t * batch * 4 * hidden;
+        for_rows(batch, 4 * hidden, [&](int64_t i) {
+          memory_gradient<T>(hidden, z_p + i * 4 * hidden, cell_p + i * hidden,
+                             next_cell_p + i * hidden, rec_p + i * hidden, grad_c_p + i * hidden,
+                             grad_z_p + i * 4 * hidden);
+        });
+        at::mm_out(grad_memory_in, grad_memory_pre_s[t], w_memory);
+        rec_p = grad_memory_in.data_ptr<T>();
+        if (masked) {
+          const T* keep_t = keep_p + t * batch;
+          for (int64_t i = 0; i < batch; ++i)
+            for (int64_t j = 0; j < hidden; ++j) grad_c_p[i * hidden + j] *= keep_t[i];
+        }
+      }
+      // dL/dh_{t-1} = dL/d(masked h_{t-1})·keep_t + dL/dy_{t-1}
       const T* previous = t > 0 ? grad_y_p + (t - 1) * batch * hidden : nullptr;
       for (int64_t i = 0; i < batch; ++i) {
-        const T scale = masked ? T(a) * keep_p[t * batch + i] : T(a);
+        const T scale = masked ? keep_p[t * batch + i] : T(1);
         for (int64_t j = 0; j < hidden; ++j) {
           const int64_t k = i * hidden + j;
           grad_h_p[k] = scale * rec_p[k] + (previous ? previous[k] : T(0));
@@ -356,7 +470,7 @@ at::Tensor cfc_backward(const at::Tensor& grad_y, const at::Tensor& heads, const
       }
     }
   });
-  return grad_h;
+  return {grad_h, grad_c};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

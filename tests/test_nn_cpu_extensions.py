@@ -1,0 +1,123 @@
+"""The compiled CPU loops (cfc_rl.nn.cpu_extensions, csrc/cfc_cpu.cpp): they build, they give
+the ATen loops' numbers in float32 too (their exp, tanh and erf are approximations), they
+reject bad buffers clearly, and the library falls back with a warning where they cannot be
+built. Their float64 equality with autograd and gradcheck are in test_nn_cells.py."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from cfc_rl.nn import CfC, cfc_fused, cpu_extensions
+
+
+@pytest.fixture(scope="module")
+def cfc_loops():
+    """The compiled CfC loops. A failed build fails the tests: CI has a compiler, and a
+    silent fallback would leave the fast path untested."""
+    if not cpu_extensions.enabled():
+        pytest.skip(f"switched off with {cpu_extensions.ENV_SWITCH}=0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the build's warning, if any, becomes the failure
+        module = cpu_extensions.load("cfc_cpu")
+    assert module is not None
+    return module
+
+
+@pytest.mark.parametrize("mixed_memory", [False, True])
+@pytest.mark.parametrize("mode", ["default", "no_gate", "pure"])
+@pytest.mark.parametrize("activation", ["lecun_tanh", "tanh", "relu", "silu", "gelu"])
+def test_float32_compiled_loops_match_the_aten_loops(
+    cfc_loops, mode: str, activation: str, mixed_memory: bool, monkeypatch
+) -> None:
+    torch.manual_seed(0)
+    # The default 128-unit backbone.
+    cell = CfC(5, 16, mode=mode, activation=activation, mixed_memory=mixed_memory)
+    generator = torch.Generator().manual_seed(1)
+    # Inputs large enough to drive tanh and the sigmoid into saturation, where approximations
+    # fail first.
+    x = (torch.randn(4, 12, 5, generator=generator) * 4).requires_grad_()
+    timespans = (torch.rand(4, 12, generator=generator) * 2 + 0.01).requires_grad_()
+    state = torch.randn(4, cell.state_size, generator=generator, requires_grad=True)
+    resets = torch.rand(4, 12, generator=generator) < 0.2
+    wrt = [x, timespans, state, *cell.parameters()]
+
+    def run() -> list[torch.Tensor]:
+        y, final = cell(x, state, timespans=timespans, resets=resets)
+        loss = (y * torch.linspace(-1, 1, 16)).sum() + final.square().sum()
+        return [y, final, *torch.autograd.grad(loss, wrt)]
+
+    compiled = run()
+    monkeypatch.setattr(cfc_fused, "compiled_loops", lambda device: None)
+    aten = run()
+    for value, reference in zip(compiled, aten, strict=True):
+        torch.testing.assert_close(value, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_loops_run_a_one_step_rollout_and_a_single_sample(cfc_loops) -> None:
+    torch.manual_seed(0)
+    cell = CfC(3, 8).double()
+    x = torch.randn(1, 1, 3, dtype=torch.float64)
+    with torch.no_grad():
+        y, final = cell(x)
+    reference, _ = cell._sequence_autograd(x, cell.initial_state(1), torch.ones(1, 1), None)
+    torch.testing.assert_close(y, reference, rtol=0, atol=1e-12)
+    torch.testing.assert_close(final, reference[:, -1], rtol=0, atol=1e-12)
+
+
+def test_compiled_loops_reject_buffers_they_cannot_read(cfc_loops) -> None:
+    steps, batch, units, hidden = 4, 2, 8, 3
+    xw = torch.randn(batch, steps, units).transpose(0, 1)  # time major, not contiguous
+    empty = torch.empty(0)
+    args = (
+        torch.zeros(batch, hidden),
+        torch.ones(steps, batch),
+        empty,
+        torch.randn(units, hidden),
+        torch.randn(4 * hidden, units),
+        torch.zeros(4 * hidden),
+        empty,
+        empty,
+        0,
+        0,
+        1.0,
+        1.0,
+        empty,
+        empty,
+        empty,
+        True,
+    )
+    with pytest.raises(RuntimeError, match=r"xw must be contiguous \(T, B, U\)"):
+        cfc_loops.forward(xw, *args)
+    with pytest.raises(RuntimeError, match=r"h0 must be \(B, H\)"):
+        cfc_loops.forward(xw.contiguous(), torch.zeros(batch + 1, hidden), *args[1:])
+    memory = list(args)
+    memory[-4] = torch.randn(steps, batch, 3 * hidden)  # the memory cell has four gates
+    memory[-3] = torch.zeros(batch, hidden)
+    with pytest.raises(RuntimeError, match=r"xm must be contiguous \(T, B, 4H\)"):
+        cfc_loops.forward(xw.contiguous(), *memory)
+
+
+def test_a_failed_build_warns_once_and_falls_back(monkeypatch) -> None:
+    from torch.utils import cpp_extension
+
+    def fail(**kwargs):
+        raise RuntimeError("Error building extension\nc++: fatal error: no input files")
+
+    monkeypatch.setattr(cpp_extension, "load", fail)
+    with pytest.warns(RuntimeWarning, match=r"'cfc_cpu' could not be built.*no input files"):
+        assert cpu_extensions.load.__wrapped__("cfc_cpu") is None
+
+
+def test_the_extensions_can_be_switched_off(monkeypatch) -> None:
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: pytest.fail("built"))
+    for value in ("0", "off", "False"):
+        monkeypatch.setenv(cpu_extensions.ENV_SWITCH, value)
+        assert not cpu_extensions.enabled()
+        assert cpu_extensions.load.__wrapped__("cfc_cpu") is None
+    monkeypatch.setenv(cpu_extensions.ENV_SWITCH, "1")
+    assert cpu_extensions.enabled()
