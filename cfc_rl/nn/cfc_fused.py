@@ -2,16 +2,23 @@
 
 Autograd over a Python time loop records a graph of T × ~15 tiny operations and replays it
 backwards, and at RL sizes (a few dozen samples, 64 units) the per-operation overhead, not
-arithmetic, is the cost. This kernel runs the same equations with the fewest operations per
-step (seven forward) and computes the backward pass by hand: per step only what the
-recurrence needs (four operations, eight with mixed memory); the derivatives of the
-activations and gates are computed for chunks of steps at once, and the weight gradients and
-the gradient of the elapsed times as one large operation each after the loop.
+arithmetic, is the cost. This kernel runs the same equations forward and computes the backward
+pass by hand: per step only what the recurrence needs; the weight gradients and the gradient
+of the elapsed times are one large operation each after the loop.
+
+The time loops come in two kinds with the same numbers:
+
+- compiled, on the CPU (``csrc/cfc_cpu.cpp``, built on first use by
+  :mod:`cfc_rl.nn.cpu_extensions`): per step two matrix multiplies and fused, vectorised
+  elementwise passes, forward and backward (three multiplies with mixed memory);
+- ATen, on CUDA and wherever the compiled loops could not be built: seven operations per step
+  forward and six backward (more with mixed memory), the derivatives of the activations and
+  gates computed for chunks of steps at once.
 
 It covers an unwired CfC with one backbone layer, in any mode, with any backbone activation,
-with or without mixed memory; :class:`~cfc_rl.nn.CfC` uses the autograd loop for the rest,
-and for training batches so large that arithmetic, not overhead, dominates. Both give the same
-numbers (tests compare them, and gradcheck checks this backward pass in float64).
+with or without mixed memory; :class:`~cfc_rl.nn.CfC` uses its autograd loop for the rest and,
+with the ATen loops, for training batches so large that arithmetic, not overhead, dominates.
+Tests compare all three in float64, and gradcheck checks both backward loops.
 
 Notation (one backbone layer, ``a`` and ``c`` the activation's inner and outer scale, ``g`` its
 base function, so LeCun's tanh is ``1.7159·tanh(0.666·x)``)::

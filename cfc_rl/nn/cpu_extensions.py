@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import sys
 import warnings
 from functools import cache
 from pathlib import Path
@@ -31,10 +32,13 @@ ENV_SWITCH = "CFC_RL_CPU_EXTENSIONS"
 _CFLAGS = ["-O3", "-march=native", "-fno-trapping-math"]
 
 
-def _cpu_tag() -> str:
-    """A short id of this CPU's instruction sets: -march=native code built on one machine must
-    not be loaded by another that shares the cache folder (a shared home directory)."""
-    flags = platform.machine()
+def _build_tag() -> str:
+    """A short id of this CPU's instruction sets and of the torch version: -march=native code
+    built on one machine must not be loaded by another that shares the cache folder (a shared
+    home directory), nor a build against one torch by another (its C++ ABI changes)."""
+    import torch
+
+    flags = platform.machine() + torch.__version__
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
@@ -59,8 +63,16 @@ def load(name: str) -> ModuleType | None:
     try:
         from torch.utils import cpp_extension
 
+        module_name = f"cfc_rl_{name}_{_build_tag()}"
+        build_dir = Path(cpp_extension._get_build_directory(module_name, verbose=False))
+        if not (build_dir / f"{module_name}.so").exists():  # a first build: say why we wait
+            print(
+                f"cfc_rl: compiling the C++ loops {name!r} for this CPU (once, about 30 s)...",
+                file=sys.stderr,
+                flush=True,
+            )
         return cpp_extension.load(
-            name=f"cfc_rl_{name}_{_cpu_tag()}",
+            name=module_name,
             sources=[str(SOURCES / f"{name}.cpp")],
             extra_cflags=_CFLAGS,
             verbose=False,
