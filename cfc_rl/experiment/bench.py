@@ -142,6 +142,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=8.0,
         help="skip a candidate whose backward pass is estimated to need more memory",
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after timing, profile each candidate (torch.profiler, CPU) and add a table of "
+        "where its time goes: matrix multiplies against everything else",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--quick", action="store_true", help="~30 s smoke run: few short rounds, prints only"
@@ -154,6 +160,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 setattr(args, key, value)
     if args.out is None and not args.quick:
         args.out = Path("results") / f"bench_cells_{args.device}.md"
+    if args.profile and args.device != "cpu":
+        parser.error("--profile reads CPU time; it runs with --device cpu only")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch.cuda.is_available() is False")
     if args.repeats < 1 or args.min_rounds < 1 or args.threads < 1:
@@ -242,6 +250,8 @@ class Candidate:
     rounds: int = 0
     samples: list[float] = field(default_factory=list)
     note: str = ""  # why it has no figure (skipped, error)
+    # --profile: (operator, self CPU seconds per call, calls per call), largest first
+    profile: list[tuple[str, float, float]] = field(default_factory=list)
 
     @property
     def median(self) -> float | None:
@@ -317,8 +327,73 @@ def bench_shape(
                     continue
                 candidate.samples.append(seconds)
     for candidate in ready:
+        if args.profile and candidate.call is not None and not candidate.note:
+            candidate.profile = profile_call(candidate.call, candidate.calls_per_block)
         candidate.call = None  # free the module and its inputs before the next shape
     return candidates
+
+
+# Operators whose self time is matrix multiplication (the BLAS calls behind linear, matmul, @).
+MATMUL_OPERATORS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"})
+
+
+def profile_call(call: Callable[[], None], calls: int) -> list[tuple[str, float, float]]:
+    """Operators by self CPU time over ``calls`` calls: (name, seconds per call, occurrences per
+    call), largest first. The custom autograd Functions' own rows hold the work of compiled
+    loops that is not an ATen operator (their fused elementwise passes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with gc_paused(), profile(activities=[ProfilerActivity.CPU]) as profiler:
+        for _ in range(calls):
+            call()
+    rows = [
+        (event.key, event.self_cpu_time_total / 1e6 / calls, event.count / calls)
+        for event in profiler.key_averages()
+    ]
+    return sorted(rows, key=lambda row: row[1], reverse=True)
+
+
+def profile_tables(results: dict[str, dict[str, Candidate]], shapes: list[Shape]) -> str:
+    """Where each candidate's time goes (from --profile), one table per shape."""
+    text = (
+        "## Where the time goes (--profile)\n\n"
+        "Self CPU time per call under torch.profiler, which adds about a microsecond to every "
+        "operator: matrix multiplies (aten::mm, addmm, bmm, baddbmm) against everything else, "
+        "and the largest other rows. The LSTM column reads: matrix multiplies alone take this "
+        "fraction of torch.nn.LSTM's whole call, timed without the profiler.\n"
+    )
+    for shape in shapes:
+        lstm = results[shape.name][BASELINE].median
+        rows = []
+        for candidate in results[shape.name].values():
+            if not candidate.profile:
+                continue
+            total = sum(seconds for _, seconds, _ in candidate.profile)
+            matmul = sum(s for name, s, _ in candidate.profile if name in MATMUL_OPERATORS)
+            count = sum(n for name, _, n in candidate.profile if name in MATMUL_OPERATORS)
+            others = [row for row in candidate.profile if row[0] not in MATMUL_OPERATORS][:4]
+            rows.append(
+                [
+                    LABELS.get(candidate.name, candidate.name),
+                    f"{1000 * total:.2f} ms",
+                    f"{1000 * matmul:.2f} ms ({count:.0f} calls)",
+                    "-" if lstm is None else f"{matmul / lstm:.2f}x",
+                    ", ".join(f"{name} {1000 * s:.2f} ms" for name, s, _ in others),
+                ]
+            )
+        if rows:
+            text += f"\n### {shape.label}\n\n" + markdown_table(
+                [
+                    "candidate",
+                    "profiled self time",
+                    "matrix multiplies",
+                    "matmul / LSTM call",
+                    "largest other rows",
+                ],
+                rows,
+            )
+            text += "\n"
+    return text
 
 
 def fmt_ratio(value: float | None) -> str:
@@ -496,6 +571,8 @@ def main(argv: list[str] | None = None) -> None:
         ]
     )
     report = header + "\n\n" + results_tables(results, names, shapes)
+    if args.profile:
+        report += "\n" + profile_tables(results, shapes)
     print("\n" + report)
     if args.out is not None:
         atomic_write_text(args.out, report)
