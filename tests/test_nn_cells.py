@@ -150,12 +150,12 @@ def test_gradcheck_in_float64_with_timespans(name: str) -> None:
     assert torch.autograd.gradcheck(run, (x, state, timespans, *params), atol=1e-6, rtol=1e-4)
 
 
-
 @pytest.mark.parametrize("name", ["cfc", "cfs", "cfc_mm"])
 def test_gradcheck_of_the_fused_kernels_aten_loops(name: str, monkeypatch) -> None:
     """The ATen loops (CUDA's) on the CPU; the test above checks the compiled loops."""
     monkeypatch.setattr(cfc_fused, "compiled_loops", lambda device: None)
     test_gradcheck_in_float64_with_timespans(name)
+
 
 def test_ltc_solvers_agree_as_unfolds_grow() -> None:
     torch.manual_seed(0)

@@ -33,12 +33,15 @@ _CFLAGS = ["-O3", "-march=native", "-fno-trapping-math"]
 
 
 def _build_tag() -> str:
-    """A short id of this CPU's instruction sets and of the torch version: -march=native code
-    built on one machine must not be loaded by another that shares the cache folder (a shared
-    home directory), nor a build against one torch by another (its C++ ABI changes)."""
+    """A short id of this CPU's instruction sets, the torch version and the shared headers:
+    -march=native code built on one machine must not be loaded by another that shares the
+    cache folder (a shared home directory), nor a build against one torch by another (its C++
+    ABI changes); and torch rebuilds when a listed source changes, not when a header does."""
     import torch
 
     flags = platform.machine() + torch.__version__
+    for header in sorted(SOURCES.glob("*.h")):
+        flags += header.read_text()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):

@@ -4,16 +4,24 @@
 identical to it); ``"euler"`` and ``"rk4"`` are explicit solvers of the same right-hand side,
 the ODE-based baselines the CfC speed claims are measured against. The sensory synapses do not
 depend on the state, so they are evaluated for all time steps before the time loop.
+
+The synapse reductions, most of an LTC's time, run on the CPU in the compiled loops of
+``csrc/ltc_cpu.cpp``: one pass over the parameters per sample instead of several over a
+(B, N, N) tensor, and a hand-written backward pass. Elsewhere (CUDA, no C++ compiler,
+``compiled=False``) they run as ATen operations: the same numbers.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from types import ModuleType
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx
 
+from cfc_rl.nn import cpu_extensions
 from cfc_rl.nn.base import RecurrentModule, keep_masks
 from cfc_rl.nn.rnn import MemoryCell
 from cfc_rl.nn.wirings import FullyConnected, Wiring
@@ -28,6 +36,7 @@ class _Constants(NamedTuple):
     cm: Tensor  # membrane capacitance
     gleak: Tensor  # leak conductance
     leak: Tensor  # gleak · vleak
+    extension: ModuleType | None  # the compiled synapse loops, or None for ATen operations
 
 
 SOLVERS = ("fused", "euler", "rk4")
@@ -45,6 +54,61 @@ _INIT_RANGES = {
     "sensory_sigma": (3.0, 8.0),
     "sensory_mu": (0.3, 0.8),
 }
+
+
+def compiled_loops(device: torch.device, dtype: torch.dtype) -> ModuleType | None:
+    """The compiled synapse loops (``csrc/ltc_cpu.cpp``) where they apply and could be built:
+    float32 or float64 CPU tensors. None means the ATen operations run."""
+    if device.type != "cpu" or dtype not in (torch.float32, torch.float64):
+        return None
+    return cpu_extensions.load("ltc_cpu")
+
+
+class _Synapses(torch.autograd.Function):
+    """``(Σ_j a_ji·w_erev_ji, Σ_j a_ji·w_ji)``, ``a_ji = sigmoid(σ_ji·v_j + offset_ji)``, for
+    ``v (B, M)`` and ``(M, N)`` parameters, through the compiled loops: nothing of size
+    (B, M, N) is kept, the backward pass recomputes the sigmoid."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        extension: ModuleType,
+        v: Tensor,
+        sigma: Tensor,
+        offset: Tensor,
+        w: Tensor,
+        w_erev: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        ctx.save_for_backward(v, sigma, offset, w, w_erev)
+        ctx.extension = extension
+        num, den = extension.forward(v, sigma, offset, w, w_erev)
+        return num, den
+
+    @staticmethod
+    def backward(ctx: Any, grad_num: Tensor, grad_den: Tensor) -> tuple[Any, ...]:
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative is wanted
+            raise RuntimeError(
+                "the compiled LTC synapses have no second derivative (double backward, "
+                "gradient penalties); build the LTC with compiled=False (or set "
+                f"{cpu_extensions.ENV_SWITCH}=0 before the first call) to differentiate "
+                "through autograd"
+            )
+        grads = ctx.extension.backward(
+            grad_num.contiguous(), grad_den.contiguous(), *ctx.saved_tensors
+        )
+        return None, *grads
+
+
+def _compiled_synapses(
+    extension: ModuleType, v: Tensor, sigma: Tensor, offset: Tensor, w: Tensor, w_erev: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The sums of :class:`_Synapses`, with a graph only where a gradient can flow."""
+    # v may be a view with any strides (the caller's state before the first step).
+    args = (v.contiguous(), sigma, offset, w, w_erev)
+    if torch.is_grad_enabled() and any(arg.requires_grad for arg in args):
+        return _Synapses.apply(extension, *args)
+    num, den = extension.forward(*args)  # rollouts: no graph, nothing kept
+    return num, den
 
 
 class LTC(RecurrentModule):
@@ -68,6 +132,9 @@ class LTC(RecurrentModule):
     :param implicit_param_constraints: keep w, sensory_w, cm and gleak positive with a
         softplus at run time (True, as ncps's LTC); with False they are used as they are and
         :meth:`apply_weight_constraints` must be called after each optimiser step
+    :param compiled: on the CPU, evaluate the synapses with the compiled loops of
+        ``csrc/ltc_cpu.cpp`` where they could be built: same numbers, several times faster;
+        False differentiates through autograd, which second derivatives need
     """
 
     def __init__(
@@ -82,6 +149,7 @@ class LTC(RecurrentModule):
         mixed_memory: bool = False,
         epsilon: float = 1e-8,
         implicit_param_constraints: bool = True,
+        compiled: bool = True,
     ) -> None:
         super().__init__()
         if input_size < 1:
@@ -112,6 +180,7 @@ class LTC(RecurrentModule):
         self.output_mapping = output_mapping
         self.epsilon = epsilon
         self.implicit_param_constraints = implicit_param_constraints
+        self.compiled = compiled
 
         n, m = self.units, input_size
         for name, shape in (
@@ -163,6 +232,9 @@ class LTC(RecurrentModule):
         self, v: Tensor, num_s: Tensor, den_s: Tensor, p: _Constants
     ) -> tuple[Tensor, Tensor]:
         """``Σ_j a_ji E_ji`` and ``Σ_j a_ji`` plus the sensory terms, a = w·σ(σ(v_j − μ))."""
+        if p.extension is not None:
+            num, den = _compiled_synapses(p.extension, v, self.sigma, p.offset, p.w, p.w_erev)
+            return num + num_s, den + den_s
         # σ·(v_j − μ_ji) as one fused multiply-add and an in-place sigmoid: two passes over the
         # (B, N, N) tensor instead of three, the largest cost of an LTC step.
         activation = torch.addcmul(p.offset, self.sigma, v.unsqueeze(-1)).sigmoid_()
@@ -206,13 +278,32 @@ class LTC(RecurrentModule):
             inputs = inputs * self.input_w
         if self.input_b is not None:
             inputs = inputs + self.input_b
+        # Mixed dtypes are left to ATen's type promotion.
+        extension = (
+            compiled_loops(x.device, x.dtype)
+            if self.compiled and x.dtype == self.sigma.dtype
+            else None
+        )
         # Sensory synapses for all steps at once: (B, T, I, N) reduced over the inputs.
         sensory = self._positive(self.sensory_w) * self.sensory_sparsity_mask
-        sensory = sensory * torch.sigmoid(
-            self.sensory_sigma * (inputs.unsqueeze(-1) - self.sensory_mu)
-        )
-        sensory_num = (sensory * self.sensory_erev).sum(dim=2)
-        sensory_den = sensory.sum(dim=2)
+        if extension is not None:  # the B·T steps as one batch of the recurrent synapses' loops
+            batch, steps = x.shape[:2]
+            sensory_num, sensory_den = _compiled_synapses(
+                extension,
+                inputs.reshape(batch * steps, -1),
+                self.sensory_sigma,
+                -(self.sensory_sigma * self.sensory_mu),
+                sensory,
+                sensory * self.sensory_erev,
+            )
+            sensory_num = sensory_num.view(batch, steps, -1)
+            sensory_den = sensory_den.view(batch, steps, -1)
+        else:
+            sensory = sensory * torch.sigmoid(
+                self.sensory_sigma * (inputs.unsqueeze(-1) - self.sensory_mu)
+            )
+            sensory_num = (sensory * self.sensory_erev).sum(dim=2)
+            sensory_den = sensory.sum(dim=2)
 
         w = self._positive(self.w) * self.sparsity_mask
         gleak = self._positive(self.gleak)
@@ -223,6 +314,7 @@ class LTC(RecurrentModule):
             cm=self._positive(self.cm),
             gleak=gleak,
             leak=gleak * self.vleak,
+            extension=extension,
         )
         memory_in = self.memory.project_inputs(x) if self.memory is not None else None
 

@@ -9,7 +9,7 @@
 //
 // Those passes are written so that GCC vectorises them (-O3 -march=native -fno-trapping-math):
 // in float, exp, tanh and erf are branch-free approximations accurate to a few units in the
-// last place (below); in double (gradcheck, tests) they are the C library's.
+// last place (fast_math.h); in double (gradcheck, tests) they are the C library's.
 //
 // Notation and the equations are those of cfc_fused.py; the weight gradients are computed
 // there, after the loop, from the buffers these functions fill.
@@ -18,12 +18,16 @@
 
 #include <ATen/Parallel.h>
 
-#include <bit>
+#include "fast_math.h"
+
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
 namespace {
+
+using cfc_rl::Math;
+using cfc_rl::sigmoid;
 
 enum Mode : int64_t { kDefault = 0, kNoGate = 1, kPure = 2 };
 enum Base : int64_t { kTanh = 0, kRelu = 1, kSilu = 2, kGelu = 3 };
@@ -38,70 +42,6 @@ void for_rows(int64_t rows, int64_t row_elements, const F& body) {
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) body(i);
   });
-}
-
-// exp, tanh and erf. The double versions are the C library's; the float ones are
-// polynomial and rational approximations that vectorise (the C library's are scalar calls).
-template <typename T>
-struct Math {
-  static T exp(T x) { return std::exp(x); }
-  static T tanh(T x) { return std::tanh(x); }
-  static T erf(T x) { return std::erf(x); }
-};
-
-template <>
-struct Math<float> {
-  // Cephes' expf: e^x = 2^n · e^r with |r| <= ln2/2, e^r a degree-7 polynomial; relative
-  // error below 1.5 ulp on the clamped range, whose ends give the smallest normal float and
-  // about 2.4e38 (no infinities: a sigmoid of a very negative input stays 0, not NaN).
-  static float exp(float x) {
-    x = x < -87.3365448f ? -87.3365448f : (x > 88.3762627f ? 88.3762627f : x);
-    const float n = std::floor(x * 1.44269504f + 0.5f);
-    float r = x - n * 0.693359375f;
-    r = r + n * 2.12194440e-4f;
-    float y = 1.9875691500e-4f;
-    y = y * r + 1.3981999507e-3f;
-    y = y * r + 8.3334519073e-3f;
-    y = y * r + 4.1665795894e-2f;
-    y = y * r + 1.6666665459e-1f;
-    y = y * r + 5.0000001201e-1f;
-    y = y * r * r + r + 1.0f;
-    return y * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
-  }
-  // Eigen's rational tanh (degree 13 over 6) on [-7.9053, 7.9053], where float tanh reaches
-  // 1; absolute and relative error below 3e-7.
-  static float tanh(float x) {
-    constexpr float kClamp = 7.90531110763549805f;
-    x = x < -kClamp ? -kClamp : (x > kClamp ? kClamp : x);
-    const float x2 = x * x;
-    float p = x2 * -2.76076847742355e-16f + 2.00018790482477e-13f;
-    p = p * x2 - 8.60467152213735e-11f;
-    p = p * x2 + 5.12229709037114e-08f;
-    p = p * x2 + 1.48572235717979e-05f;
-    p = p * x2 + 6.37261928875436e-04f;
-    p = p * x2 + 4.89352455891786e-03f;
-    float q = x2 * 1.19825839466702e-06f + 1.18534705686654e-04f;
-    q = q * x2 + 2.26843463243900e-03f;
-    q = q * x2 + 4.89352518554385e-03f;
-    return x * p / q;
-  }
-  // Abramowitz and Stegun 7.1.26: absolute error below 1.5e-7.
-  static float erf(float x) {
-    const float ax = std::abs(x);
-    const float t = 1.0f / (1.0f + 0.3275911f * ax);
-    float y = 1.061405429f;
-    y = y * t - 1.453152027f;
-    y = y * t + 1.421413741f;
-    y = y * t - 0.284496736f;
-    y = y * t + 0.254829592f;
-    y = 1.0f - y * t * exp(-ax * ax);
-    return x < 0.0f ? -y : y;
-  }
-};
-
-template <typename T>
-inline T sigmoid(T x) {
-  return T(1) / (T(1) + Math<T>::exp(-x));
 }
 
 // p = a·(xw + p), then z = g(p), over n elements.
