@@ -69,11 +69,11 @@ def test_compiled_loops_run_a_one_step_rollout_and_a_single_sample(cfc_loops) ->
 
 def test_compiled_loops_reject_buffers_they_cannot_read(cfc_loops) -> None:
     steps, batch, units, hidden = 4, 2, 8, 3
-    xw = torch.randn(batch, steps, units).transpose(0, 1)  # time major, not contiguous
+    xw = torch.randn(steps, batch, units).transpose(0, 1)  # (B, T, U), not contiguous
     empty = torch.empty(0)
     args = (
         torch.zeros(batch, hidden),
-        torch.ones(steps, batch),
+        torch.ones(batch, steps),
         empty,
         torch.randn(units, hidden),
         torch.randn(4 * hidden, units),
@@ -89,14 +89,14 @@ def test_compiled_loops_reject_buffers_they_cannot_read(cfc_loops) -> None:
         empty,
         True,
     )
-    with pytest.raises(RuntimeError, match=r"xw must be contiguous \(T, B, U\)"):
+    with pytest.raises(RuntimeError, match=r"xw must be contiguous \(B, T, U\)"):
         cfc_loops.forward(xw, *args)
     with pytest.raises(RuntimeError, match=r"h0 must be \(B, H\)"):
         cfc_loops.forward(xw.contiguous(), torch.zeros(batch + 1, hidden), *args[1:])
     memory = list(args)
-    memory[-4] = torch.randn(steps, batch, 3 * hidden)  # the memory cell has four gates
+    memory[-4] = torch.randn(batch, steps, 3 * hidden)  # the memory cell has four gates
     memory[-3] = torch.zeros(batch, hidden)
-    with pytest.raises(RuntimeError, match=r"xm must be contiguous \(T, B, 4H\)"):
+    with pytest.raises(RuntimeError, match=r"xm must be contiguous \(B, T, 4H\)"):
         cfc_loops.forward(xw.contiguous(), *memory)
 
 

@@ -93,13 +93,15 @@ class _Weights(NamedTuple):
 
 
 class _Trace(NamedTuple):
-    """What the forward loop keeps, time major: the states always; the rest when recording."""
+    """What the forward loop returns: the outputs, batch major, and what the backward pass
+    reads, time major: the states always; the rest when recording."""
 
+    outputs: Tensor  # (B, T, H): h1, ..., hT, a tensor of its own (the caller may edit it)
     states: Tensor  # (T + 1, B, H): h0, h1, ..., hT
     cells: Tensor | None  # (T + 1, B, H): c0, ..., cT (mixed memory)
     memory_out: Tensor | None  # (T, B, H): r_t, the memory cell's output (mixed memory)
     memory_pre: Tensor | None  # (T, B, 4H): the memory cell's gate pre-activations
-    pres: Tensor | None  # (T, B, U)
+    pres: Tensor | None  # (T, B, U); not kept by the compiled loops for a tanh activation
     acts: Tensor | None  # (T, B, U)
     heads: Tensor | None  # (T, B, n_heads·H)
 
@@ -119,7 +121,7 @@ def _extension_args(
     a, c, base = _ACTIVATIONS[activation]
     empty = w.w_rec.new_empty(0)
     return (
-        keep[..., 0].contiguous() if keep is not None else empty,
+        keep.contiguous() if keep is not None else empty,
         w.w_rec,
         w.w_heads,
         w.b_heads,
@@ -144,28 +146,61 @@ def _run(
     activation: str,
     record: bool,
 ) -> _Trace:
-    """The forward loop over time-major inputs; ``xm`` (T, B, 4H) is the memory cell's input
-    projection (forget-gate offset included) and ``c0`` its initial cell state."""
-    a, c, base = _ACTIVATIONS[activation]
+    """The forward loop over batch-major inputs: ``xw`` (B, T, U), ``timespans`` and ``keep``
+    (B, T); with mixed memory ``xm`` (B, T, 4H), the memory cell's input projection
+    (forget-gate offset included), and ``c0`` its initial cell state."""
     w = weights
     extension = compiled_loops(xw.device)
-    if extension is not None:
-        empty = xw.new_empty(0)
-        states, pres, acts, heads, cells, memory_out, memory_pre = extension.forward(
-            xw,
+    if extension is None:
+        return _run_aten(
+            xw.transpose(0, 1).contiguous(),
+            xm.transpose(0, 1).contiguous() if xm is not None else None,
             h0,
-            timespans,
-            *_extension_args(keep, w, mode, activation),
-            xm if xm is not None else empty,
-            c0 if c0 is not None else empty,
-            w.w_memory if w.w_memory is not None else empty,
+            c0,
+            timespans.t().contiguous(),
+            keep.t().unsqueeze(-1) if keep is not None else None,
+            weights,
+            mode,
+            activation,
             record,
         )
-        if xm is None:
-            cells = memory_out = memory_pre = None
-        if not record:  # one step of scratch each
-            pres = acts = heads = memory_out = memory_pre = None
-        return _Trace(states, cells, memory_out, memory_pre, pres, acts, heads)
+    empty = xw.new_empty(0)
+    y, states, pres, acts, heads, cells, memory_out, memory_pre = extension.forward(
+        xw,
+        h0,
+        timespans,
+        *_extension_args(keep, w, mode, activation),
+        xm if xm is not None else empty,
+        c0 if c0 is not None else empty,
+        w.w_memory if w.w_memory is not None else empty,
+        record,
+    )
+    if xm is None:
+        cells = memory_out = memory_pre = None
+    if _ACTIVATIONS[activation][2] == "tanh":  # one step of scratch: tanh's derivative is
+        # read from acts
+        pres = None
+    if not record:  # one step of scratch each
+        pres = acts = heads = memory_out = memory_pre = None
+    return _Trace(y, states, cells, memory_out, memory_pre, pres, acts, heads)
+
+
+def _run_aten(
+    xw: Tensor,
+    xm: Tensor | None,
+    h0: Tensor,
+    c0: Tensor | None,
+    timespans: Tensor,
+    keep: Tensor | None,
+    weights: _Weights,
+    mode: str,
+    activation: str,
+    record: bool,
+) -> _Trace:
+    """The forward loop as ATen operations, over time-major inputs: ``xw`` (T, B, U),
+    ``timespans`` (T, B), ``keep`` (T, B, 1), ``xm`` (T, B, 4H)."""
+    a, c, base = _ACTIVATIONS[activation]
+    w = weights
     hidden = h0.shape[1]
     w_rec_t, w_heads_t = w.w_rec.t(), w.w_heads.t()
     abs_tau = w.w_tau.abs() if w.w_tau is not None else None
@@ -229,7 +264,8 @@ def _run(
                 h = torch.lerp(ff[:, :hidden], ff[:, hidden:], gate, out=state_s[t + 1])
             else:
                 h = torch.addcmul(ff[:, :hidden], gate, ff[:, hidden:], out=state_s[t + 1])
-    return _Trace(states, cells, memory_out, memory_pre, pres, acts, heads)
+    outputs = states[1:].transpose(0, 1).clone()
+    return _Trace(outputs, states, cells, memory_out, memory_pre, pres, acts, heads)
 
 
 def _coefficients(
@@ -371,9 +407,27 @@ def _backward_loop(
     return grad_h, grad_cell
 
 
+def _timespans_gradient(
+    grad_heads: Tensor,
+    grad_states: Tensor | None,
+    heads: Tensor,
+    ts: Tensor,
+    w: _Weights,
+    mode: str,
+    hidden: int,
+) -> Tensor:
+    """dL/dΔt ``(T, B)`` for the ATen loops (the compiled loops sum it as they go)."""
+    if mode == "pure":  # dh/dΔt = A·f·e·(|w_tau| + |f|)
+        rate = w.w_tau.abs() + heads.abs()
+        return (grad_states * w.big_a * heads * torch.exp(-ts * rate) * rate).sum(-1)
+    # gate pre-activation = t_a·Δt + t_b: dL/dΔt = dL/dt_b · t_a
+    grad_t_b = grad_heads[..., 3 * hidden :]
+    return (grad_t_b * heads[..., 2 * hidden : 3 * hidden]).sum(-1)
+
+
 class _CfCSequence(torch.autograd.Function):
-    """The states after every step and the final cell state (mixed memory; else empty), for
-    time-major inputs."""
+    """The states after every step (B, T, H) and the final cell state (mixed memory; else
+    empty), for the batch-major inputs of :func:`_run`."""
 
     @staticmethod
     def forward(
@@ -395,15 +449,14 @@ class _CfCSequence(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         weights = _Weights(w_rec, w_heads, b_heads, w_tau, big_a, w_memory)
         trace = _run(xw, xm, h0, c0, timespans, keep, weights, mode, activation, True)
-        ctx.save_for_backward(timespans, keep, *weights, *trace)
+        ctx.save_for_backward(timespans, keep, *weights, *trace[1:])
         ctx.mode, ctx.activation = mode, activation
         if trace.cells is None:
             final_cell = h0.new_empty(0)
             ctx.mark_non_differentiable(final_cell)
-        else:
+        else:  # a copy, not a view of a buffer the backward pass reads: the caller may edit it
             final_cell = trace.cells[-1].clone()
-        # Copies, not views of the buffers the backward pass reads: the caller may edit them.
-        return trace.states[1:].clone(), final_cell
+        return trace.outputs, final_cell
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor, grad_final_cell: Tensor | None) -> tuple[Any, ...]:
@@ -420,16 +473,17 @@ class _CfCSequence(torch.autograd.Function):
         mode, (a, c, _) = ctx.mode, _ACTIVATIONS[ctx.activation]
         timespans, keep, *rest = ctx.saved_tensors
         w = _Weights(*rest[:6])
-        trace = _Trace(*rest[6:])
+        trace = _Trace(None, *rest[6:])
         act, heads, states = trace.acts, trace.heads, trace.states
         memory = trace.cells is not None
         steps, batch, _ = act.shape
         hidden = states.shape[2]
-        ts = timespans.unsqueeze(-1)
-        abs_tau = w.w_tau.abs() if mode == "pure" else None
+        # The buffers are time major, the inputs batch major.
+        ts = timespans.t().unsqueeze(-1)
+        keep_steps = keep.t().unsqueeze(-1) if keep is not None else None
         # Filled by the loop through time: dL/dheads, dL/dp and, in pure mode, dL/dh_t.
         grad_heads = torch.empty_like(heads)
-        grad_pres = torch.empty_like(trace.pres)
+        grad_pres = torch.empty_like(act)
         grad_states = torch.empty_like(states[1:]) if mode == "pure" else None
         grad_memory_pre = torch.empty_like(trace.memory_pre) if memory else None
         grad_cell = None
@@ -439,11 +493,13 @@ class _CfCSequence(torch.autograd.Function):
                 grad_cell = torch.zeros_like(trace.cells[-1])
         extension = compiled_loops(act.device)
         if extension is not None:
+            # The compiled loop also returns dL/dΔt and dL/db_heads, summed while in cache,
+            # and leaves dL/dxw (a·dL/dp) in grad_pres.
             empty = act.new_empty(0)
-            grad_h, grad_cell = extension.backward(
+            grad_h, grad_cell, grad_timespans, grad_b_heads = extension.backward(
                 grad_y.contiguous(),
                 heads,
-                trace.pres,
+                trace.pres if trace.pres is not None else empty,
                 act,
                 timespans,
                 *_extension_args(keep, w, mode, ctx.activation),
@@ -456,13 +512,14 @@ class _CfCSequence(torch.autograd.Function):
                 grad_states if grad_states is not None else empty,
                 grad_memory_pre if memory else empty,
             )
+            grad_xw = grad_pres
         else:
             grad_h, grad_cell = _backward_loop(
-                grad_y,
+                grad_y.transpose(0, 1).contiguous(),
                 grad_cell,
                 trace,
-                timespans,
-                keep,
+                ts[..., 0],
+                keep_steps,
                 w,
                 mode,
                 ctx.activation,
@@ -471,36 +528,33 @@ class _CfCSequence(torch.autograd.Function):
                 grad_states,
                 grad_memory_pre,
             )
+            grad_xw = grad_pres.mul_(a)
+            grad_b_heads = grad_heads.sum(dim=(0, 1))
+            grad_timespans = _timespans_gradient(
+                grad_heads, grad_states, heads, ts, w, mode, hidden
+            ).t()
 
         # Parameter gradients: one large multiply each, over all steps and samples.
         flat = (steps * batch, -1)
-        inputs_h = states[:-1] if keep is None else states[:-1] * keep
-        grad_heads_all = grad_heads.view(steps, batch, -1)
-        grad_xw = grad_pres.mul_(a)
+        inputs_h = states[:-1] if keep is None else states[:-1] * keep_steps
         rec_inputs = trace.memory_out if memory else inputs_h
         grad_w_rec = grad_xw.reshape(flat).t() @ rec_inputs.reshape(flat)
-        grad_w_heads = grad_heads_all.reshape(flat).t() @ act.reshape(flat)
+        grad_w_heads = grad_heads.reshape(flat).t() @ act.reshape(flat)
         if c != 1.0:
             grad_w_heads.mul_(c)
-        grad_b_heads = grad_heads_all.sum(dim=(0, 1))
         grad_w_tau = grad_big_a = grad_xm = grad_c0 = grad_w_memory = None
         if memory:
-            grad_xm = grad_memory_pre.view(steps, batch, -1)
-            grad_w_memory = grad_xm.reshape(flat).t() @ inputs_h.reshape(flat)
+            grad_w_memory = grad_memory_pre.reshape(flat).t() @ inputs_h.reshape(flat)
+            grad_xm = grad_memory_pre.transpose(0, 1)
             grad_c0 = grad_cell
-        if mode == "pure":
-            decay = torch.exp(-ts * (abs_tau + heads.abs()))
-            fe = heads * decay
+        if mode == "pure":  # h = A - A·f·e, e = exp(-Δt·(|w_tau| + |f|))
+            abs_tau = w.w_tau.abs()
+            fe = heads * torch.exp(-ts * (abs_tau + heads.abs()))
             grad_big_a = (grad_states * (1.0 - fe)).sum(dim=(0, 1)).unsqueeze(0)
             common = grad_states * w.big_a * fe
             grad_w_tau = ((common * ts).sum(dim=(0, 1)) * torch.sign(w.w_tau[0])).unsqueeze(0)
-            grad_timespans = (common * (abs_tau + heads.abs())).sum(-1)
-        else:
-            # gate pre-activation = t_a·Δt + t_b: dL/dΔt = dL/dt_b · t_a
-            grad_t_b = grad_heads_all[..., 3 * hidden :]
-            grad_timespans = (grad_t_b * heads[..., 2 * hidden : 3 * hidden]).sum(-1)
         return (
-            grad_xw,
+            grad_xw.transpose(0, 1),
             grad_xm,
             grad_h,
             grad_c0,
@@ -547,24 +601,24 @@ def cfc_sequence(
         recurrent weight
     :return: the state after every step ``(B, T, H)`` and the final cell state (or None)
     """
-    keep = (~resets).t().unsqueeze(-1).to(xw.dtype) if resets is not None else None
+    keep = (~resets).to(xw.dtype) if resets is not None else None
     xm, c0, w_memory = memory if memory is not None else (None, None, None)
     tensors = (
-        xw.transpose(0, 1).contiguous(),
-        xm.transpose(0, 1).contiguous() if xm is not None else None,
+        xw.contiguous(),
+        xm.contiguous() if xm is not None else None,
         h0,
         c0,
-        timespans.t().contiguous(),
+        timespans.contiguous(),  # a scalar Δt arrives expanded, with stride 0
         keep,
     )
     weights = _Weights(w_rec, w_heads, b_heads, w_tau, big_a, w_memory)
     if torch.is_grad_enabled() and any(
         arg is not None and arg.requires_grad for arg in (*tensors, *weights)
     ):
-        states, final_cell = _CfCSequence.apply(*tensors, *weights, mode, activation)
+        y, final_cell = _CfCSequence.apply(*tensors, *weights, mode, activation)
         final_cell = final_cell if memory is not None else None
     else:  # rollouts: no graph, nothing kept for a backward pass
         trace = _run(*tensors, weights, mode, activation, record=False)
-        states = trace.states[1:]
+        y = trace.outputs
         final_cell = trace.cells[-1] if trace.cells is not None else None
-    return states.transpose(0, 1), final_cell
+    return y, final_cell

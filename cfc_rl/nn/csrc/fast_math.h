@@ -1,4 +1,4 @@
-// exp, tanh, erf and the logistic sigmoid for the vectorised loops of csrc/*.cpp.
+// exp, tanh, erf, the logistic sigmoid and sums for the vectorised loops of csrc/*.cpp.
 //
 // The C library's functions are scalar calls that stop GCC from vectorising a loop (short of
 // -ffast-math and glibc's libmvec, which also changes the rest of the arithmetic). The float
@@ -73,6 +73,35 @@ struct Math<float> {
 template <typename T>
 inline T sigmoid(T x) {
   return T(1) / (T(1) + Math<T>::exp(-x));
+}
+
+// Σ x[k]·y[k] and Σ x[k] over k < n. GCC does not reorder a floating-point sum by itself (no
+// -ffast-math), so the partial sums of one vector register's lanes are spelled out, and those
+// it vectorises.
+template <typename T>
+T dot(const T* __restrict x, const T* __restrict y, int64_t n) {
+  constexpr int64_t kLanes = 64 / sizeof(T);
+  T lanes[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += x[k + l] * y[k + l];
+  T total = T(0);
+  for (; k < n; ++k) total += x[k] * y[k];
+  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
+}
+
+template <typename T>
+T sum(const T* __restrict x, int64_t n) {
+  constexpr int64_t kLanes = 64 / sizeof(T);
+  T lanes[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += x[k + l];
+  T total = T(0);
+  for (; k < n; ++k) total += x[k];
+  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
 }
 
 }  // namespace cfc_rl

@@ -41,21 +41,7 @@ int64_t grain(int64_t task_elements) {
 }
 
 using cfc_rl::sigmoid;
-
-// Σ x[0..n): GCC does not reorder a floating-point sum by itself (no -ffast-math), so the
-// partial sums of one vector register's lanes are spelled out, and those it vectorises.
-template <typename T>
-T sum(const T* __restrict x, int64_t n) {
-  constexpr int64_t kLanes = 64 / sizeof(T);
-  T lanes[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += x[i + l];
-  T total = T(0);
-  for (; i < n; ++i) total += x[i];
-  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
-  return total;
-}
+using cfc_rl::sum;
 
 // One presynaptic row j's contribution to one sample: num += a·w_erev, den += a·w.
 template <typename T>
