@@ -177,9 +177,8 @@ def _run(
     )
     if xm is None:
         cells = memory_out = memory_pre = None
-    if _ACTIVATIONS[activation][2] == "tanh":  # one step of scratch: tanh's derivative is
-        # read from acts
-        pres = None
+    if _ACTIVATIONS[activation][2] == "tanh":
+        pres = None  # one step of scratch: tanh's derivative is read from acts
     if not record:  # one step of scratch each
         pres = acts = heads = memory_out = memory_pre = None
     return _Trace(y, states, cells, memory_out, memory_pre, pres, acts, heads)
