@@ -5,6 +5,8 @@ built. Their float64 equality with autograd and gradcheck are in test_nn_cells.p
 
 from __future__ import annotations
 
+import os
+import shutil
 import warnings
 
 import pytest
@@ -121,3 +123,12 @@ def test_the_extensions_can_be_switched_off(monkeypatch) -> None:
         assert cpu_extensions.load.__wrapped__("cfc_cpu") is None
     monkeypatch.setenv(cpu_extensions.ENV_SWITCH, "1")
     assert cpu_extensions.enabled()
+
+
+def test_the_ninja_of_the_wheel_is_found_without_an_activated_environment(monkeypatch) -> None:
+    import ninja
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    cpu_extensions._put_ninja_on_path()
+    assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR
+    assert shutil.which("ninja") is not None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import shutil
 import sys
 import warnings
 from functools import cache
@@ -52,6 +53,18 @@ def _build_tag() -> str:
     return hashlib.sha1(flags.encode()).hexdigest()[:8]
 
 
+def _put_ninja_on_path() -> None:
+    """torch builds with the ``ninja`` command. The ninja wheel (a dependency) installs it next
+    to the Python in use, which is not on PATH when a virtual environment's Python runs
+    without the environment being activated."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return  # the build fails with torch's own message, and load() says so
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 def enabled() -> bool:
     """False when the user switched the extensions off (``CFC_RL_CPU_EXTENSIONS=0``)."""
     return os.environ.get(ENV_SWITCH, "1").strip().lower() not in {"0", "false", "no", "off"}
@@ -66,6 +79,7 @@ def load(name: str) -> ModuleType | None:
     try:
         from torch.utils import cpp_extension
 
+        _put_ninja_on_path()
         module_name = f"cfc_rl_{name}_{_build_tag()}"
         build_dir = Path(cpp_extension._get_build_directory(module_name, verbose=False))
         if not (build_dir / f"{module_name}.so").exists():  # a first build: say why we wait
