@@ -153,7 +153,7 @@ def test_gradcheck_in_float64_with_timespans(name: str) -> None:
 @pytest.mark.parametrize("name", ["cfc", "cfs", "cfc_mm"])
 def test_gradcheck_of_the_fused_kernels_aten_loops(name: str, monkeypatch) -> None:
     """The ATen loops (CUDA's) on the CPU; the test above checks the compiled loops."""
-    monkeypatch.setattr(cfc_fused, "compiled_loops", lambda device: None)
+    monkeypatch.setattr(cfc_fused, "compiled_loops", lambda device, dtype: None)
     test_gradcheck_in_float64_with_timespans(name)
 
 
@@ -273,7 +273,7 @@ def test_fused_cfc_kernel_equals_the_autograd_loop(
     backward pass equal autograd's through the reference loop, with the kernel's compiled CPU
     loops and with its ATen loops (what CUDA runs)."""
     if loops == "aten":
-        monkeypatch.setattr(cfc_fused, "compiled_loops", lambda device: None)
+        monkeypatch.setattr(cfc_fused, "compiled_loops", lambda device, dtype: None)
     torch.manual_seed(0)
     cell = CfC(
         I, H, mode=mode, backbone_units=8, activation=activation, mixed_memory=mixed_memory
@@ -321,8 +321,8 @@ def test_large_training_batches_take_the_autograd_loop_without_compiled_loops(
     monkeypatch.setattr(cell, "_sequence_autograd", lambda *a: pytest.fail("autograd loop"))
     cell(x, timespans=timespans)
     # Its ATen loops hand them to the autograd loop.
-    monkeypatch.setattr(cfc_module, "compiled_loops", lambda device: None)
-    monkeypatch.setattr(cfc_fused, "compiled_loops", lambda device: None)
+    monkeypatch.setattr(cfc_module, "compiled_loops", lambda device, dtype: None)
+    monkeypatch.setattr(cfc_fused, "compiled_loops", lambda device, dtype: None)
     monkeypatch.setattr(cfc_module, "FUSED_MAX_STEP_ELEMENTS", 1 << 16)
     calls = []
     monkeypatch.setattr(cell, "_sequence_autograd", lambda *a: calls.append(1) or original(*a))

@@ -5,6 +5,7 @@ built. Their float64 equality with autograd and gradcheck are in test_nn_cells.p
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import warnings
@@ -52,7 +53,7 @@ def test_float32_compiled_loops_match_the_aten_loops(
         return [y, final, *torch.autograd.grad(loss, wrt)]
 
     compiled = run()
-    monkeypatch.setattr(cfc_fused, "compiled_loops", lambda device: None)
+    monkeypatch.setattr(cfc_fused, "compiled_loops", lambda device, dtype: None)
     aten = run()
     for value, reference in zip(compiled, aten, strict=True):
         torch.testing.assert_close(value, reference, rtol=1e-4, atol=1e-5)
@@ -132,3 +133,17 @@ def test_the_ninja_of_the_wheel_is_found_without_an_activated_environment(monkey
     cpu_extensions._put_ninja_on_path()
     assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR
     assert shutil.which("ninja") is not None
+
+
+def test_half_precision_takes_the_aten_loops() -> None:
+    # The C++ is written for float32 and float64; bfloat16 on the CPU still works, via ATen.
+    assert cfc_fused.compiled_loops(torch.device("cpu"), torch.bfloat16) is None
+    torch.manual_seed(0)
+    cell = CfC(3, 8)
+    x = torch.randn(2, 5, 3)
+    reference = cell(x)[0]
+    half = copy.deepcopy(cell).to(torch.bfloat16)
+    y = half(x.to(torch.bfloat16))[0]
+    y.float().sum().backward()
+    torch.testing.assert_close(y.float(), reference, rtol=0.05, atol=0.05)
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in half.parameters())

@@ -289,7 +289,7 @@ class CfC(RecurrentModule):
         if (
             torch.is_grad_enabled()
             and per_step > FUSED_MAX_STEP_ELEMENTS
-            and compiled_loops(x.device) is None
+            and compiled_loops(x.device, x.dtype) is None
         ):
             return self._sequence_autograd(x, state, timespans, resets)
         layer = self.layers[0]

@@ -106,12 +106,10 @@ class _Trace(NamedTuple):
     heads: Tensor | None  # (T, B, n_heads·H)
 
 
-def compiled_loops(device: torch.device) -> ModuleType | None:
-    """The compiled CPU loops (``csrc/cfc_cpu.cpp``) for tensors on ``device``, where they
-    apply (the CPU) and could be built. None means the ATen loops run."""
-    if device.type != "cpu":
-        return None
-    return cpu_extensions.load("cfc_cpu")
+def compiled_loops(device: torch.device, dtype: torch.dtype) -> ModuleType | None:
+    """The compiled loops (``csrc/cfc_cpu.cpp``) where they apply and could be built: float32
+    or float64 CPU tensors. None means the ATen loops run."""
+    return cpu_extensions.load_for("cfc_cpu", device, dtype)
 
 
 def _extension_args(
@@ -150,7 +148,7 @@ def _run(
     (B, T); with mixed memory ``xm`` (B, T, 4H), the memory cell's input projection
     (forget-gate offset included), and ``c0`` its initial cell state."""
     w = weights
-    extension = compiled_loops(xw.device)
+    extension = compiled_loops(xw.device, xw.dtype)
     if extension is None:
         return _run_aten(
             xw.transpose(0, 1).contiguous(),
@@ -490,7 +488,7 @@ class _CfCSequence(torch.autograd.Function):
             grad_cell = grad_final_cell
             if grad_cell is None:
                 grad_cell = torch.zeros_like(trace.cells[-1])
-        extension = compiled_loops(act.device)
+        extension = compiled_loops(act.device, act.dtype)
         if extension is not None:
             # The compiled loop also returns dL/dΔt and dL/db_heads, summed while in cache,
             # and leaves dL/dxw (a·dL/dp) in grad_pres.

@@ -25,6 +25,8 @@ from functools import cache
 from pathlib import Path
 from types import ModuleType
 
+import torch
+
 SOURCES = Path(__file__).with_name("csrc")
 ENV_SWITCH = "CFC_RL_CPU_EXTENSIONS"
 
@@ -68,6 +70,15 @@ def _put_ninja_on_path() -> None:
 def enabled() -> bool:
     """False when the user switched the extensions off (``CFC_RL_CPU_EXTENSIONS=0``)."""
     return os.environ.get(ENV_SWITCH, "1").strip().lower() not in {"0", "false", "no", "off"}
+
+
+def load_for(name: str, device: torch.device, dtype: torch.dtype) -> ModuleType | None:
+    """:func:`load` for tensors on ``device`` of ``dtype``, where the loops apply: the CPU,
+    float32 or float64 (their C++ is written for these two). None elsewhere (CUDA, half
+    precision): the ATen operations run."""
+    if device.type != "cpu" or dtype not in (torch.float32, torch.float64):
+        return None
+    return load(name)
 
 
 @cache

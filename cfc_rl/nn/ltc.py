@@ -59,9 +59,7 @@ _INIT_RANGES = {
 def compiled_loops(device: torch.device, dtype: torch.dtype) -> ModuleType | None:
     """The compiled synapse loops (``csrc/ltc_cpu.cpp``) where they apply and could be built:
     float32 or float64 CPU tensors. None means the ATen operations run."""
-    if device.type != "cpu" or dtype not in (torch.float32, torch.float64):
-        return None
-    return cpu_extensions.load("ltc_cpu")
+    return cpu_extensions.load_for("ltc_cpu", device, dtype)
 
 
 class _Synapses(torch.autograd.Function):

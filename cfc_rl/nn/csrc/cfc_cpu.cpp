@@ -60,7 +60,8 @@ void activate(Base base, T a, const T* __restrict xw, T* __restrict p, T* __rest
       for (int64_t k = 0; k < n; ++k) z[k] = p[k] / (T(1) + Math<T>::exp(-p[k]));
       break;
     case kGelu:
-      for (int64_t k = 0; k < n; ++k) z[k] = T(0.5) * p[k] * (T(1) + Math<T>::erf(p[k] * T(M_SQRT1_2)));
+      for (int64_t k = 0; k < n; ++k)
+        z[k] = T(0.5) * p[k] * (T(1) + Math<T>::erf(p[k] * T(M_SQRT1_2)));
       break;
   }
 }
