@@ -336,9 +336,10 @@ def _backward_loop(
     grad_memory_pre: Tensor | None,
 ) -> tuple[Tensor, Tensor | None]:
     """The backward loop through time with ATen operations (the compiled loops' counterpart,
-    and the only one for mixed memory and CUDA). Fills ``grad_heads``, ``grad_pres``,
-    ``grad_states`` (pure mode) and ``grad_memory_pre`` (mixed memory); returns dL/dh0 and
-    dL/dc0 (mixed memory, else None)."""
+    and the only one on CUDA), over time-major ``grad_y`` (T, B, H), ``timespans`` (T, B) and
+    ``keep`` (T, B, 1). Fills ``grad_heads``, ``grad_pres`` (dL/dp), ``grad_states`` (pure
+    mode) and ``grad_memory_pre`` (mixed memory); returns dL/dh0 and dL/dc0 (mixed memory,
+    else None)."""
     a, c, base = _ACTIVATIONS[activation]
     pre, act, heads = trace.pres, trace.acts, trace.heads
     memory = trace.cells is not None
