@@ -6,7 +6,8 @@ matrix multiplies through ATen (the same BLAS calls), the elementwise work fused
 vectorised passes. :func:`load` compiles one of them with
 :func:`torch.utils.cpp_extension.load` the first time it is needed (under a minute, once per
 machine and torch version; the result is cached under ``TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``), for the CPU it runs on (``-march=native``).
+``~/.cache/torch_extensions``), for the CPU it runs on (``-march=native``, ``-mcpu=native`` on
+ARM).
 
 Where an extension cannot be built (no C++ compiler), or when the environment variable
 ``CFC_RL_CPU_EXTENSIONS=0`` is set, :func:`load` returns None (after one warning in the first
@@ -30,9 +31,10 @@ import torch
 SOURCES = Path(__file__).with_name("csrc")
 ENV_SWITCH = "CFC_RL_CPU_EXTENSIONS"
 
-# -fno-trapping-math lets GCC vectorise float-to-int conversions (nothing here reads
-# floating-point exception flags).
-_CFLAGS = ["-O3", "-march=native", "-fno-trapping-math"]
+# For the CPU the build runs on (x86 compilers call it -march, ARM ones -mcpu); -fno-trapping-math
+# lets GCC vectorise float-to-int conversions (nothing here reads floating-point exception flags).
+_NATIVE = "-mcpu=native" if platform.machine().lower() in {"arm64", "aarch64"} else "-march=native"
+_CFLAGS = ["-O3", _NATIVE, "-fno-trapping-math"]
 
 
 def _build_tag() -> str:
