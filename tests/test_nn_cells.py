@@ -197,9 +197,10 @@ def test_make_cell_knows_every_name_and_rejects_unknown_ones() -> None:
     [
         (
             lambda c: c(torch.randn(B, I)),
-            r"expected x of shape \(batch, time >= 1, 4\), got \(3, 4\)",
+            r"expected x of shape \(batch >= 1, time >= 1, 4\), got \(3, 4\)",
         ),
         (lambda c: c(torch.randn(B, 0, I)), r"time >= 1, 4\), got \(3, 0, 4\)"),
+        (lambda c: c(torch.randn(0, T, I)), r"batch >= 1, .* got \(0, 8, 4\)"),
         (lambda c: c(torch.randn(B, T, I), torch.zeros(B, H, dtype=torch.float64)), "dtype"),
         (lambda c: c(torch.randn(B, T, I + 1)), r"expected x of shape .* got \(3, 8, 5\)"),
         (lambda c: c(torch.randn(B, T, I), torch.zeros(B, 2)), r"expected state .*\(3, 6\)"),

@@ -69,9 +69,9 @@ class RecurrentModule(nn.Module, ABC):
         :return: outputs ``(B, T, output_size)`` and the final state ``(B, state_size)``
         """
         name = type(self).__name__
-        if x.dim() != 3 or x.shape[2] != self.input_size or x.shape[1] == 0:
+        if x.dim() != 3 or x.shape[2] != self.input_size or x.shape[0] == 0 or x.shape[1] == 0:
             raise ValueError(
-                f"{name} expected x of shape (batch, time >= 1, {self.input_size}), "
+                f"{name} expected x of shape (batch >= 1, time >= 1, {self.input_size}), "
                 f"got {tuple(x.shape)}"
             )
         batch, steps = x.shape[0], x.shape[1]
