@@ -110,6 +110,7 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch) -> None:
         raise RuntimeError("Error building extension\nc++: fatal error: no input files")
 
     monkeypatch.setattr(cpp_extension, "load", fail)
+    monkeypatch.setenv(cpu_extensions.ENV_SWITCH, "1")
     with pytest.warns(RuntimeWarning, match=r"'cfc_cpu' could not be built.*no input files"):
         assert cpu_extensions.load.__wrapped__("cfc_cpu") is None
 
