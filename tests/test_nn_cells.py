@@ -316,7 +316,9 @@ def test_large_training_batches_take_the_autograd_loop_without_compiled_loops(
 
     cell = CfC(I, H, backbone_units=8).double()
     x, timespans = inputs()
-    # The compiled loops are the faster at every size: the kernel keeps large batches.
+    # The compiled loops are the faster at every size: where they are available (made so here,
+    # for the dispatch, even with CFC_RL_CPU_EXTENSIONS=0), the kernel keeps large batches.
+    monkeypatch.setattr(cfc_module, "compiled_loops", lambda device, dtype: object())
     monkeypatch.setattr(cfc_module, "FUSED_MAX_STEP_ELEMENTS", B * cell._fused_step_size - 1)
     original = cell._sequence_autograd
     monkeypatch.setattr(cell, "_sequence_autograd", lambda *a: pytest.fail("autograd loop"))
