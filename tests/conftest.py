@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+from types import ModuleType
+
 import pytest
+
+from cfc_rl.nn import cpu_extensions
 
 
 @pytest.fixture(scope="module")
@@ -12,3 +17,26 @@ def mujoco_log_outside_the_repo(tmp_path_factory: pytest.TempPathFactory):
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(tmp_path_factory.mktemp("mujoco_log"))
         yield
+
+
+def _built_extension(name: str) -> ModuleType:
+    """The compiled loops ``csrc/<name>.cpp``. A failed build fails the tests: CI has a
+    compiler, and a silent fallback would leave the fast path untested. Skips only where the
+    user switched the extensions off."""
+    if not cpu_extensions.enabled():
+        pytest.skip(f"switched off with {cpu_extensions.ENV_SWITCH}=0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the build's warning, if any, becomes the failure
+        module = cpu_extensions.load(name)
+    assert module is not None
+    return module
+
+
+@pytest.fixture(scope="session")
+def cfc_loops() -> ModuleType:
+    return _built_extension("cfc_cpu")
+
+
+@pytest.fixture(scope="session")
+def ltc_loops() -> ModuleType:
+    return _built_extension("ltc_cpu")

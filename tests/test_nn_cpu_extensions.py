@@ -8,25 +8,11 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import warnings
 
 import pytest
 import torch
 
 from cfc_rl.nn import CfC, cfc_fused, cpu_extensions
-
-
-@pytest.fixture(scope="module")
-def cfc_loops():
-    """The compiled CfC loops. A failed build fails the tests: CI has a compiler, and a
-    silent fallback would leave the fast path untested."""
-    if not cpu_extensions.enabled():
-        pytest.skip(f"switched off with {cpu_extensions.ENV_SWITCH}=0")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the build's warning, if any, becomes the failure
-        module = cpu_extensions.load("cfc_cpu")
-    assert module is not None
-    return module
 
 
 @pytest.mark.parametrize("mixed_memory", [False, True])

@@ -4,29 +4,20 @@ clear error where a second derivative is asked of it."""
 
 from __future__ import annotations
 
-import warnings
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from cfc_rl.nn import LTC, AutoNCP, cpu_extensions
+from cfc_rl.nn import LTC, AutoNCP
 from cfc_rl.nn import ltc as ltc_module
 
 B, T, I = 3, 6, 5
 
 
-@pytest.fixture(scope="module")
-def extension():
-    """The compiled LTC loops. A failed build fails the tests: CI has a compiler, and a silent
-    fallback would leave the fast path untested."""
-    if not cpu_extensions.enabled():
-        pytest.skip(f"switched off with {cpu_extensions.ENV_SWITCH}=0")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the build's warning, if any, becomes the failure
-        compiled = cpu_extensions.load("ltc_cpu")
-    assert compiled is not None
-    return compiled
+@pytest.fixture
+def extension(ltc_loops):
+    return ltc_loops
 
 
 def spy(extension, monkeypatch) -> dict[str, int]:
