@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from cfc_rl.nn import CELLS, make_cell
+from cfc_rl.nn import CELLS, cell_input_size, make_cell, time_input
 
 
 def oscillator_batch(batch: int, steps: int, generator: torch.Generator):
@@ -43,15 +43,13 @@ class Regressor(torch.nn.Module):
 
     def __init__(self, cell_name: str, hidden: int) -> None:
         super().__init__()
-        self.uses_time = cell_name not in ("lstm", "gru")
-        self.cell = make_cell(cell_name, 1 if self.uses_time else 2, hidden)
+        self.cell = make_cell(cell_name, cell_input_size(cell_name, 1, has_dt=True), hidden)
         self.readout = torch.nn.Linear(self.cell.output_size, 1)
 
     def forward(self, position: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
-        if self.uses_time:
-            y, _ = self.cell(position, timespans=dt)
-        else:
-            y, _ = self.cell(torch.cat([position, dt.unsqueeze(-1)], dim=-1))
+        # Δt as timespans for continuous-time cells, as one more input for LSTM/GRU
+        x, timespans = time_input(self.cell, position, dt)
+        y, _ = self.cell(x, timespans=timespans)
         return self.readout(y)
 
 

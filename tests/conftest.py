@@ -20,9 +20,10 @@ def mujoco_log_outside_the_repo(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _built_extension(name: str) -> ModuleType:
-    """The compiled loops ``csrc/<name>.cpp``. A failed build fails the tests: CI has a
-    compiler, and a silent fallback would leave the fast path untested. Skips only where the
-    user switched the extensions off."""
+    """The compiled loops ``csrc/<name>.cpp``, built into the machine's cache the first time
+    (cpu_extensions.cache_dir()). A failed build fails the tests (a compiler error raises; a
+    missing compiler warns, an error here): CI has a compiler, and a silent fallback would leave
+    the fast path untested. Skips only where the user switched the extensions off."""
     if not cpu_extensions.enabled():
         pytest.skip(f"switched off with {cpu_extensions.ENV_SWITCH}=0")
     with warnings.catch_warnings():

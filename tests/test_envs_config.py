@@ -47,7 +47,6 @@ def test_task_file_loads_and_builds(path: Path) -> None:
 def test_irregular_task_file() -> None:
     config = load_task_config(ENVS_DIR / "pendulum_p_irregular.yaml")
     assert config.wrappers.irregular == (1, 4)
-    assert config.train.total_timesteps == 100_000 and config.train.normalize is True
     env = make_task(config)
     assert set(env.observation_space.spaces) == {"obs", "dt"}
     # overrides replace the file's wrapper settings
@@ -70,7 +69,6 @@ def test_defaults() -> None:
         "irregular": None,
         "history": None,
     }
-    assert config.eval.deterministic is True and config.train.n_envs == 1
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -83,15 +81,6 @@ def _write(tmp_path: Path, text: str) -> Path:
     ("text", "patterns"),
     [
         ("id: cfc_rl/Pendulum-P-v1\nbudget: 3\n", ["unknown key 'budget'", "train"]),
-        (
-            "id: cfc_rl/Pendulum-P-v1\ntrain:\n  total_timesteps: 1e6\n",
-            ["train.total_timesteps", "integer", "1e6"],
-        ),
-        (
-            "id: cfc_rl/Pendulum-P-v1\ntrain:\n  normalize: 1\n",
-            ["train.normalize", "true or false"],
-        ),
-        ("id: cfc_rl/Pendulum-P-v1\neval:\n  episode: 5\n", ["eval.episode", "episodes"]),
         ("id: cfc_rl/Pendulum-P-v1\nwrappers:\n  flicker: 2\n", ["wrappers.flicker", "[0, 1]"]),
         (
             "id: cfc_rl/Pendulum-P-v1\nwrappers:\n  irregular: [4, 2]\n",

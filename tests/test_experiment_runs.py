@@ -10,6 +10,7 @@ import csv
 import importlib.util
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,10 @@ def one_thread():
 
 
 def tiny_agent(folder: Path, name: str) -> Path:
-    """The shipped agent ``name`` with the TINY changes, written to ``folder/name.yaml``."""
+    """The shipped agent ``name`` with the TINY changes, written to ``folder/name.yaml`` beside
+    a copy of the shipped per-task settings."""
+    if not (folder / "settings").exists():
+        shutil.copytree(ROOT / "agents" / "settings", folder / "settings")
     data = yaml.safe_load((ROOT / "agents" / f"{name}.yaml").read_text())
     for key, value in TINY[name].items():
         data[key] = {**(data.get(key) or {}), **value}
@@ -164,13 +168,20 @@ def test_resume_after_an_interruption_reaches_the_same_step_count(
         timesteps = data["timesteps"].tolist()
     with np.load(reference.evaluations) as data:
         assert timesteps == data["timesteps"].tolist()  # same evaluation points, no repeats
+    # One progress.csv: the resumed session's rows appended, the redone steps not twice; every
+    # row, evaluations included, has its step count.
+    assert not (run.root / "progress.resumed.csv").exists()
+    with (run.root / "progress.csv").open() as f:
+        logged = [int(float(r["time/total_timesteps"])) for r in csv.DictReader(f)]
+    assert logged == sorted(logged) and logged[-1] > saved["steps"]
 
 
 def test_sac_on_discrete_actions_says_why(tmp_path: Path) -> None:
     agent = tmp_path / "sac_mlp.yaml"
     agent.write_text((ROOT / "agents" / "sac_mlp.yaml").read_text())
     with pytest.raises(ValueError, match="needs continuous actions"):
-        train(agent, tiny_task(tmp_path), out=tmp_path)
+        train(agent, tiny_task(tmp_path), out=tmp_path / "runs")
+    assert not (tmp_path / "runs").exists()  # checked before any folder is made
 
 
 @pytest.mark.skipif(
@@ -253,6 +264,10 @@ def test_damaged_run_files_are_named_in_the_error(tmp_path: Path, capsys) -> Non
     run.model.write_bytes(good_model[:300])  # a truncated zip
     assert cli.main(["evaluate", str(run.root)]) == 2
     assert f"{run.model} is damaged" in capsys.readouterr().err
+    # with --video, a damaged model is still reported as damaged, not as a rendering problem
+    assert cli.main(["evaluate", str(run.root), "--video"]) == 2
+    err = capsys.readouterr().err
+    assert f"{run.model} is damaged" in err and "render" not in err
     run.model.write_bytes(good_model)
     run.vecnormalize.write_bytes(b"not a pickle")
     with pytest.raises(RunError, match=r"vecnormalize\.pkl is damaged"):

@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from cfc_rl.nn import CELLS, LTC, AutoNCP, CfC, RecurrentModule, cfc_fused, make_cell
+from cfc_rl.nn import CELLS, CTRNN, LTC, AutoNCP, CfC, RecurrentModule, cfc_fused, make_cell
 
 B, T, I, H = 3, 8, 4, 6  # B is neither 1 nor the hidden size on purpose
 SMALL = {
@@ -33,8 +33,9 @@ VARIANTS = {
     "cfc_2layers_dropout": lambda: (
         CfC(I, H, backbone_layers=2, backbone_units=8, backbone_dropout=0.3).double().eval()
     ),
+    "ctrnn_mm_proj": lambda: CTRNN(I, H, mixed_memory=True, proj_size=2).double(),
 }
-CONTINUOUS = [name for name in VARIANTS if name not in ("lstm", "gru")]
+CONTINUOUS = [name for name, make in VARIANTS.items() if make().uses_timespans]
 
 
 def inputs(seed: int = 1):
@@ -180,7 +181,7 @@ def test_ltc_solvers_agree_as_unfolds_grow() -> None:
 
 
 def test_make_cell_knows_every_name_and_rejects_unknown_ones() -> None:
-    assert set(CELLS) == {"cfc", "cfc_nogate", "cfs", "cfc_mm", "ltc", "lstm", "gru"}
+    assert set(CELLS) == {"cfc", "cfc_nogate", "cfs", "cfc_mm", "ltc", "lstm", "gru", "ctrnn"}
     assert make_cell("cfs", 3, 5).mode == "pure"
     assert make_cell("cfc_nogate", 3, 5).mode == "no_gate"
     assert make_cell("cfc_mm", 3, 5).state_size == 10
@@ -267,11 +268,11 @@ def test_ltc_state_does_not_move_when_no_time_passes() -> None:
 @pytest.mark.parametrize("mixed_memory", [False, True])
 @pytest.mark.parametrize("mode", ["default", "no_gate", "pure"])
 @pytest.mark.parametrize("activation", ["lecun_tanh", "tanh", "relu", "silu", "gelu"])
-def test_fused_cfc_kernel_equals_the_autograd_loop(
+def test_fused_cfc_kernel_equals_the_shared_driver(
     mode: str, activation: str, mixed_memory: bool, loops: str, monkeypatch
 ) -> None:
     """Outputs and every gradient (inputs, Δt, state, parameters) of the hand-written
-    backward pass equal autograd's through the reference loop, with the kernel's compiled CPU
+    backward pass equal autograd's through the shared driver, with the kernel's compiled CPU
     loops and with its ATen loops (what CUDA runs)."""
     if loops == "aten":
         monkeypatch.setattr(cfc_fused, "compiled_loops", lambda device, dtype: None)
@@ -279,7 +280,7 @@ def test_fused_cfc_kernel_equals_the_autograd_loop(
     cell = CfC(
         I, H, mode=mode, backbone_units=8, activation=activation, mixed_memory=mixed_memory
     ).double()
-    assert cell.fused
+    assert cell.fast and cell.kernel_applies
     x, timespans = inputs()
     x.requires_grad_()
     timespans.requires_grad_()
@@ -289,7 +290,7 @@ def test_fused_cfc_kernel_equals_the_autograd_loop(
     wrt = [x, timespans, state, *cell.parameters()]
     for given_resets in (None, resets):
         y, final = cell(x, state, timespans=timespans, resets=given_resets)
-        y_ref, final_ref = cell._sequence_autograd(x, state, timespans, given_resets)
+        y_ref, final_ref = cell.step_sequence(x, state, timespans, given_resets)
         torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-12)
         torch.testing.assert_close(final, final_ref, rtol=0, atol=1e-12)
         loss, loss_ref = (
@@ -301,15 +302,29 @@ def test_fused_cfc_kernel_equals_the_autograd_loop(
             torch.testing.assert_close(grad, grad_ref, rtol=0, atol=1e-11)
 
 
-def test_configurations_outside_the_fused_kernel_use_the_autograd_loop() -> None:
-    assert CfC(I, H).fused and CfC(I, H, mode="pure", activation="gelu").fused
-    assert CfC(I, H, mixed_memory=True).fused
-    assert not CfC(I, H, backbone_layers=2).fused
-    assert not CfC(I, H, backbone_layers=0).fused
-    assert not CfC(I, AutoNCP(10, 3)).fused
+def test_configurations_outside_the_fused_kernel_use_the_shared_driver(monkeypatch) -> None:
+    assert CfC(I, H).kernel_applies and CfC(I, H, mode="pure", activation="gelu").kernel_applies
+    assert CfC(I, H, mixed_memory=True).kernel_applies
+    assert not CfC(I, H, backbone_layers=2).kernel_applies
+    assert not CfC(I, H, backbone_layers=0).kernel_applies
+    assert not CfC(I, AutoNCP(10, 3)).kernel_applies
+    x, timespans = inputs()
+    for cell, driver in (
+        (CfC(I, H, backbone_units=8), False),
+        (CfC(I, H, backbone_units=8, fast=False), True),
+        (CfC(I, H, backbone_layers=2, backbone_units=8), True),
+        (CfC(I, AutoNCP(10, 3)), True),
+    ):
+        calls: list[int] = []
+        original = cell.step_sequence
+        monkeypatch.setattr(
+            cell, "step_sequence", lambda *a, f=original, c=calls: c.append(1) or f(*a)
+        )
+        cell.double()(x, timespans=timespans)
+        assert bool(calls) == driver
 
 
-def test_large_training_batches_take_the_autograd_loop_without_compiled_loops(
+def test_large_training_batches_take_the_shared_driver_without_compiled_loops(
     monkeypatch,
 ) -> None:
     import cfc_rl.nn.cfc as cfc_module
@@ -320,15 +335,15 @@ def test_large_training_batches_take_the_autograd_loop_without_compiled_loops(
     # for the dispatch, even with CFC_RL_CPU_EXTENSIONS=0), the kernel keeps large batches.
     monkeypatch.setattr(cfc_module, "compiled_loops", lambda device, dtype: object())
     monkeypatch.setattr(cfc_module, "FUSED_MAX_STEP_ELEMENTS", B * cell._fused_step_size - 1)
-    original = cell._sequence_autograd
-    monkeypatch.setattr(cell, "_sequence_autograd", lambda *a: pytest.fail("autograd loop"))
+    original = cell.step_sequence
+    monkeypatch.setattr(cell, "step_sequence", lambda *a: pytest.fail("the shared driver"))
     cell(x, timespans=timespans)
-    # Its ATen loops hand them to the autograd loop.
+    # Its ATen loops hand them to the shared driver.
     monkeypatch.setattr(cfc_module, "compiled_loops", lambda device, dtype: None)
     monkeypatch.setattr(cfc_fused, "compiled_loops", lambda device, dtype: None)
     monkeypatch.setattr(cfc_module, "FUSED_MAX_STEP_ELEMENTS", 1 << 16)
     calls = []
-    monkeypatch.setattr(cell, "_sequence_autograd", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(cell, "step_sequence", lambda *a: calls.append(1) or original(*a))
     y_kernel = cell(x, timespans=timespans)[0]
     assert not calls
     monkeypatch.setattr(cfc_module, "FUSED_MAX_STEP_ELEMENTS", B * cell._fused_step_size - 1)
@@ -357,13 +372,13 @@ def test_outputs_and_final_state_can_be_edited_in_place_independently(name: str)
 def test_second_derivatives_need_the_autograd_path() -> None:
     x, timespans = inputs()
     x.requires_grad_()
-    for fused in (True, False):
+    for fast in (True, False):
         torch.manual_seed(0)
-        cell = CfC(I, H, backbone_units=8, fused=fused).double()
-        assert cell.fused == fused
+        cell = CfC(I, H, backbone_units=8, fast=fast).double()
+        assert cell.fast == fast
         y, _ = cell(x, timespans=timespans)
-        if fused:  # create_graph=True asks for a differentiable gradient: a clear error
-            with pytest.raises(RuntimeError, match=r"no second derivative.*fused=False"):
+        if fast:  # create_graph=True asks for a differentiable gradient: a clear error
+            with pytest.raises(RuntimeError, match=r"no second derivative.*fast=False"):
                 torch.autograd.grad(y.square().sum(), x, create_graph=True)
             continue
         (grad_x,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)

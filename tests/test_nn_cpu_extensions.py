@@ -1,13 +1,18 @@
 """The compiled CPU loops (cfc_rl.nn.cpu_extensions, csrc/cfc_cpu.cpp): they build, they give
 the ATen loops' numbers in float32 too (their exp, tanh and erf are approximations), they
 reject bad buffers clearly, and the library falls back with a warning where they cannot be
-built. Their float64 equality with autograd and gradcheck are in test_nn_cells.py."""
+built (no compiler, no ninja) but raises where the compiler fails. Their float64 equality with
+autograd and gradcheck are in test_nn_cells.py; the cache and its locks in
+test_nn_cpu_build.py."""
 
 from __future__ import annotations
 
 import copy
 import os
+import re
 import shutil
+import sys
+import warnings
 
 import pytest
 import torch
@@ -51,7 +56,7 @@ def test_compiled_loops_run_a_one_step_rollout_and_a_single_sample(cfc_loops) ->
     x = torch.randn(1, 1, 3, dtype=torch.float64)
     with torch.no_grad():
         y, final = cell(x)
-    reference, _ = cell._sequence_autograd(x, cell.initial_state(1), torch.ones(1, 1), None)
+    reference, _ = cell.step_sequence(x, cell.initial_state(1), torch.ones(1, 1), None)
     torch.testing.assert_close(y, reference, rtol=0, atol=1e-12)
     torch.testing.assert_close(final, reference[:, -1], rtol=0, atol=1e-12)
 
@@ -89,16 +94,60 @@ def test_compiled_loops_reject_buffers_they_cannot_read(cfc_loops) -> None:
         cfc_loops.forward(xw.contiguous(), *memory)
 
 
-def test_a_failed_build_warns_once_and_falls_back(monkeypatch) -> None:
+def test_without_a_compiler_the_library_warns_once_and_falls_back(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv(cpu_extensions.ENV_SWITCH, "1")
+    monkeypatch.setenv("CFC_RL_CACHE_DIR", str(tmp_path))  # nothing built there yet
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.warns(RuntimeWarning) as caught:
+        assert cpu_extensions.load.__wrapped__("cfc_cpu") is None
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert re.search(r"no C\+\+ compiler .*no-such-compiler.*'cfc_cpu'.*install one", message)
+    assert "ATen loops" in message and "CFC_RL_CPU_EXTENSIONS=0" in message
+    # without ninja (its wheel missing too)
+    monkeypatch.setenv("CXX", sys.executable)  # a program that exists
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(cpu_extensions, "_put_ninja_on_path", lambda: None)
+    with pytest.warns(RuntimeWarning, match=r"no `ninja` .*pip install ninja"):
+        assert cpu_extensions.load.__wrapped__("ltc_cpu") is None
+
+
+def test_a_built_extension_loads_without_a_compiler(cfc_loops, monkeypatch) -> None:
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: pytest.fail("built again"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module = cpu_extensions.load.__wrapped__("cfc_cpu")
+    assert module is cfc_loops or module.__file__ == cfc_loops.__file__
+
+
+def test_a_compiler_error_raises_and_names_its_log(monkeypatch, tmp_path) -> None:
     from torch.utils import cpp_extension
 
     def fail(**kwargs):
-        raise RuntimeError("Error building extension\nc++: fatal error: no input files")
+        # what ninja and the compiler write, on file descriptors 1 and 2
+        os.write(1, b"[1/2] c++ -c cfc_cpu.cpp -o cfc_cpu.o\nFAILED: cfc_cpu.o\n")
+        os.write(2, b"cfc_cpu.cpp:3:1: error: 'x' was not declared in this scope\n")
+        os.write(1, b"ninja: build stopped: subcommand failed.\n")
+        raise RuntimeError("Error building extension 'cfc_rl_cfc_cpu_0123'")
 
     monkeypatch.setattr(cpp_extension, "load", fail)
     monkeypatch.setenv(cpu_extensions.ENV_SWITCH, "1")
-    with pytest.warns(RuntimeWarning, match=r"'cfc_cpu' could not be built.*no input files"):
-        assert cpu_extensions.load.__wrapped__("cfc_cpu") is None
+    monkeypatch.setenv("CFC_RL_CACHE_DIR", str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an exception, not a warning and a fallback
+        with pytest.raises(cpu_extensions.ExtensionBuildError) as raised:
+            cpu_extensions.load.__wrapped__("cfc_cpu")
+    (log,) = tmp_path.glob("cfc_cpu-*/build.log")
+    assert str(raised.value) == (
+        "cfc_rl: building the C++ loops 'cfc_cpu' failed: cfc_cpu.cpp:3:1: error: 'x' was not "
+        f"declared in this scope (full log: {log}); set CFC_RL_CPU_EXTENSIONS=0 to run without "
+        "the compiled loops"
+    )
+    assert "ninja: build stopped" in log.read_text()
+    assert "error: 'x' was not declared" in log.read_text()
 
 
 def test_the_extensions_can_be_switched_off(monkeypatch) -> None:

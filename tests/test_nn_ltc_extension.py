@@ -131,9 +131,9 @@ def test_rollouts_run_the_compiled_forward_pass_without_a_graph(extension, monke
     torch.testing.assert_close(final, final_graph, rtol=0, atol=0)
 
 
-def test_compiled_false_and_other_dtypes_run_the_aten_operations(extension, monkeypatch) -> None:
+def test_fast_false_and_other_dtypes_run_the_aten_operations(extension, monkeypatch) -> None:
     calls = spy(extension, monkeypatch)
-    cell = build("fully_connected", "fused", torch.float64, compiled=False)
+    cell = build("fully_connected", "fused", torch.float64, fast=False)
     x, timespans, state, _ = sequence(cell, torch.float64)
     cell(x, state, timespans=timespans)[0].sum().backward()
     assert calls == {"forward": 0, "backward": 0}
@@ -173,10 +173,10 @@ def test_a_second_derivative_raises_with_the_way_out(extension) -> None:
     cell = build("fully_connected", "fused", torch.float64)
     x, timespans, state, _ = sequence(cell, torch.float64)
     y = cell(x, state, timespans=timespans)[0]
-    with pytest.raises(RuntimeError, match=r"no second derivative.*compiled=False"):
+    with pytest.raises(RuntimeError, match=r"no second derivative.*fast=False"):
         torch.autograd.grad(y.square().sum(), list(cell.parameters()), create_graph=True)
     # The way out: autograd through the ATen operations.
-    cell.compiled = False
+    cell.fast = False
     y = cell(x, state, timespans=timespans)[0]
     (grad_sigma,) = torch.autograd.grad(y.square().sum(), [cell.sigma], create_graph=True)
     grad_sigma.square().sum().backward()

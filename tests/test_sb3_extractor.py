@@ -11,13 +11,14 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import VecFrameStack
 
 import cfc_rl.envs  # noqa: F401  (registers the task ids)
+from cfc_rl.nn import CELLS, time_input
 from cfc_rl.sb3 import SequenceExtractor, WindowLayout
 
-SMALL_CELLS = {
-    "cfc": {"hidden_size": 8, "backbone_units": 16},
-    "ltc": {"hidden_size": 8, "ode_unfolds": 2},
-    "lstm": {"hidden_size": 8},
-}
+
+def small(cell: str) -> dict:
+    """Keyword arguments of a small ``cell`` for SequenceExtractor."""
+    extra = {"backbone_units": 16} if cell.startswith(("cfc", "cfs")) else {}
+    return {"hidden_size": 8, **extra, **({"ode_unfolds": 2} if cell == "ltc" else {})}
 
 
 def history_space(frames: int = 4, features: int = 3) -> spaces.Dict:
@@ -70,12 +71,12 @@ def test_frame_stack_layout_equals_running_the_cell_on_the_frames() -> None:
     assert extractor.features_dim == 5
 
 
-@pytest.mark.parametrize("cell", ["cfc", "ltc", "lstm"])
+@pytest.mark.parametrize("cell", sorted(CELLS))
 def test_history_layout_skips_padding_and_feeds_dt(cell: str) -> None:
     """The features equal running the cell on the real frames only, with their Δt (as
-    timespans, or as an input feature for LSTM)."""
+    timespans, or as an input feature for LSTM and GRU)."""
     torch.manual_seed(0)
-    extractor = SequenceExtractor(history_space(), cell=cell, **SMALL_CELLS[cell])
+    extractor = SequenceExtractor(history_space(), cell=cell, **small(cell))
     obs = torch.randn(3, 4, 3)
     dt = torch.rand(3, 4, 1) + 0.1
     valid = torch.ones(3, 4, 1)
@@ -87,12 +88,29 @@ def test_history_layout_skips_padding_and_feeds_dt(cell: str) -> None:
     features = extractor({"obs": obs, "dt": dt, "valid": valid})
     assert torch.isfinite(features).all()
     for b, start in enumerate(real_from):
-        x, ts = obs[b : b + 1, start:], dt[b : b + 1, start:, 0]
-        if cell == "lstm":
-            y, _ = extractor.cell(torch.cat([x, ts.unsqueeze(-1)], dim=-1))
-        else:
-            y, _ = extractor.cell(x, timespans=ts)
+        x, timespans = time_input(extractor.cell, obs[b : b + 1, start:], dt[b : b + 1, start:, 0])
+        assert (timespans is None) == (not extractor.cell.uses_timespans)
+        y, _ = extractor.cell(x, timespans=timespans)
         torch.testing.assert_close(features[b], y[0, -1], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_the_cell_itself_receives_gradients(cell: str) -> None:
+    """A loss on the features reaches every parameter of the cell, not only the heads after
+    it, on both layouts."""
+    torch.manual_seed(0)
+    flat = SequenceExtractor(
+        spaces.Box(-1, 1, (12,), np.float32), n_stack=4, cell=cell, **small(cell)
+    )
+    history = SequenceExtractor(history_space(), cell=cell, **small(cell))
+    valid = torch.ones(5, 4, 1)
+    valid[1, :2] = 0.0
+    observations = {"obs": torch.randn(5, 4, 3), "dt": torch.rand(5, 4, 1) + 0.1, "valid": valid}
+    for extractor, obs in ((flat, torch.randn(5, 12)), (history, observations)):
+        head = torch.nn.Linear(extractor.features_dim, 1)
+        head(extractor(obs)).square().mean().backward()
+        for name, param in extractor.cell.named_parameters():
+            assert param.grad is not None and param.grad.abs().sum() > 0, f"{cell}: {name}"
 
 
 def _pendulum_stack():
@@ -114,7 +132,7 @@ ALGORITHMS = {
 }
 
 
-@pytest.mark.parametrize("cell", sorted(SMALL_CELLS))
+@pytest.mark.parametrize("cell", sorted(CELLS))
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
 def test_every_algorithm_trains_saves_and_reloads(algorithm: str, cell: str, tmp_path) -> None:
     if algorithm == "dqn":
@@ -123,19 +141,30 @@ def test_every_algorithm_trains_saves_and_reloads(algorithm: str, cell: str, tmp
         env = _pendulum_stack()
     policy_kwargs = {
         "features_extractor_class": SequenceExtractor,
-        "features_extractor_kwargs": {"cell": cell, "n_stack": 4, **SMALL_CELLS[cell]},
+        "features_extractor_kwargs": {"cell": cell, "n_stack": 4, **small(cell)},
     }
     if algorithm in ("ppo", "a2c"):
         # Both settings of the shared extractor work; alternate them across cells.
         policy_kwargs["share_features_extractor"] = cell != "ltc"
     model = ALGORITHMS[algorithm](env, {"policy_kwargs": policy_kwargs, "seed": 0})
-    before = [p.detach().clone() for p in model.policy.parameters()]
-    model.learn(160)
-    assert any(
-        not torch.equal(a, b) for a, b in zip(before, model.policy.parameters(), strict=True)
-    )
     extractors = [m for m in model.policy.modules() if isinstance(m, SequenceExtractor)]
-    assert extractors and all(type(e.cell).__name__.lower() == cell for e in extractors)
+    assert extractors and all(isinstance(e.cell, CELLS[cell].cls) for e in extractors)
+    # The cells an optimiser trains (not the target networks' copies): every parameter of
+    # each must move, so gradients reach the cell itself and not only the heads after it.
+    optimised = {
+        id(param)
+        for module in model.policy.modules()
+        if isinstance(getattr(module, "optimizer", None), torch.optim.Optimizer)
+        for group in module.optimizer.param_groups
+        for param in group["params"]
+    }
+    trained = [e.cell for e in extractors if id(next(e.cell.parameters())) in optimised]
+    assert trained
+    before = [[p.detach().clone() for p in c.parameters()] for c in trained]
+    model.learn(160)
+    for cell_before, trained_cell in zip(before, trained, strict=True):
+        for (name, param), old in zip(trained_cell.named_parameters(), cell_before, strict=True):
+            assert not torch.equal(param, old), f"{algorithm}/{cell}: {name} did not move"
 
     model.save(tmp_path / "model.zip")
     loaded = type(model).load(tmp_path / "model.zip", env=env)

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import inspect
+import re
+
 import numpy as np
 import pytest
+import sb3_contrib
 import torch
+from gymnasium import spaces
 from sb3_contrib import RecurrentPPO
+from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
 from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.vec_env import VecNormalize
 
 import cfc_rl.envs  # noqa: F401  (registers the task ids)
-from cfc_rl.nn import CELLS
+from cfc_rl.nn import CELLS, time_input
 from cfc_rl.sb3 import ElapsedTimeExtractor, PolicyCell, RecurrentCellPolicy
 
 SMALL = {"hidden_size": 8}
@@ -86,10 +93,10 @@ def _step_by_step(features, lstm_states, episode_starts, lstm: PolicyCell):
     state, outputs = hidden[0], []
     for t in range(x.shape[1]):
         state = state * (1.0 - starts[:, t : t + 1])
-        step = x[:, t : t + 1]
-        timespans = None
-        if lstm.split_time:
-            step, timespans = step[..., :-1], step[..., -1]
+        step, dt = x[:, t : t + 1], None
+        if lstm.time_in_features:
+            step, dt = step[..., :-1], step[..., -1]
+        step, timespans = time_input(lstm.cell, step, dt)
         y, state = lstm.cell(step, state, timespans=timespans)
         outputs.append(y)
     y = torch.cat(outputs, dim=1)
@@ -97,7 +104,8 @@ def _step_by_step(features, lstm_states, episode_starts, lstm: PolicyCell):
 
 
 @pytest.mark.parametrize(
-    ("cell", "env_kwargs"), [("cfc", {}), ("ltc", {"irregular": (1, 3)}), ("lstm", {})]
+    ("cell", "env_kwargs"),
+    [("cfc", {}), ("ltc", {"irregular": (1, 3)}), ("lstm", {}), ("ctrnn", {"irregular": (1, 3)})],
 )
 def test_one_call_training_path_equals_the_step_by_step_path(cell, env_kwargs, monkeypatch):
     task = "cfc_rl/Pendulum-P-v1" if env_kwargs else "cfc_rl/CartPole-P-v1"
@@ -149,10 +157,12 @@ def test_elapsed_time_reaches_the_cell_unnormalised() -> None:
 
 def test_lstm_gets_elapsed_time_as_an_input_feature() -> None:
     env = make_vec_env("cfc_rl/Pendulum-P-v1", n_envs=1, seed=0, env_kwargs={"irregular": (1, 4)})
-    lstm = small_model("lstm", env).policy.lstm_actor
-    cfc = small_model("cfc", env).policy.lstm_actor
-    assert not lstm.split_time and lstm.cell.input_size == 3  # cos θ, sin θ, Δt
-    assert cfc.split_time and cfc.cell.input_size == 2
+    for name in CELLS:
+        policy_cell = small_model(name, env).policy.lstm_actor
+        assert policy_cell.time_in_features and policy_cell.input_size == 3  # cos θ, sin θ, Δt
+        # Continuous-time cells take Δt as timespans; LSTM and GRU as a third input.
+        assert policy_cell.cell.input_size == (2 if policy_cell.cell.uses_timespans else 3)
+    assert not small_model("lstm", env).policy.lstm_actor.cell.uses_timespans
 
 
 @pytest.mark.parametrize(
@@ -196,3 +206,100 @@ def test_training_runs_on_cuda_end_to_end(cell: str, tmp_path) -> None:
     np.testing.assert_allclose(
         rollout_actions(loaded, env, 10), rollout_actions(model, env, 10), atol=1e-5
     )
+
+
+# What RecurrentCellPolicy re-creates of sb3-contrib's RecurrentActorCriticPolicy, whose
+# __init__ it skips (that __init__ builds nn.LSTM modules), and what the rest of sb3-contrib
+# reads from it.
+RE_CREATED = {
+    "lstm_actor",
+    "lstm_critic",
+    "lstm_output_dim",
+    "lstm_hidden_state_shape",
+    "shared_lstm",
+    "enable_critic_lstm",
+    "critic",
+}
+ONLY_FOR_THE_SKIPPED_INIT = {"lstm_kwargs"}  # the nn.LSTM arguments: cell_kwargs here
+SEQUENCE_CALLERS = ("forward", "get_distribution", "predict_values", "evaluate_actions")
+
+
+def _attribute_names(policy: ActorCriticPolicy) -> set[str]:
+    return set(vars(policy)) | set(policy._modules) | set(policy._parameters)
+
+
+def _reads(source: str, prefix: str = "self") -> set[str]:
+    return set(re.findall(rf"\b{re.escape(prefix)}\.(\w+)", source))
+
+
+def test_sb3_contrib_still_defines_and_uses_what_the_policy_re_creates() -> None:
+    """Fails, naming the attribute and the sb3-contrib version, when sb3-contrib changes
+    the private attributes RecurrentCellPolicy re-creates: it must then be updated."""
+    where = f"sb3-contrib {sb3_contrib.__version__}"
+    observations = spaces.Box(-1, 1, (3,), np.float32)
+    actions = spaces.Box(-1, 1, (1,), np.float32)  # continuous: the policy has log_std too
+    reference = RecurrentActorCriticPolicy(
+        observations, actions, lambda _: 3e-4, lstm_hidden_size=8
+    )
+    plain = ActorCriticPolicy(observations, actions, lambda _: 3e-4)
+    ours = RecurrentCellPolicy(observations, actions, lambda _: 3e-4, cell="cfc", **SMALL)
+
+    # What sb3-contrib's __init__ sets beyond ActorCriticPolicy's: the known list, no more.
+    added = _attribute_names(reference) - _attribute_names(plain)
+    for name in sorted((RE_CREATED | ONLY_FOR_THE_SKIPPED_INIT) - added):
+        pytest.fail(
+            f"{where}: RecurrentActorCriticPolicy no longer sets `{name}`, which "
+            "RecurrentCellPolicy re-creates (cfc_rl/sb3/recurrent.py): see what replaced it"
+        )
+    for name in sorted(added - RE_CREATED - ONLY_FOR_THE_SKIPPED_INIT):
+        pytest.fail(
+            f"{where}: RecurrentActorCriticPolicy.__init__ now sets `{name}`, which "
+            "RecurrentCellPolicy (it skips that __init__) does not re-create"
+        )
+    for name in sorted(RE_CREATED):
+        assert name in _attribute_names(ours), f"RecurrentCellPolicy lacks `{name}` ({where})"
+
+    # Everything the class's other methods read exists on ours, and each re-created
+    # attribute is still read by one of them.
+    read: set[str] = set()
+    for method_name, value in vars(RecurrentActorCriticPolicy).items():
+        function = value.__func__ if isinstance(value, staticmethod) else value
+        if method_name == "__init__" or not inspect.isfunction(function):
+            continue
+        names = _reads(inspect.getsource(function))
+        read |= names
+        for name in sorted(names):
+            assert hasattr(ours, name), (
+                f"{where}: RecurrentActorCriticPolicy.{method_name} reads `self.{name}`, which "
+                "RecurrentCellPolicy does not define"
+            )
+    for name in sorted(RE_CREATED - {"enable_critic_lstm"} - read):  # that one: __init__ only
+        pytest.fail(
+            f"{where}: RecurrentActorCriticPolicy's methods no longer read `{name}`; "
+            "RecurrentCellPolicy re-creates it for nothing: see what replaced it"
+        )
+
+    # The one-call training path replaces _process_sequence, which every sequence method calls.
+    static = inspect.getattr_static(RecurrentActorCriticPolicy, "_process_sequence", None)
+    assert isinstance(static, staticmethod), (
+        f"{where}: RecurrentActorCriticPolicy._process_sequence is no longer a staticmethod"
+    )
+    parameters = list(inspect.signature(static.__func__).parameters)
+    assert parameters == ["features", "lstm_states", "episode_starts", "lstm"], (
+        f"{where}: _process_sequence now takes {parameters}"
+    )
+    for method_name in SEQUENCE_CALLERS:
+        source = inspect.getsource(getattr(RecurrentActorCriticPolicy, method_name))
+        assert "self._process_sequence(" in source, (
+            f"{where}: RecurrentActorCriticPolicy.{method_name} no longer calls "
+            "`_process_sequence`, which RecurrentCellPolicy overrides"
+        )
+
+    # RecurrentPPO reads the policy and its actor "LSTM" (buffer sizes).
+    algorithm = inspect.getsource(RecurrentPPO)
+    for name in sorted(_reads(algorithm, "self.policy")):
+        assert hasattr(ours, name), f"{where}: RecurrentPPO reads `policy.{name}`"
+    for name in sorted(_reads(algorithm, "lstm")):
+        assert hasattr(ours.lstm_actor, name), (
+            f"{where}: RecurrentPPO reads `policy.lstm_actor.{name}`, which PolicyCell lacks"
+        )

@@ -7,12 +7,12 @@ with ``gym.make("cfc_rl.envs:cfc_rl/Pendulum-P-v1")``.
 """
 
 from cfc_rl.envs.config import (
+    EXPERIMENT_SECTIONS,
     ConfigError,
-    EvalSettings,
     TaskConfig,
-    TrainSettings,
     WrapperSettings,
     load_task_config,
+    read_task,
 )
 from cfc_rl.envs.masks import SPLITS, ObservationSplit, observation_split
 from cfc_rl.envs.registry import (
@@ -43,13 +43,13 @@ register_tasks()
 
 __all__ = [
     "DT_KEY",
+    "EXPERIMENT_SECTIONS",
     "NAMESPACE",
     "OBS_KEY",
     "SPLITS",
     "TASKS",
     "VALID_KEY",
     "ConfigError",
-    "EvalSettings",
     "Flicker",
     "HistoryWindow",
     "IrregularTime",
@@ -61,12 +61,12 @@ __all__ = [
     "TaskConfig",
     "TaskSpec",
     "TimeInfo",
-    "TrainSettings",
     "WrapperSettings",
     "base_dt",
     "load_task_config",
     "make_task",
     "observation_split",
+    "read_task",
     "register_tasks",
     "task_spec",
     "wrap_task",

@@ -1,4 +1,5 @@
-"""Task files (``envs/*.yaml``): one task, its wrappers, training budget and evaluation protocol.
+"""The environment part of a task file (``envs/*.yaml``): the id, its wrappers and constructor
+arguments.
 
 A task file is data, validated on load: an unknown key, a wrong type or a bad value raises
 :class:`ConfigError` naming the file, the key and what was expected. Schema (every section but
@@ -12,14 +13,11 @@ A task file is data, validated on load: an unknown key, a wrong type or a bad va
       irregular: null             # [min_repeat, max_repeat] base steps per control step
       history: null               # frames in a HistoryWindow
     env_kwargs: {}                # passed to the Gymnasium constructor
-    train:
-      total_timesteps: 1000000    # environment steps (control steps, all envs together)
-      n_envs: 1                   # parallel environments
-      normalize: false            # VecNormalize (observations under "obs" only)
-    eval:
-      episodes: 10                # episodes per evaluation
-      every_steps: 10000          # environment steps between evaluations
-      deterministic: true         # evaluate the policy's mode
+    train: {...}                  # the budget and evaluation protocol: read by
+    eval: {...}                   #   cfc_rl.experiment.tasks, passed over here
+
+This module reads the part that builds the environment; the training budget and the evaluation
+protocol are experiment concerns (:mod:`cfc_rl.experiment.tasks`).
 """
 
 from __future__ import annotations
@@ -42,13 +40,18 @@ from cfc_rl.envs.wrappers import (
 )
 
 __all__ = [
+    "EXPERIMENT_SECTIONS",
     "ConfigError",
-    "EvalSettings",
     "TaskConfig",
-    "TrainSettings",
     "WrapperSettings",
     "load_task_config",
+    "parse_section",
+    "read_yaml",
+    "setting",
 ]
+
+EXPERIMENT_SECTIONS = ("train", "eval")
+"""Sections of a task file that :mod:`cfc_rl.experiment.tasks` reads and this module skips."""
 
 
 class ConfigError(ValueError):
@@ -57,21 +60,23 @@ class ConfigError(ValueError):
 
 
 # Each checker returns the converted value or raises ValueError with what was expected.
-def _bool(name: str, value: Any) -> bool:
+def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be true or false, got {value!r}")
     return value
 
 
-def _optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
+def optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
     def checked(name: str, value: Any) -> Any:
         return None if value is None else check(name, value)
 
     return checked
 
 
-def _meta(check: Callable[[str, Any], Any]) -> dict[str, Any]:
-    return {"check": check}
+def setting(default: Any, check: Callable[[str, Any], Any]) -> Any:
+    """A field of a settings dataclass read by :func:`parse_section`: its default and the
+    checker that converts a value or raises ValueError saying what was expected."""
+    return field(default=default, metadata={"check": check})
 
 
 @dataclass(frozen=True)
@@ -85,45 +90,15 @@ class WrapperSettings:
     :param history: number of frames of a HistoryWindow, or None
     """
 
-    flicker: float = field(default=0.0, metadata=_meta(check_probability))
-    noise: float = field(default=0.0, metadata=_meta(check_nonnegative))
-    dropout: float = field(default=0.0, metadata=_meta(check_probability))
-    irregular: tuple[int, int] | None = field(
-        default=None, metadata=_meta(_optional(check_repeat_range))
-    )
-    history: int | None = field(default=None, metadata=_meta(_optional(check_positive_int)))
+    flicker: float = setting(0.0, check_probability)
+    noise: float = setting(0.0, check_nonnegative)
+    dropout: float = setting(0.0, check_probability)
+    irregular: tuple[int, int] | None = setting(None, optional(check_repeat_range))
+    history: int | None = setting(None, optional(check_positive_int))
 
     def as_kwargs(self) -> dict[str, Any]:
         """The settings as keyword arguments of ``gym.make`` / ``wrap_task``."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """Training budget.
-
-    :param total_timesteps: environment (control) steps over all parallel environments
-    :param n_envs: number of parallel environments
-    :param normalize: whether to wrap the vector env in VecNormalize (observation part only)
-    """
-
-    total_timesteps: int = field(default=1_000_000, metadata=_meta(check_positive_int))
-    n_envs: int = field(default=1, metadata=_meta(check_positive_int))
-    normalize: bool = field(default=False, metadata=_meta(_bool))
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """Evaluation protocol.
-
-    :param episodes: episodes per evaluation
-    :param every_steps: training steps between two evaluations
-    :param deterministic: evaluate the mode of the policy rather than samples
-    """
-
-    episodes: int = field(default=10, metadata=_meta(check_positive_int))
-    every_steps: int = field(default=10_000, metadata=_meta(check_positive_int))
-    deterministic: bool = field(default=True, metadata=_meta(_bool))
 
 
 def _id(name: str, value: Any) -> str:
@@ -144,44 +119,36 @@ def _env_kwargs(name: str, value: Any) -> Mapping[str, Any]:
     return MappingProxyType(dict(value))
 
 
-_SECTIONS: dict[str, type] = {
-    "wrappers": WrapperSettings,
-    "train": TrainSettings,
-    "eval": EvalSettings,
-}
-
-
 @dataclass(frozen=True)
 class TaskConfig:
-    """One task: environment id, wrappers, constructor arguments, budget and evaluation.
+    """The environment of a task: id, wrappers and constructor arguments.
 
     :param id: a ``cfc_rl/...`` id or any registered Gymnasium id
     :param wrappers: wrapper settings
     :param env_kwargs: keyword arguments for the Gymnasium environment's constructor
-    :param train: training budget
-    :param eval: evaluation protocol
     :param source: where the config came from (a file path), used in error messages
     """
 
     id: str
     wrappers: WrapperSettings = field(default_factory=WrapperSettings)
     env_kwargs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
-    train: TrainSettings = field(default_factory=TrainSettings)
-    eval: EvalSettings = field(default_factory=EvalSettings)
     source: str = "<dict>"
 
     @classmethod
-    def from_dict(cls, data: Any, source: str = "<dict>") -> TaskConfig:
-        """Validate a parsed task file.
+    def from_dict(
+        cls, data: Any, source: str = "<dict>", *, skip: tuple[str, ...] = ()
+    ) -> TaskConfig:
+        """Validate the environment part of a parsed task file.
 
         :param data: the mapping read from YAML (or written in Python)
         :param source: a name for error messages, usually the file path
+        :param skip: top-level sections read elsewhere (:data:`EXPERIMENT_SECTIONS`)
         :return: the validated config
         :raises ConfigError: naming ``source``, the key and what was expected
         """
         if not isinstance(data, Mapping):
             raise ConfigError(f"{source}: expected a mapping at the top level, got {data!r}")
-        top = ("id", "env_kwargs", *_SECTIONS)
+        top = ("id", "wrappers", "env_kwargs", *skip)
         for key in data:
             if key not in top:
                 raise ConfigError(
@@ -195,9 +162,17 @@ class TaskConfig:
             values["env_kwargs"] = _env_kwargs("env_kwargs", data.get("env_kwargs") or {})
         except ValueError as e:
             raise ConfigError(f"{source}: {e}") from None
-        for section, section_cls in _SECTIONS.items():
-            values[section] = parse_section(section_cls, data.get(section), section, source)
+        values["wrappers"] = parse_section(
+            WrapperSettings, data.get("wrappers"), "wrappers", source
+        )
         return cls(**values)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The config as plain data in the task-file schema (what a run records)."""
+        wrappers = self.wrappers.as_kwargs()
+        if wrappers["irregular"] is not None:
+            wrappers["irregular"] = list(wrappers["irregular"])
+        return {"id": self.id, "wrappers": wrappers, "env_kwargs": dict(self.env_kwargs)}
 
 
 def parse_section(section_cls: type, data: Any, section: str, source: str) -> Any:
@@ -228,15 +203,32 @@ def parse_section(section_cls: type, data: Any, section: str, source: str) -> An
     return section_cls(**values)
 
 
+def read_task(task: str | os.PathLike[str] | Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
+    """The one dispatch from what a user names a task by to task-file data: a path to a
+    ``.yaml`` file, a mapping in the task-file schema, or an environment id.
+
+    :return: the data and its source (the file, the id, or ``"<dict>"``) for error messages
+    :raises ConfigError: for a file that does not exist or is not valid YAML
+    """
+    if isinstance(task, Mapping):
+        return task, "<dict>"
+    if isinstance(task, os.PathLike) or str(task).endswith((".yaml", ".yml")):
+        return read_yaml(task), str(task)
+    if isinstance(task, str):
+        return {"id": task}, task
+    raise TypeError(f"task must be an id, a path or a mapping, got {task!r}")
+
+
 def load_task_config(path: str | os.PathLike[str]) -> TaskConfig:
-    """Read and validate a task file.
+    """Read and validate the environment part of a task file (its ``train`` and ``eval``
+    sections are the experiment layer's).
 
     :param path: path of an ``envs/*.yaml`` file
     :return: the validated config
     :raises ConfigError: for a file that does not match the schema (the message names the file)
     """
     path = Path(path)
-    return TaskConfig.from_dict(read_yaml(path), source=str(path))
+    return TaskConfig.from_dict(read_yaml(path), source=str(path), skip=EXPERIMENT_SECTIONS)
 
 
 def read_yaml(path: str | os.PathLike[str]) -> Any:

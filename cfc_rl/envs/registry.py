@@ -23,13 +23,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import gymnasium as gym
 
-from cfc_rl.envs.config import TaskConfig, load_task_config
+from cfc_rl.envs.config import EXPERIMENT_SECTIONS, TaskConfig, read_task
 from cfc_rl.envs.masks import SPLITS
 from cfc_rl.envs.wrappers import (
     Flicker,
@@ -225,16 +224,9 @@ def make_task(
     """
     if isinstance(task, TaskConfig):
         config = task
-    elif isinstance(task, Mapping):
-        config = TaskConfig.from_dict(task)
-    elif isinstance(task, os.PathLike) or str(task).endswith((".yaml", ".yml")):
-        config = load_task_config(Path(task))
-    elif isinstance(task, str):
-        if task.startswith(f"{NAMESPACE}/"):
-            task_spec(task)  # a clear ValueError listing the known ids
-        config = TaskConfig.from_dict({"id": task})
     else:
-        raise TypeError(f"task must be an id, a path, a mapping or a TaskConfig, got {task!r}")
+        data, source = read_task(task)
+        config = TaskConfig.from_dict(data, source, skip=EXPERIMENT_SECTIONS)
 
     allowed = (*_WRAPPER_KWARGS, "env_kwargs", "render_mode")
     unknown = sorted(set(overrides) - set(allowed))

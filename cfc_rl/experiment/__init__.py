@@ -1,11 +1,19 @@
 """Experiments from YAML files: train, evaluate and compare agents, and benchmark the cells.
 
-- :mod:`~cfc_rl.experiment.config`: agent files (``agents/*.yaml``), validated on load
-- :mod:`~cfc_rl.experiment.train`: one agent, one task, one seed -> a run folder
+- :mod:`~cfc_rl.experiment.settings`: agent files (``agents/*.yaml``) and the per-task
+  algorithm settings they share (``agents/settings/<algo>.yaml``)
+- :mod:`~cfc_rl.experiment.tasks`: task files (``envs/*.yaml``): environment, budget, evaluation
+- :mod:`~cfc_rl.experiment.algorithms`: the algorithms agent files name, one registry entry each
+- :mod:`~cfc_rl.experiment.train`: one agent, one task, one seed -> a run folder (train, resume)
+- :mod:`~cfc_rl.experiment.jobs`: a run as plain data and :func:`~.jobs.run_job`;
+  :mod:`~cfc_rl.experiment.executors`: where jobs run
+- :mod:`~cfc_rl.experiment.compare`: agents x tasks x seeds, with rliable statistics
 - :mod:`~cfc_rl.experiment.evaluate`: episodes with a run's final model
-- :mod:`~cfc_rl.experiment.compare`: agents x tasks x seeds in parallel, with rliable statistics
-- :mod:`~cfc_rl.experiment.runs`: the run folder's layout and atomic writes
-- :mod:`~cfc_rl.experiment.cli`: the ``cfc-rl`` command; :mod:`~cfc_rl.experiment.bench`: cell speed
+- :mod:`~cfc_rl.experiment.environments`, :mod:`~cfc_rl.experiment.callbacks`,
+  :mod:`~cfc_rl.experiment.runs`: the vector env, the training callbacks and logs, the run
+  folder's layout and atomic writes
+- :mod:`~cfc_rl.experiment.cli`: the ``cfc-rl`` command; :mod:`~cfc_rl.experiment.bench`,
+  :mod:`~cfc_rl.experiment.throughput`: speed benchmarks
 
 The submodules are imported on demand (``from cfc_rl.experiment.train import train``), so that
 loading the package stays cheap.

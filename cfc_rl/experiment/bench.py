@@ -75,7 +75,7 @@ class Shape:
         return f"{self.name} B{self.batch} T{self.steps} I{self.inputs} H{self.hidden} {mode}"
 
 
-# From DESIGN.md and the performance issue: PPO minibatches (S1, S3), a small task (S2) and
+# PPO minibatches (S1, S3), a small task (S2) and
 # one environment step of a rollout with 8 parallel environments (S4).
 SHAPES: dict[str, Shape] = {
     shape.name: shape

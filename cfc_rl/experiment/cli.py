@@ -1,9 +1,10 @@
-"""The ``cfc-rl`` command: ``cfc-rl {train,evaluate,compare,bench} ...``.
+"""The ``cfc-rl`` command: ``cfc-rl {train,evaluate,compare,bench,build} ...``.
 
-Each subcommand is a thin layer over one function of :mod:`cfc_rl.experiment`;
-``scripts/train.py``, ``scripts/evaluate.py`` and ``scripts/compare.py`` call the same
-``*_main`` functions. Heavy imports (torch, SB3) happen inside the subcommands, so that
-``cfc-rl --help`` answers at once.
+One argparse subcommand per step, each a thin layer over one function of
+:mod:`cfc_rl.experiment`; ``scripts/train.py``, ``scripts/evaluate.py`` and
+``scripts/compare.py`` call the same commands. Heavy imports (torch, SB3) happen inside the
+commands, so that ``cfc-rl --help`` answers at once. Errors a user can fix (a bad file, a
+damaged run, a failed build) are one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
-
-from cfc_rl.experiment.runs import RunError
+from collections.abc import Callable, Sequence
 
 __all__ = ["compare_main", "evaluate_main", "main", "train_main"]
 
+DEVICES = ("auto", "cpu", "cuda")
 
-def _train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+
+def _add_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--agent", help="agent file, e.g. agents/ppo_cfc.yaml")
     parser.add_argument("--task", help="task file, e.g. envs/cartpole_p.yaml, or a task id")
     parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
@@ -30,7 +31,7 @@ def _train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=None,
         help="budget in environment steps (default: the task file's train.total_timesteps)",
     )
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument(
         "--out", default="runs", help="root of the run folders: OUT/<task>/<agent>/seed_<n>"
     )
@@ -52,21 +53,13 @@ def _train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         action="store_true",
         help="evaluate the final model afterwards and print the result (as `cfc-rl evaluate`)",
     )
-    return parser
 
 
-def train_main(argv: Sequence[str] | None = None) -> int:
-    """``cfc-rl train``: train one agent on one task; prints the run folder."""
-    parser = _train_parser(
-        argparse.ArgumentParser(prog="cfc-rl train", description=train_main.__doc__)
-    )
-    args = parser.parse_args(argv)
+def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if not args.run_dir and not (args.agent and args.task):
         parser.error("give --agent and --task (or --run-dir with --resume)")
-    _setup_logging()
     import torch
 
-    from cfc_rl.envs import ConfigError
     from cfc_rl.experiment.train import TrainingInterrupted, train
 
     torch.set_num_threads(args.threads)
@@ -85,9 +78,6 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     except TrainingInterrupted as e:
         print(f"\n{e}", file=sys.stderr)
         return 130
-    except (ConfigError, RunError, FileExistsError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     result = run.read_result()
     print(
         f"{run.root}: final return {result['final_mean_return']:.1f} ± "
@@ -95,14 +85,12 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         f"{result['num_timesteps']} steps, {result['wall_clock_s']:.0f} s"
     )
     if args.evaluate:
-        return evaluate_main([str(run.root), "--device", args.device])
+        return main(["evaluate", str(run.root), "--device", args.device])
     print(f"evaluate it with: cfc-rl evaluate {run.root}")
     return 0
 
 
-def evaluate_main(argv: Sequence[str] | None = None) -> int:
-    """``cfc-rl evaluate``: run episodes with a trained run's final model."""
-    parser = argparse.ArgumentParser(prog="cfc-rl evaluate", description=evaluate_main.__doc__)
+def _add_evaluate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="a run folder written by cfc-rl train")
     parser.add_argument("--episodes", type=int, default=None, help="default: the task file's")
     mode = parser.add_mutually_exclusive_group()
@@ -115,18 +103,21 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     )
     mode.add_argument("--stochastic", dest="deterministic", action="store_false", default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     parser.add_argument(
         "--video",
         action="store_true",
         help="record the first episode to RUN_DIR/video.mp4 (MuJoCo: MUJOCO_GL=egl or osmesa)",
     )
-    args = parser.parse_args(argv)
+
+
+def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.video and "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
         # No display: MuJoCo can only render offscreen; EGL is the common headless option.
         os.environ["MUJOCO_GL"] = "egl"
-    _setup_logging(logging.WARNING if args.json else logging.INFO)
+    if args.json:
+        logging.getLogger("cfc_rl").setLevel(logging.WARNING)
     from cfc_rl.experiment.evaluate import VideoUnavailable, evaluate_run
 
     try:
@@ -141,59 +132,53 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     except VideoUnavailable as e:
         print(f"error: --video: {e}", file=sys.stderr)
         return 3
-    except (RunError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     if args.json:
         print(json.dumps(result))
-    else:
-        print(
-            f"{result['run']}: return {result['mean_return']:.1f} ± {result['std_return']:.1f}, "
-            f"length {result['mean_length']:.1f} over {result['episodes']} episodes "
-            f"({'deterministic' if result['deterministic'] else 'stochastic'})"
-        )
-        if "video" in result:
-            print(f"video: {result['video']}")
+        return 0
+    print(
+        f"{result['run']}: return {result['mean_return']:.1f} ± {result['std_return']:.1f}, "
+        f"length {result['mean_length']:.1f} over {result['episodes']} episodes "
+        f"({'deterministic' if result['deterministic'] else 'stochastic'})"
+    )
+    if "video" in result:
+        print(f"video: {result['video']}")
     return 0
 
 
-def compare_main(argv: Sequence[str] | None = None) -> int:
-    """``cfc-rl compare``: train a grid of agents × tasks × seeds and summarise it."""
-    parser = argparse.ArgumentParser(prog="cfc-rl compare", description=compare_main.__doc__)
+def _add_compare(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--agents", nargs="+", required=True, help="agent files")
     parser.add_argument("--tasks", nargs="+", required=True, help="task files")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
     parser.add_argument("-j", "--jobs", type=int, default=1, help="runs at once (default 1)")
     parser.add_argument("--steps", type=int, default=None, help="budget of every run")
     parser.add_argument("--out", default="runs/compare", help="output folder")
-    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
-    args = parser.parse_args(argv)
-    _setup_logging()
-    from cfc_rl.envs import ConfigError
-    from cfc_rl.experiment.compare import LocalExecutor, compare, summary_markdown
+    parser.add_argument("--device", default="cpu", choices=DEVICES)
+
+
+def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from cfc_rl.experiment.compare import compare, summary_markdown
+    from cfc_rl.experiment.executors import LocalExecutor
 
     def show(result) -> None:
         print(f"{result.status:8s} {result.seconds:7.1f} s  {result.job.run_dir}", flush=True)
         if result.error:
             print(result.error, file=sys.stderr)
 
-    try:
-        results, rows = compare(
-            args.agents,
-            args.tasks,
-            seeds=args.seeds,
-            steps=args.steps,
-            out=args.out,
-            device=args.device,
-            executor=LocalExecutor(args.jobs),
-            on_result=show,
-        )
-    except (ConfigError, RunError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    results, rows = compare(
+        args.agents,
+        args.tasks,
+        seeds=args.seeds,
+        steps=args.steps,
+        out=args.out,
+        device=args.device,
+        executor=LocalExecutor(args.jobs),
+        on_result=show,
+    )
     print()
     print(summary_markdown(rows))
-    print(f"written: {args.out}/summary.csv, summary.md, curves_<task>.png")
+    tasks = sorted({row["task"] for row in rows})
+    curves = ", ".join(f"curves_{task}.png" for task in tasks)
+    print(f"written: {args.out}/summary.csv, summary.md{', ' + curves if curves else ''}")
     failed = [r for r in results if r.status == "failed"]
     if failed:
         print(
@@ -204,40 +189,106 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def bench_main(argv: Sequence[str] | None = None) -> int:
-    """``cfc-rl bench``: the cell benchmark (:mod:`cfc_rl.experiment.bench`)."""
+def _add_bench(parser: argparse.ArgumentParser) -> None:
+    """None here: the benchmark's own parser reads every option, --help included."""
+
+
+def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from cfc_rl.experiment.bench import main as bench
 
-    bench(list(argv) if argv is not None else None)
+    bench(args.extra)
     return 0
 
 
-COMMANDS = {
-    "train": train_main,
-    "evaluate": evaluate_main,
-    "compare": compare_main,
-    "bench": bench_main,
+def _add_build(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "extensions",
+        nargs="*",
+        help="the extensions to build (default: all of them)",
+    )
+
+
+def _build(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from cfc_rl.nn import cpu_extensions
+
+    unknown = sorted(set(args.extensions) - set(cpu_extensions.EXTENSIONS))
+    if unknown:
+        parser.error(
+            f"unknown extension(s) {', '.join(unknown)}; known: "
+            f"{', '.join(cpu_extensions.EXTENSIONS)}"
+        )
+    names = tuple(args.extensions) or cpu_extensions.EXTENSIONS
+    for report in cpu_extensions.build_all(names):
+        how = f"built in {report.seconds:.0f} s" if report.built else "already built"
+        print(f"{report.name}: {how}: {report.path}")
+    return 0
+
+
+# name -> (help, add arguments, run)
+COMMANDS: dict[
+    str,
+    tuple[
+        str,
+        Callable[[argparse.ArgumentParser], None],
+        Callable[[argparse.Namespace, argparse.ArgumentParser], int],
+    ],
+] = {
+    "train": ("train an agent on a task", _add_train, _train),
+    "evaluate": ("evaluate a trained run", _add_evaluate, _evaluate),
+    "compare": ("train agents x tasks x seeds and summarise them", _add_compare, _compare),
+    "bench": ("speed of the cells against torch.nn.LSTM", _add_bench, _bench),
+    "build": ("compile the C++ loops of the cells for this machine", _add_build, _build),
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``cfc-rl``: dispatch to a subcommand."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print(
-            "usage: cfc-rl {train,evaluate,compare,bench} ...\n\n"
-            "  train     train an agent on a task:   cfc-rl train --agent agents/ppo_cfc.yaml "
-            "--task envs/cartpole_p.yaml\n"
-            "  evaluate  evaluate a run:             cfc-rl evaluate runs/cartpole_p/ppo_cfc/"
-            "seed_0\n"
-            "  compare   agents x tasks x seeds:     cfc-rl compare --agents A.yaml B.yaml "
-            "--tasks T.yaml --seeds 3\n"
-            "  bench     speed of the cells:         cfc-rl bench --quick\n\n"
-            "cfc-rl COMMAND --help for the options of each.",
-            file=sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr,
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cfc-rl",
+        description="Train, evaluate and compare recurrent RL policies (CfC, LTC, LSTM, ...).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add_arguments, run) in COMMANDS.items():
+        # bench passes everything, --help included, to the benchmark's own parser
+        sub = commands.add_parser(
+            name, help=help_text, description=help_text, add_help=name != "bench"
         )
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    return COMMANDS[argv[0]](argv[1:])
+        add_arguments(sub)
+        sub.set_defaults(run=run, parser=sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``cfc-rl``."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "bench":
+        args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
+    _setup_logging()
+    from cfc_rl.envs import ConfigError
+    from cfc_rl.experiment.runs import RunError
+    from cfc_rl.nn.cpu_extensions import ExtensionBuildError
+
+    try:
+        return args.run(args, args.parser)
+    except (ConfigError, RunError, FileExistsError, FileNotFoundError, ExtensionBuildError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    """``cfc-rl train`` (``scripts/train.py``)."""
+    return main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+def evaluate_main(argv: Sequence[str] | None = None) -> int:
+    """``cfc-rl evaluate`` (``scripts/evaluate.py``)."""
+    return main(["evaluate", *(sys.argv[1:] if argv is None else argv)])
+
+
+def compare_main(argv: Sequence[str] | None = None) -> int:
+    """``cfc-rl compare`` (``scripts/compare.py``)."""
+    return main(["compare", *(sys.argv[1:] if argv is None else argv)])
 
 
 def _setup_logging(level: int = logging.INFO) -> None:

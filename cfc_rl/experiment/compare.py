@@ -12,38 +12,27 @@ rest on an :class:`Executor`, and writes to the output folder:
 - ``curves_<task>.png``: IQM return against environment steps during training, one line per
   agent, with the 95% confidence band.
 
-The executor is a small interface (:class:`Executor`) with a local process pool behind it
-(:class:`LocalExecutor`); a cluster executor only has to implement ``run``.
+Jobs are plain data (:mod:`.jobs`) and run on an :class:`~.executors.Executor`: a local process
+pool by default; a cluster executor only has to implement ``run``.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import csv
 import io
 import logging
-import multiprocessing
 import os
-import time
-import traceback
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from cfc_rl.experiment.runs import RunFolder, atomic_write, atomic_write_text, run_folder
+from cfc_rl.experiment.executors import Executor, JobResult, LocalExecutor
+from cfc_rl.experiment.jobs import Job
+from cfc_rl.experiment.runs import RunFolder, atomic_write, atomic_write_text
 
-__all__ = [
-    "Executor",
-    "Job",
-    "JobResult",
-    "LocalExecutor",
-    "aggregate",
-    "compare",
-    "run_job",
-]
+__all__ = ["aggregate", "compare", "plan_jobs", "summary_markdown"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,101 +40,31 @@ BOOTSTRAP_REPS = 10_000  # rliable's bootstrap resamples for the final-return in
 CURVE_BOOTSTRAP_REPS = 1_000  # per evaluation point of the learning curves (cheaper)
 
 
-@dataclass(frozen=True)
-class Job:
-    """One training run of a comparison (plain data, so that it can go to another process or
-    machine).
+def plan_jobs(
+    agents: Sequence[str | os.PathLike[str]],
+    tasks: Sequence[str | os.PathLike[str]],
+    *,
+    seeds: int | Sequence[int] = 3,
+    steps: int | None = None,
+    out: str | os.PathLike[str] = "runs/compare",
+    device: str = "cpu",
+) -> list[Job]:
+    """Every (agent, task, seed) of a comparison as a job, resolved here: a typo in the last
+    file, or an agent without settings for a task, fails before any training starts.
 
-    :param agent: path of the agent file
-    :param task: path of the task file
-    :param seed: the seed
-    :param run_dir: the run folder
-    :param steps: budget in environment steps (None: the task file's)
-    :param device: ``"auto"``, ``"cpu"`` or ``"cuda"``
-    :param threads: torch threads of the job (1: jobs run side by side on separate cores)
+    :raises ConfigError: naming the file and the key
     """
+    from cfc_rl.experiment.train import resolve
 
-    agent: str
-    task: str
-    seed: int
-    run_dir: str
-    steps: int | None = None
-    device: str = "cpu"
-    threads: int = 1
-
-
-@dataclass(frozen=True)
-class JobResult:
-    """What became of a job.
-
-    :param job: the job
-    :param status: ``"done"``, ``"skipped"`` (already complete) or ``"failed"``
-    :param seconds: time the job took in this invocation
-    :param error: the traceback of a failed job
-    """
-
-    job: Job
-    status: str
-    seconds: float = 0.0
-    error: str = ""
-
-
-def run_job(job: Job) -> JobResult:
-    """Train one job to completion (resuming a partial run); never raises, so that one
-    failing job does not stop the others."""
-    start = time.perf_counter()
-    try:
-        import torch
-
-        from cfc_rl.experiment.train import train
-
-        torch.set_num_threads(job.threads)
-        run = RunFolder(Path(job.run_dir))
-        train(
-            job.agent,
-            job.task,
-            seed=job.seed,
-            steps=job.steps,
-            device=job.device,
-            run_dir=run.root,
-            resume=run.config.exists(),
-        )
-        return JobResult(job, "done", time.perf_counter() - start)
-    except Exception:
-        return JobResult(job, "failed", time.perf_counter() - start, traceback.format_exc())
-
-
-class Executor(Protocol):
-    """Runs independent jobs; a cluster executor (Slurm, Ray...) implements this one method."""
-
-    def run(self, fn: Callable[[Job], JobResult], jobs: Sequence[Job]) -> Iterator[JobResult]:
-        """Run ``fn`` on every job and yield the results as jobs finish, in any order."""
-        ...
-
-
-class LocalExecutor:
-    """Jobs in parallel processes on this machine (in this process when ``jobs == 1``).
-
-    :param jobs: number of jobs at once
-    """
-
-    def __init__(self, jobs: int = 1) -> None:
-        if jobs < 1:
-            raise ValueError(f"jobs must be at least 1, got {jobs}")
-        self.jobs = jobs
-
-    def run(self, fn: Callable[[Job], JobResult], jobs: Sequence[Job]) -> Iterator[JobResult]:
-        """Run ``fn`` on every job, ``self.jobs`` at a time."""
-        if self.jobs == 1:
-            for job in jobs:
-                yield fn(job)
-            return
-        # spawn, not fork: forking a process that has started torch's thread pools can hang.
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(self.jobs, mp_context=context) as pool:
-            futures = [pool.submit(fn, job) for job in jobs]
-            for future in concurrent.futures.as_completed(futures):
-                yield future.result()
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    jobs = []
+    for task in tasks:
+        for agent in agents:
+            agent_cfg, task_cfg = resolve(agent, task, steps)
+            for seed in seed_list:
+                run_dir = Path(out) / task_cfg.name / agent_cfg.name / f"seed_{seed}"
+                jobs.append(Job.create(agent_cfg, task_cfg, seed, run_dir, device))
+    return jobs
 
 
 def compare(
@@ -172,27 +91,21 @@ def compare(
     :param on_result: called with each job's result as it finishes (progress display)
     :return: the job results (skipped ones included) and the summary rows
     """
-    from cfc_rl.experiment.config import load_agent_config, load_task, task_name
+    from cfc_rl.experiment.train import compile_cells, configs_from_record
 
-    seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
-    # Load everything first: a typo in the last file should not wait for hours of training.
-    agent_cfgs = {str(a): load_agent_config(a) for a in agents}
-    task_cfgs = {str(t): load_task(t) for t in tasks}
     jobs, results = [], []
-    for task_path, task_cfg in task_cfgs.items():
-        budget = steps or task_cfg.train.total_timesteps
-        for agent_path, agent_cfg in agent_cfgs.items():
-            for seed in seed_list:
-                run = run_folder(out, task_name(task_cfg), agent_cfg.name, seed)
-                job = Job(agent_path, task_path, seed, str(run.root), steps, device)
-                if run.is_complete(budget):
-                    results.append(JobResult(job, "skipped"))
-                    if on_result:
-                        on_result(results[-1])
-                else:
-                    jobs.append(job)
+    for job in plan_jobs(agents, tasks, seeds=seeds, steps=steps, out=out, device=device):
+        if job.is_complete():
+            results.append(JobResult(job, "skipped"))
+            if on_result:
+                on_result(results[-1])
+        else:
+            jobs.append(job)
     logger.info("%d runs to train, %d already complete", len(jobs), len(results))
-    for result in (executor or LocalExecutor()).run(run_job, jobs):
+    # Once here, before the jobs fan out: no job waits on another's build or counts its time.
+    for job in jobs:
+        compile_cells(configs_from_record({"agent": job.agent, "task": job.task})[0])
+    for result in (executor or LocalExecutor()).run(jobs):
         results.append(result)
         if on_result:
             on_result(result)
@@ -352,8 +265,3 @@ def _plot_curves(path: Path, task: str, runs: dict[str, list[RunFolder]]) -> Non
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
-
-
-def results_table(results: Sequence[JobResult]) -> str:
-    """One line per job: status, seconds and run folder (for the command line)."""
-    return "\n".join(f"{r.status:8s} {r.seconds:7.1f} s  {r.job.run_dir}" for r in results)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -20,19 +19,15 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.vec_env import VecEnv
 
-from cfc_rl.experiment.config import algo_class
-from cfc_rl.experiment.runs import (
-    RunFolder,
-    atomic_write,
-    atomic_write_text,
-    load_model,
-    load_normalization,
-)
-from cfc_rl.experiment.train import configs_from_record, make_env, replace_normalization
+from cfc_rl.experiment.algorithms import algorithm
+from cfc_rl.experiment.environments import make_env
+from cfc_rl.experiment.runs import RunError, RunFolder, atomic_write, atomic_write_text, load_model
+from cfc_rl.experiment.settings import AgentConfig
+from cfc_rl.experiment.tasks import Task
+from cfc_rl.experiment.train import configs_from_record
 
 __all__ = ["VideoUnavailable", "evaluate_run", "load_run"]
 
-logger = logging.getLogger(__name__)
 
 EPISODES_CSV = "evaluation_episodes.csv"
 VIDEO_FILE = "video.mp4"
@@ -62,18 +57,39 @@ def load_run(
     :raises FileNotFoundError: if the run has no final model yet (resume it first)
     """
     run = RunFolder(Path(run_dir))
+    agent, task = configs_from_record(run.read_config())
+    model = _final_model(run, agent.algo, device)
+    return model, _run_env(run, agent, task, n_envs, seed, render_mode)
+
+
+def _final_model(run: RunFolder, algo: str, device: str) -> BaseAlgorithm:
     if not run.model.exists():
         raise FileNotFoundError(
             f"{run.model} does not exist: the run has not finished; resume it with "
             f"`cfc-rl train --resume --run-dir {run.root}`"
         )
-    agent, task = configs_from_record(run.read_config())
-    env = make_env(task, agent, n_envs=n_envs, seed=seed, training=False, render_mode=render_mode)
-    if run.vecnormalize.exists():
-        # The run's statistics, frozen (make_env built the env with training=False).
-        env = replace_normalization(env, load_normalization(run.vecnormalize))
-    model = load_model(algo_class(agent.algo), run.model, device=device)
-    return model, env
+    return load_model(algorithm(algo).cls, run.model, device=device)
+
+
+def _run_env(
+    run: RunFolder,
+    agent: AgentConfig,
+    task: Task,
+    n_envs: int,
+    seed: int,
+    render_mode: str | None,
+) -> VecEnv:
+    """The run's environment with its normalisation statistics, frozen, and raw rewards."""
+    statistics = run.vecnormalize if run.vecnormalize.exists() else None
+    return make_env(
+        task,
+        agent,
+        n_envs=n_envs,
+        seed=seed,
+        training=False,
+        normalization=statistics,
+        render_mode=render_mode,
+    )
 
 
 def evaluate_run(
@@ -99,21 +115,18 @@ def evaluate_run(
     :raises VideoUnavailable: if ``video`` and the environment cannot render here
     """
     run = RunFolder(Path(run_dir))
-    _, task = configs_from_record(run.read_config())
+    agent, task = configs_from_record(run.read_config())
     episodes = task.eval.episodes if episodes is None else episodes
     deterministic = task.eval.deterministic if deterministic is None else deterministic
     # One environment for a video (frames of one episode); a few otherwise, for speed.
     n_envs = 1 if video else min(4, episodes)
+    model = _final_model(run, agent.algo, device)
     try:
-        model, env = load_run(
-            run.root,
-            n_envs=n_envs,
-            seed=seed,
-            device=device,
-            render_mode="rgb_array" if video else None,
-        )
+        env = _run_env(run, agent, task, n_envs, seed, "rgb_array" if video else None)
+    except RunError:
+        raise
     except Exception as e:
-        if video:
+        if video:  # building an environment that renders failed: a rendering problem
             raise VideoUnavailable(_video_hint(task.id, e)) from e
         raise
 
@@ -141,13 +154,7 @@ def evaluate_run(
     fps = int(env.get_attr("metadata")[0].get("render_fps") or 30)
     env.close()
 
-    text = io.StringIO()
-    writer = csv.writer(text)
-    writer.writerow(["episode", "return", "length"])
-    for i, (r, n) in enumerate(zip(returns, lengths, strict=True)):
-        writer.writerow([i, float(r), int(n)])
-    atomic_write_text(run.root / EPISODES_CSV, text.getvalue())
-
+    _write_episodes(run.root / EPISODES_CSV, returns, lengths)
     result: dict[str, Any] = {
         "run": str(run.root),
         "episodes": len(returns),
@@ -159,14 +166,16 @@ def evaluate_run(
     }
     if video:
         result["video"] = str(_write_video(run.root / VIDEO_FILE, frames, fps))
-    logger.debug(
-        "%s: %.1f ± %.1f over %d episodes",
-        run.root,
-        result["mean_return"],
-        result["std_return"],
-        result["episodes"],
-    )
     return result
+
+
+def _write_episodes(path: Path, returns: list[float], lengths: list[int]) -> None:
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["episode", "return", "length"])
+    for i, (r, n) in enumerate(zip(returns, lengths, strict=True)):
+        writer.writerow([i, float(r), int(n)])
+    atomic_write_text(path, text.getvalue())
 
 
 def _write_video(path: Path, frames: list[np.ndarray], fps: int) -> Path:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import pickle
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -38,7 +37,6 @@ __all__ = [
     "atomic_write",
     "atomic_write_text",
     "load_model",
-    "load_normalization",
     "run_folder",
 ]
 
@@ -61,15 +59,6 @@ def load_model(algo: type, path: Path, **kwargs: Any) -> Any:
     try:
         return algo.load(path, **kwargs)
     except (ValueError, KeyError, EOFError, RuntimeError, OSError, zipfile.BadZipFile) as e:
-        raise _damaged(path, e) from e
-
-
-def load_normalization(path: Path) -> Any:
-    """The pickled ``VecNormalize`` statistics at ``path``, or a :class:`RunError` naming it."""
-    try:
-        with path.open("rb") as f:
-            return pickle.load(f)
-    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, ImportError) as e:
         raise _damaged(path, e) from e
 
 

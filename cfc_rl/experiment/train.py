@@ -1,17 +1,17 @@
 """Train one agent on one task with one seed, into a run folder (see :mod:`.runs`).
 
-:func:`train` reads top to bottom: configs -> run folder -> environments -> model -> learn ->
-final model and evaluation. Interrupted runs (Ctrl-C, a killed job) continue with
-``resume=True`` from their latest checkpoint and end at the same step count as an uninterrupted
-run: checkpoints are taken between two rollouts, where the step count is a whole number of
-rollouts.
+Two entry points over the same steps: :func:`train` (:func:`start_run` for resolved configs)
+starts a run from an agent and a task; :func:`resume_run` continues the run in a folder from
+its latest checkpoint, with the configuration the run recorded (editing a YAML file never
+changes a run half-way). Either way the session reads top to bottom: environments -> model ->
+learn -> final model, evaluation and ``result.json``. Interrupted runs end at the same step
+count as uninterrupted ones: checkpoints are taken between two rollouts, where the step count
+is a whole number of rollouts.
 """
 
 from __future__ import annotations
 
-import csv
 import datetime
-import io
 import json
 import logging
 import os
@@ -20,48 +20,45 @@ import platform
 import shutil
 import time
 from collections.abc import Mapping
-from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gymnasium import spaces
 from stable_baselines3.common.base_class import BaseAlgorithm
-from stable_baselines3.common.callbacks import BaseCallback, CallbackList
-from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.callbacks import CallbackList
 from stable_baselines3.common.evaluation import evaluate_policy
-from stable_baselines3.common.logger import CSVOutputFormat, Logger, TensorBoardOutputFormat
-from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
-from stable_baselines3.common.vec_env import (
-    VecEnv,
-    VecFrameStack,
-    VecNormalize,
-    sync_envs_normalization,
-)
+from stable_baselines3.common.vec_env import VecEnv, sync_envs_normalization
 
-from cfc_rl.envs import OBS_KEY, TaskConfig, make_task
-from cfc_rl.experiment.config import (
+from cfc_rl.envs import ConfigError, make_task
+from cfc_rl.experiment.algorithms import algorithm
+from cfc_rl.experiment.callbacks import (
+    Checkpoints,
+    PeriodicEvaluation,
+    make_logger,
+    merge_progress,
+)
+from cfc_rl.experiment.environments import make_env
+from cfc_rl.experiment.runs import RunFolder, atomic_write, atomic_write_text, dump_yaml, load_model
+from cfc_rl.experiment.settings import (
     ACTIVATIONS,
     AgentConfig,
-    algo_class,
     load_agent_config,
-    load_task,
     make_schedule,
     resolve_agent,
-    task_name,
 )
-from cfc_rl.experiment.runs import (
-    RunFolder,
-    atomic_write,
-    atomic_write_text,
-    dump_yaml,
-    load_model,
-    load_normalization,
-    run_folder,
-)
+from cfc_rl.experiment.tasks import Task, load_task
 
-__all__ = ["TrainingInterrupted", "build_model", "make_env", "train"]
+__all__ = [
+    "TrainingInterrupted",
+    "build_model",
+    "compile_cells",
+    "configs_from_record",
+    "resolve",
+    "resume_run",
+    "start_run",
+    "train",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +69,38 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Training stopped by Ctrl-C after saving a checkpoint; the message says how to resume."""
 
 
+def resolve(
+    agent: str | os.PathLike[str] | AgentConfig,
+    task: str | os.PathLike[str] | Mapping[str, Any] | Task,
+    steps: int | None = None,
+) -> tuple[AgentConfig, Task]:
+    """The agent for the task (its settings and overrides merged in) and the task as the agent
+    needs it: the agent's wrappers, n_envs and normalize, and the budget ``steps`` if given.
+
+    :raises ConfigError: naming the file and key of anything that does not validate
+    """
+    task_cfg = load_task(task)
+    agent_cfg = agent if isinstance(agent, AgentConfig) else load_agent_config(agent)
+    algo = algorithm(agent_cfg.algo)
+    if algo.continuous_only:  # the real reason, before "no settings for this task"
+        with make_task(task_cfg.env) as env:
+            try:
+                algo.check_action_space(env.action_space, agent_cfg.name)
+            except ValueError as e:
+                raise ConfigError(f"{agent_cfg.source}: {e}") from None
+    agent_cfg = resolve_agent(agent_cfg, task_cfg)
+    task_cfg = task_cfg.replace(
+        wrappers=agent_cfg.wrappers,
+        n_envs=agent_cfg.n_envs,
+        normalize=agent_cfg.normalize,
+        total_timesteps=steps,
+    )
+    return agent_cfg, task_cfg
+
+
 def train(
     agent: str | os.PathLike[str] | AgentConfig | None = None,
-    task: str | os.PathLike[str] | Mapping[str, Any] | TaskConfig | None = None,
+    task: str | os.PathLike[str] | Mapping[str, Any] | Task | None = None,
     *,
     seed: int = 0,
     steps: int | None = None,
@@ -87,121 +113,180 @@ def train(
     """Train an agent and leave a complete run folder.
 
     :param agent: an agent file (``agents/*.yaml``) or a loaded :class:`AgentConfig`; may be
-        left out to resume the run in ``run_dir``
-    :param task: a task file (``envs/*.yaml``), a task id, a mapping or a :class:`TaskConfig`;
-        may be left out to resume the run in ``run_dir``
+        left out with ``resume`` and the ``run_dir`` of a run
+    :param task: a task file (``envs/*.yaml``), a task id, task-file data or a :class:`Task`;
+        may be left out likewise
     :param seed: seed of the model and the environments
     :param steps: budget in environment steps; defaults to the task's ``train.total_timesteps``
     :param device: ``"auto"``, ``"cpu"`` or ``"cuda"``
     :param out: root of the run folders (``<out>/<task>/<agent>/seed_<seed>``)
     :param run_dir: the run folder itself, instead of one under ``out``
-    :param resume: continue the run in the folder from its latest checkpoint, with the
-        configs it recorded (to ``steps`` if given, else to its recorded budget); without it,
+    :param resume: if the folder holds a run, continue it (see :func:`resume_run`); without it,
         an existing run is an error
     :param progress_bar: show SB3's progress bar (needs tqdm and rich)
     :return: the run folder; ``result.json`` in it marks the run as complete
     :raises FileExistsError: if the run folder holds a run and ``resume`` is False
     :raises TrainingInterrupted: on Ctrl-C, after saving a checkpoint
     """
-    # 1. Configs: the agent with its overrides for this task, and the task as the agent needs
-    # it (its wrappers, n_envs, normalize, and the budget). A resumed run uses the configs it
-    # recorded, so that editing a YAML file never changes a run half-way.
-    if run_dir is not None and RunFolder(Path(run_dir)).config.exists() and resume:
+    if resume and run_dir is not None and RunFolder(Path(run_dir)).config.exists():
+        return resume_run(run_dir, steps=steps, device=device, progress_bar=progress_bar)
+    if agent is None or task is None:
+        raise ValueError("give an agent and a task, or the run_dir of a run to resume")
+    agent_cfg, task_cfg = resolve(agent, task, steps)
+    if run_dir is not None:
         run = RunFolder(Path(run_dir))
     else:
-        if agent is None or task is None:
-            raise ValueError("give an agent and a task, or the run_dir of a run to resume")
-        task_cfg = load_task(task)
-        agent_cfg = agent if isinstance(agent, AgentConfig) else load_agent_config(agent)
-        agent_cfg = resolve_agent(agent_cfg, task_cfg)
-        if run_dir is not None:
-            run = RunFolder(Path(run_dir))
-        else:
-            run = run_folder(out, task_name(task_cfg), agent_cfg.name, seed)
-        task_cfg = _task_for_agent(task_cfg, agent_cfg, steps)
-
-    # 2. Run folder: a new one, or the state of the run to resume.
-    checkpoint = None
+        run = RunFolder(Path(out) / task_cfg.name / agent_cfg.name / f"seed_{seed}")
     if run.config.exists():
         if not resume:
             raise FileExistsError(
                 f"{run.root} already holds a run; pass resume=True (--resume) to continue it "
                 "or choose another output folder"
             )
-        recorded = run.read_config()
-        agent_cfg, task_cfg = configs_from_record(recorded)
-        seed = recorded["seed"]
-        task_cfg = _task_for_agent(task_cfg, agent_cfg, steps)  # a new budget, if given
-        checkpoint = _latest_state(run)
-    budget = task_cfg.train.total_timesteps
-    atomic_write_text(run.config, dump_yaml(_config_record(agent_cfg, task_cfg, seed, device)))
-    if checkpoint is not None and run.is_complete(budget):
-        logger.info("%s is already complete (%d steps)", run.root, budget)
+        return resume_run(run.root, steps=steps, device=device, progress_bar=progress_bar)
+    return start_run(
+        agent_cfg, task_cfg, seed=seed, run=run, device=device, progress_bar=progress_bar
+    )
+
+
+def start_run(
+    agent: AgentConfig,
+    task: Task,
+    *,
+    seed: int,
+    run: RunFolder,
+    device: str = "auto",
+    progress_bar: bool = False,
+) -> RunFolder:
+    """Train a resolved agent on a resolved task (see :func:`resolve`) in a new run folder."""
+    compile_cells(agent)
+    atomic_write_text(run.config, dump_yaml(config_record(agent, task, seed, device)))
+    env = _training_env(agent, task, seed, run)
+    model = build_model(agent, env, seed=seed, device=device)
+    return _session(run, agent, task, seed, model, elapsed_before=0.0, progress_bar=progress_bar)
+
+
+def resume_run(
+    run_dir: str | os.PathLike[str],
+    *,
+    steps: int | None = None,
+    device: str = "auto",
+    progress_bar: bool = False,
+) -> RunFolder:
+    """Continue the run in ``run_dir`` from its latest checkpoint, with the configuration it
+    recorded, to ``steps`` if given (raising a complete run's budget), else to its budget.
+
+    :raises RunError: if the folder holds no run, or one of its files is damaged
+    :raises TrainingInterrupted: on Ctrl-C, after saving a checkpoint
+    """
+    run = RunFolder(Path(run_dir))
+    record = run.read_config()
+    agent, task = configs_from_record(record)
+    seed = record["seed"]
+    task = task.replace(total_timesteps=steps)
+    checkpoint = _latest_state(run)
+    if checkpoint is None:  # nothing to continue from: start over in the same folder
+        return start_run(agent, task, seed=seed, run=run, device=device, progress_bar=progress_bar)
+    compile_cells(agent)
+    atomic_write_text(run.config, dump_yaml(config_record(agent, task, seed, device)))
+    if run.is_complete(task.train.total_timesteps):
+        logger.info("%s is already complete (%d steps)", run.root, task.train.total_timesteps)
         return run
     run.result.unlink(missing_ok=True)  # no longer complete: the budget was raised
+    merge_progress(run, checkpoint["steps"])  # rows of a session that died without merging
+    env = _training_env(agent, task, seed + checkpoint["steps"], run, checkpoint)
+    model = load_model(
+        algorithm(agent.algo).cls, run.checkpoints / checkpoint["model"], env=env, device=device
+    )
+    if checkpoint.get("replay_buffer"):
+        model.load_replay_buffer(run.checkpoints / checkpoint["replay_buffer"])
+    return _session(
+        run,
+        agent,
+        task,
+        seed,
+        model,
+        elapsed_before=checkpoint["elapsed_s"],
+        progress_bar=progress_bar,
+        resumed_at=checkpoint["steps"],
+    )
 
-    # 3. Environments: training envs with Monitor files, and a separate evaluation env.
-    n_envs = task_cfg.train.n_envs
-    env_seed = seed if checkpoint is None else seed + checkpoint["steps"]
-    env = make_env(
-        task_cfg,
-        agent_cfg,
-        n_envs=n_envs,
-        seed=env_seed,
+
+def compile_cells(agent: AgentConfig) -> None:
+    """Build (or load) the compiled CPU loops of the agent's cells before any clock starts: a
+    first build takes about a minute, which must not count in a run's wall clock or steps/s.
+    Where they cannot be built (no compiler), the cells warn once and run their ATen loops."""
+    from cfc_rl.nn import cell_spec, cpu_extensions
+
+    for cell in agent.cells:
+        for name in cell_spec(cell).cls.cpu_kernels:
+            cpu_extensions.load(name)
+
+
+def _training_env(
+    agent: AgentConfig,
+    task: Task,
+    seed: int,
+    run: RunFolder,
+    checkpoint: Mapping[str, Any] | None = None,
+) -> VecEnv:
+    """The training environments, with Monitor files; a resumed run appends to its Monitor
+    files and starts from its checkpoint's normalisation statistics."""
+    statistics = None
+    if checkpoint is not None and checkpoint.get("vecnormalize"):
+        statistics = run.checkpoints / checkpoint["vecnormalize"]
+    return make_env(
+        task,
+        agent,
+        n_envs=task.train.n_envs,
+        seed=seed,
+        normalization=statistics,
         monitor_dir=run.monitor,
         append_monitor=checkpoint is not None,
     )
-    if checkpoint is not None and checkpoint.get("vecnormalize"):
-        statistics = load_normalization(run.checkpoints / checkpoint["vecnormalize"])
-        env = replace_normalization(env, statistics)
-    eval_env = make_env(
-        task_cfg,
-        agent_cfg,
-        n_envs=min(4, task_cfg.eval.episodes),
-        seed=seed + 10_000,
-        training=False,
-    )
 
-    # 4. Model: a new one, or the checkpoint's weights, optimiser state and step count.
-    if checkpoint is None:
-        model = build_model(agent_cfg, env, seed=seed, device=device)
-    else:
-        model = load_model(
-            algo_class(agent_cfg.algo),
-            run.checkpoints / checkpoint["model"],
-            env=env,
-            device=device,
-        )
-        if checkpoint.get("replay_buffer"):
-            model.load_replay_buffer(run.checkpoints / checkpoint["replay_buffer"])
-    model.set_logger(_logger(run, append=checkpoint is not None))
+
+def _session(
+    run: RunFolder,
+    agent: AgentConfig,
+    task: Task,
+    seed: int,
+    model: BaseAlgorithm,
+    *,
+    elapsed_before: float,
+    progress_bar: bool,
+    resumed_at: int | None = None,
+) -> RunFolder:
+    """Learn to the budget with periodic evaluations and checkpoints, then :func:`_finish`."""
+    budget = task.train.total_timesteps
+    eval_env = make_env(
+        task, agent, n_envs=min(4, task.eval.episodes), seed=seed + 10_000, training=False
+    )
+    model.set_logger(make_logger(run, resumed=resumed_at is not None))
     logger.info(
         "training %s on %s (seed %d) for %d steps in %s",
-        agent_cfg.name,
-        task_cfg.id,
+        agent.name,
+        task.id,
         seed,
         budget,
         run.root,
     )
-
-    # 5. Learn, with periodic evaluations and checkpoints.
-    elapsed_before = checkpoint["elapsed_s"] if checkpoint else 0.0
-    steps_before = model.num_timesteps
     evaluation = PeriodicEvaluation(
         eval_env,
         run,
-        every_steps=task_cfg.eval.every_steps,
-        episodes=task_cfg.eval.episodes,
-        deterministic=task_cfg.eval.deterministic,
+        every_steps=task.eval.every_steps,
+        episodes=task.eval.episodes,
+        deterministic=task.eval.deterministic,
     )
     checkpoints = Checkpoints(run, every_steps=max(1, budget // CHECKPOINTS_PER_RUN))
     checkpoints.elapsed_before = elapsed_before
-    start = time.perf_counter()
+    steps_before = model.num_timesteps
+    start_time = time.perf_counter()
     try:
         model.learn(
             total_timesteps=max(0, budget - model.num_timesteps),
             callback=CallbackList([checkpoints, evaluation]),
-            reset_num_timesteps=checkpoint is None,
+            reset_num_timesteps=resumed_at is None,
             progress_bar=progress_bar,
         )
     except KeyboardInterrupt:
@@ -214,11 +299,29 @@ def train(
             f"Resume with: cfc-rl train --resume --run-dir {run.root}"
         ) from None
     finally:
-        env.close()
-    session = time.perf_counter() - start
-    wall_clock = elapsed_before + session
+        model.get_env().close()
+        model.logger.close()
+        if resumed_at is not None:
+            merge_progress(run, resumed_at)
+    session = time.perf_counter() - start_time
+    evaluated = evaluation.seconds  # the periodic evaluations: not training throughput
+    training_rate = (model.num_timesteps - steps_before) / max(session - evaluated, 1e-9)
+    _finish(run, agent, task, seed, model, eval_env, elapsed_before + session, training_rate)
+    return run
 
-    # 6. Final model, normalisation statistics and evaluation; result.json marks it done.
+
+def _finish(
+    run: RunFolder,
+    agent: AgentConfig,
+    task: Task,
+    seed: int,
+    model: BaseAlgorithm,
+    eval_env: VecEnv,
+    wall_clock: float,
+    steps_per_s: float,
+) -> None:
+    """The final model and its statistics, the final evaluation, and ``result.json`` (written
+    last: it marks the run complete)."""
     atomic_write(run.model, model.save)
     normalization = model.get_vec_normalize_env()
     if normalization is not None:
@@ -227,82 +330,28 @@ def train(
     returns, lengths = evaluate_policy(
         model,
         eval_env,
-        n_eval_episodes=task_cfg.eval.episodes,
-        deterministic=task_cfg.eval.deterministic,
+        n_eval_episodes=task.eval.episodes,
+        deterministic=task.eval.deterministic,
         return_episode_rewards=True,
     )
     eval_env.close()
-    trained = model.num_timesteps - steps_before
     result = {
-        "agent": agent_cfg.name,
-        "task": task_name(task_cfg),
-        "task_id": task_cfg.id,
+        "agent": agent.name,
+        "task": task.name,
+        "task_id": task.id,
         "seed": seed,
-        "total_timesteps": budget,
+        "total_timesteps": task.train.total_timesteps,
         "num_timesteps": model.num_timesteps,
         "final_mean_return": float(np.mean(returns)),
         "final_std_return": float(np.std(returns)),
         "final_mean_length": float(np.mean(lengths)),
         "eval_episodes": len(returns),
         "wall_clock_s": wall_clock,
-        # training throughput: the periodic evaluations' time is left out
-        "steps_per_s": trained / max(session - evaluation.seconds, 1e-9),
+        "steps_per_s": steps_per_s,
         "params": count_parameters(model),
         "device": str(model.device),
     }
     atomic_write_text(run.result, json.dumps(result, indent=2) + "\n")
-    logger.debug(
-        "%s: mean return %.1f ± %.1f after %d steps (%.0f s)",
-        run.root,
-        result["final_mean_return"],
-        result["final_std_return"],
-        model.num_timesteps,
-        wall_clock,
-    )
-    return run
-
-
-def make_env(
-    task: TaskConfig,
-    agent: AgentConfig,
-    *,
-    n_envs: int,
-    seed: int,
-    training: bool = True,
-    monitor_dir: Path | None = None,
-    append_monitor: bool = False,
-    render_mode: str | None = None,
-) -> VecEnv:
-    """The vector environment an agent sees: task wrappers (already merged into ``task``),
-    Monitor, VecNormalize (observations under ``"obs"`` only, so that Δt stays exact) and
-    VecFrameStack, in that order.
-
-    :param task: the task, with the agent's wrappers merged in
-    :param agent: the resolved agent (for ``frame_stack`` and the discount of VecNormalize)
-    :param n_envs: number of environments
-    :param seed: seed of the first environment (the others get seed + i)
-    :param training: False for an evaluation env: frozen statistics, raw rewards (the
-        statistics come from the training env or from ``vecnormalize.pkl``)
-    :param monitor_dir: where Monitor writes its CSV files (None: in memory only)
-    :param append_monitor: append to existing Monitor files (a resumed run)
-    :param render_mode: passed to the environment (``"rgb_array"`` for videos)
-    """
-    env = make_vec_env(
-        lambda: make_task(task, render_mode=render_mode),
-        n_envs=n_envs,
-        seed=seed,
-        monitor_dir=None if monitor_dir is None else str(monitor_dir),
-        monitor_kwargs={"override_existing": not append_monitor},
-    )
-    if task.train.normalize:
-        keys = [OBS_KEY] if isinstance(env.observation_space, spaces.Dict) else None
-        gamma = agent.hyperparams.get("gamma", 0.99)
-        env = VecNormalize(
-            env, training=training, norm_reward=training, norm_obs_keys=keys, gamma=gamma
-        )
-    if agent.frame_stack:
-        env = VecFrameStack(env, agent.frame_stack)
-    return env
 
 
 def build_model(agent: AgentConfig, env: VecEnv, *, seed: int, device: str) -> BaseAlgorithm:
@@ -312,10 +361,13 @@ def build_model(agent: AgentConfig, env: VecEnv, *, seed: int, device: str) -> B
     :param env: the training environment
     :param seed: the model's seed
     :param device: ``"auto"``, ``"cpu"`` or ``"cuda"``
+    :raises ValueError: if the algorithm cannot act in the task's action space
     """
+    algo = algorithm(agent.algo)
+    algo.check_action_space(env.action_space, agent.name)
     hyperparams = dict(agent.hyperparams)
     for key in ("learning_rate", "clip_range", "clip_range_vf"):
-        if key in hyperparams and hyperparams[key] is not None:
+        if hyperparams.get(key) is not None:
             hyperparams[key] = make_schedule(hyperparams[key])
     policy_kwargs = dict(agent.policy_kwargs)
     if "activation_fn" in policy_kwargs:
@@ -325,20 +377,8 @@ def build_model(agent: AgentConfig, env: VecEnv, *, seed: int, device: str) -> B
 
         policy_kwargs["features_extractor_class"] = SequenceExtractor
         policy_kwargs["features_extractor_kwargs"] = dict(agent.features_extractor)
-    policy: Any = agent.policy
-    if policy == "RecurrentCellPolicy":
-        from cfc_rl.sb3 import RecurrentCellPolicy
-
-        policy = RecurrentCellPolicy  # it reads Dict observations itself
-    elif isinstance(env.observation_space, spaces.Dict):
-        policy = policy.replace("Mlp", "MultiInput")
-    if agent.algo == "sac" and not isinstance(env.action_space, spaces.Box):
-        raise ValueError(
-            f"agent {agent.name} (SAC) needs continuous actions, but the task's action space "
-            f"is {env.action_space}"
-        )
-    return algo_class(agent.algo)(
-        policy,
+    return algo.cls(
+        algo.policy_for(agent.policy, env.observation_space),
         env,
         seed=seed,
         device=device,
@@ -355,192 +395,8 @@ def count_parameters(model: BaseAlgorithm) -> int:
     )
 
 
-class Checkpoints(BaseCallback):
-    """Save a checkpoint between rollouts every ``every_steps`` steps.
-
-    A checkpoint is ``step_<n>.zip`` (+ ``_vecnormalize.pkl``, + ``_replay_buffer.pkl`` for
-    off-policy algorithms), then ``latest.json`` naming them, written last: a checkpoint is in
-    effect only once complete. Older ones are then deleted.
-
-    :param run: the run folder
-    :param every_steps: environment steps between two checkpoints
-    """
-
-    def __init__(self, run: RunFolder, every_steps: int) -> None:
-        super().__init__()
-        self.run = run
-        self.every_steps = every_steps
-        self.last_saved = 0
-        self.rollout_start_steps = 0
-        self.elapsed_before = 0.0
-        self.started = time.perf_counter()
-
-    def _on_training_start(self) -> None:
-        self.last_saved = self.rollout_start_steps = self.num_timesteps
-        self.started = time.perf_counter()
-
-    def _on_rollout_start(self) -> None:
-        # Between rollouts (after the update on the previous one): a consistent state.
-        self.rollout_start_steps = self.num_timesteps
-        if self.num_timesteps - self.last_saved >= self.every_steps:
-            self.save(self.model)
-
-    def _on_step(self) -> bool:
-        return True
-
-    def save(self, model: BaseAlgorithm) -> None:
-        """Write a checkpoint of ``model`` at its current step count."""
-        folder, n = self.run.checkpoints, model.num_timesteps
-        record: dict[str, Any] = {"steps": n, "model": f"step_{n}.zip"}
-        atomic_write(folder / record["model"], model.save)
-        normalization = model.get_vec_normalize_env()
-        if normalization is not None:
-            record["vecnormalize"] = f"step_{n}_vecnormalize.pkl"
-            atomic_write(folder / record["vecnormalize"], lambda f: pickle.dump(normalization, f))
-        if isinstance(model, OffPolicyAlgorithm):
-            record["replay_buffer"] = f"step_{n}_replay_buffer.pkl"
-            atomic_write(folder / record["replay_buffer"], model.save_replay_buffer)
-        record["elapsed_s"] = self.elapsed_before + time.perf_counter() - self.started
-        atomic_write_text(self.run.latest_checkpoint, json.dumps(record, indent=2) + "\n")
-        keep = {record[k] for k in ("model", "vecnormalize", "replay_buffer") if k in record}
-        for path in folder.glob("step_*"):
-            if path.name not in keep:
-                path.unlink(missing_ok=True)
-        self.last_saved = n
-
-
-class PeriodicEvaluation(BaseCallback):
-    """Evaluate every ``every_steps`` environment steps on a separate environment (with the
-    training env's normalisation statistics), into ``evaluations.npz`` and ``evaluations.csv``.
-
-    Evaluations fall on the first step count at or after each multiple of ``every_steps``, so
-    every seed and a resumed run evaluate at the same step counts (SB3's EvalCallback counts
-    calls since the last ``learn``).
-
-    :param eval_env: the evaluation environment
-    :param run: the run folder (earlier evaluations are read back from it)
-    :param every_steps: environment steps between evaluations
-    :param episodes: episodes per evaluation
-    :param deterministic: evaluate the mode of the policy
-    """
-
-    def __init__(
-        self,
-        eval_env: VecEnv,
-        run: RunFolder,
-        every_steps: int,
-        episodes: int,
-        deterministic: bool,
-    ) -> None:
-        super().__init__()
-        self.eval_env, self.run = eval_env, run
-        self.every_steps, self.episodes, self.deterministic = every_steps, episodes, deterministic
-        self.seconds = 0.0  # spent evaluating, in this process
-        self.timesteps: list[int] = []
-        self.returns: list[list[float]] = []
-        self.lengths: list[list[int]] = []
-        if run.evaluations.exists():
-            with np.load(run.evaluations) as data:
-                self.timesteps = data["timesteps"].tolist()
-                self.returns = data["results"].tolist()
-                self.lengths = data["ep_lengths"].tolist()
-
-    def _on_training_start(self) -> None:
-        # Forget evaluations past the checkpoint: a resumed run redoes them.
-        keep = sum(t <= self.num_timesteps for t in self.timesteps)
-        del self.timesteps[keep:], self.returns[keep:], self.lengths[keep:]
-        self.next_eval = (self.num_timesteps // self.every_steps + 1) * self.every_steps
-
-    def _on_step(self) -> bool:
-        if self.num_timesteps < self.next_eval:
-            return True
-        self.next_eval = (self.num_timesteps // self.every_steps + 1) * self.every_steps
-        start = time.perf_counter()
-        sync_envs_normalization(self.training_env, self.eval_env)
-        returns, lengths = evaluate_policy(
-            self.model,
-            self.eval_env,
-            n_eval_episodes=self.episodes,
-            deterministic=self.deterministic,
-            return_episode_rewards=True,
-        )
-        self.seconds += time.perf_counter() - start
-        self.timesteps.append(self.num_timesteps)
-        self.returns.append([float(r) for r in returns])
-        self.lengths.append([int(n) for n in lengths])
-        self.logger.record("eval/mean_reward", float(np.mean(returns)))
-        self.logger.record("eval/mean_ep_length", float(np.mean(lengths)))
-        self.logger.dump(self.num_timesteps)  # as SB3's EvalCallback: one row per evaluation
-        self._write()
-        return True
-
-    def _write(self) -> None:
-        def npz(f: Any) -> None:
-            np.savez(
-                f,
-                timesteps=np.array(self.timesteps),
-                results=np.array(self.returns),
-                ep_lengths=np.array(self.lengths),
-            )
-
-        atomic_write(self.run.evaluations, npz)
-        text = io.StringIO()
-        writer = csv.writer(text)
-        writer.writerow(["timesteps", "mean_return", "std_return", "mean_length", "episodes"])
-        for t, r, n in zip(self.timesteps, self.returns, self.lengths, strict=True):
-            writer.writerow([t, np.mean(r), np.std(r), np.mean(n), len(r)])
-        atomic_write_text(self.run.root / "evaluations.csv", text.getvalue())
-
-
-class _ResumableCSV(CSVOutputFormat):
-    """SB3's CSV log, continuing an existing file instead of truncating it."""
-
-    def __init__(self, filename: Path) -> None:
-        if not filename.exists() or filename.stat().st_size == 0:
-            super().__init__(str(filename))
-            return
-        self.file = filename.open("r+")
-        self.keys = self.file.readline().strip().split(",")
-        self.file.seek(0, os.SEEK_END)
-        self.separator, self.quotechar = ",", '"'
-
-
-def _logger(run: RunFolder, append: bool) -> Logger:
-    csv_format = (
-        _ResumableCSV(run.root / "progress.csv")
-        if append
-        else CSVOutputFormat(str(run.root / "progress.csv"))
-    )
-    return Logger(str(run.root), [csv_format, TensorBoardOutputFormat(str(run.tensorboard))])
-
-
-def _task_for_agent(task: TaskConfig, agent: AgentConfig, steps: int | None) -> TaskConfig:
-    """The task with the agent's wrappers, n_envs and normalize, and the budget ``steps``."""
-    data = _task_dict(task)
-    data["wrappers"].update(agent.wrappers)
-    if agent.n_envs is not None:
-        data["train"]["n_envs"] = agent.n_envs
-    if agent.normalize is not None:
-        data["train"]["normalize"] = agent.normalize
-    if steps is not None:
-        data["train"]["total_timesteps"] = steps
-    return TaskConfig.from_dict(data, source=task.source)
-
-
-def _task_dict(task: TaskConfig) -> dict[str, Any]:
-    data = {
-        "id": task.id,
-        "wrappers": asdict(task.wrappers),
-        "env_kwargs": dict(task.env_kwargs),  # a read-only mapping, which asdict cannot copy
-        "train": asdict(task.train),
-        "eval": asdict(task.eval),
-    }
-    if data["wrappers"]["irregular"] is not None:
-        data["wrappers"]["irregular"] = list(data["wrappers"]["irregular"])
-    return data
-
-
-def _config_record(agent: AgentConfig, task: TaskConfig, seed: int, device: str) -> dict:
+def config_record(agent: AgentConfig, task: Task, seed: int, device: str) -> dict[str, Any]:
+    """What ``config.yaml`` holds: the resolved agent and task, the seed, package versions."""
     versions = {"python": platform.python_version()}
     for package in ("cfc-rl", "torch", "stable-baselines3", "sb3-contrib", "gymnasium"):
         try:
@@ -549,7 +405,7 @@ def _config_record(agent: AgentConfig, task: TaskConfig, seed: int, device: str)
             versions[package] = None
     return {
         "agent": {"name": agent.name, "source": agent.source, **agent.as_dict()},
-        "task": {"name": task_name(task), "source": task.source, **_task_dict(task)},
+        "task": {"name": task.name, "source": task.source, **task.as_dict()},
         "seed": seed,
         "device": device,
         "versions": versions,
@@ -557,16 +413,15 @@ def _config_record(agent: AgentConfig, task: TaskConfig, seed: int, device: str)
     }
 
 
-def configs_from_record(record: Mapping[str, Any]) -> tuple[AgentConfig, TaskConfig]:
-    """The resolved agent and task stored in a run's ``config.yaml``."""
+def configs_from_record(record: Mapping[str, Any]) -> tuple[AgentConfig, Task]:
+    """The resolved agent and task of a ``config.yaml`` (or a job's plain data)."""
     agent = dict(record["agent"])
     name, agent_source = agent.pop("name"), agent.pop("source")
     task = dict(record["task"])
-    task.pop("name")
-    task_source = task.pop("source")
+    task.pop("name", None)
     return (
         AgentConfig.from_dict(agent, name=name, source=agent_source),
-        TaskConfig.from_dict(task, source=task_source),
+        Task.from_dict(task, source=task.pop("source")),
     )
 
 
@@ -588,20 +443,6 @@ def _latest_state(run: RunFolder) -> dict[str, Any] | None:
         logger.warning("%s has no checkpoint yet: training starts over", run.root)
         for path in (run.monitor, run.tensorboard):
             shutil.rmtree(path, ignore_errors=True)
-        for path in (run.evaluations, run.root / "evaluations.csv", run.root / "progress.csv"):
-            path.unlink(missing_ok=True)
+        for name in ("evaluations.npz", "evaluations.csv", "progress.csv", "progress.resumed.csv"):
+            (run.root / name).unlink(missing_ok=True)
     return checkpoint
-
-
-def replace_normalization(env: VecEnv, normalization: VecNormalize) -> VecEnv:
-    """``env`` (built by :func:`make_env`) with its fresh VecNormalize replaced by
-    ``normalization`` (saved statistics), under the same VecFrameStack if there is one."""
-    stack = env if isinstance(env, VecFrameStack) else None
-    inner = stack.venv if stack else env
-    assert isinstance(inner, VecNormalize), "saved statistics need a task with normalize: true"
-    normalization.set_venv(inner.venv)
-    normalization.training, normalization.norm_reward = inner.training, inner.norm_reward
-    if stack is None:
-        return normalization
-    stack.venv = normalization  # VecFrameStack keeps no other reference to its inner env
-    return stack

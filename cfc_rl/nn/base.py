@@ -1,34 +1,171 @@
-"""The one interface every recurrent module of :mod:`cfc_rl.nn` shares.
+"""The one interface every recurrent module of :mod:`cfc_rl.nn` shares, and the one time loop.
 
 Every module maps a batch-first sequence ``x (B, T, input_size)`` and a flat state
 ``(B, state_size)`` to outputs ``(B, T, output_size)`` and the final state. One flat state tensor
 (an LSTM packs ``[h | c]``) keeps Stable-Baselines3 buffers, checkpoints and resets uniform;
 ``resets`` lets a padded minibatch of many episodes run in one call.
+
+Writing a cell
+--------------
+
+A cell says what ONE time step does; :class:`RecurrentModule` runs the sequence (the *shared
+driver*, :meth:`RecurrentModule.step_sequence`): it checks the inputs, zeroes the state of the
+samples that reset, runs the optional mixed-memory LSTM cell before each update, stacks the
+states, reads them out and applies the optional output projection. A cell implements:
+
+``step(x_t, h, dt_t, constants) -> h_new`` (required)
+    One update of the cell's own state ``h (B, cell_state_size)`` over an elapsed time
+    ``dt_t (B, 1)``. ``x_t`` is step t of what :meth:`prepare_inputs` returned (a ``(B, ...)``
+    tensor, or a tuple of them), ``constants`` what :meth:`step_constants` returned. It must
+    not modify ``h`` in place (autograd keeps it).
+
+``prepare_inputs(x) -> Tensor | tuple[Tensor, ...]`` (optional; default: ``x`` itself)
+    The part of the update that does not depend on the state, for all ``T`` steps at once:
+    one large operation instead of ``T`` small ones (CfC: the input half of its first linear
+    map; LTC: its sensory synapses). Each returned tensor has time on dimension 1.
+
+``step_constants(x) -> Any`` (optional; default: None)
+    What every step reads but that depends on neither the state nor the step, computed once
+    per call: transposed or masked weights, parameters made positive. ``x`` is the checked
+    input, for its device and dtype.
+
+``readout(hs) -> y`` (optional; default: ``hs``)
+    The outputs ``(B, T, readout_size)`` from the states after every step ``hs (B, T,
+    cell_state_size)`` (LTC: its motor neurons and output mapping; a wired CfC: the neurons
+    of its last layer).
+
+In ``__init__`` the cell sets ``input_size`` and calls :meth:`RecurrentModule.configure_state`
+with its state size and readout size (and ``mixed_memory``/``proj_size`` if it offers them),
+which sets ``state_size``, ``output_size``, ``memory`` and ``proj``. Continuous-time cells
+keep ``uses_timespans = True``; discrete ones set it False (they get Δt as an input, see
+:func:`time_input`). Then one line in :data:`cfc_rl.nn.registry.CELLS` names it, and the
+test-suite's parametrised checks (shapes, gradcheck, resets, per-sample Δt, SB3 round trips)
+cover it. :class:`cfc_rl.nn.ctrnn.CTRNN` is a complete example in about 40 lines::
+
+    class CTRNN(RecurrentModule):              # dh/dt = -h/τ + tanh(W·[x ; h] + b)
+        def __init__(self, input_size, units, *, mixed_memory=False, proj_size=None):
+            super().__init__()
+            self.input_size = input_size
+            self.linear = nn.Linear(input_size + units, units)
+            self.tau_raw = nn.Parameter(torch.full((units,), math.log(math.expm1(1.0))))
+            self.configure_state(units, units, mixed_memory=mixed_memory, proj_size=proj_size)
+
+        def prepare_inputs(self, x):           # W_x·x + b, all steps at once
+            return F.linear(x, self.linear.weight[:, : self.input_size], self.linear.bias)
+
+        def step_constants(self, x):           # W_h transposed, 1/τ
+            w_rec = self.linear.weight[:, self.input_size :]
+            return w_rec.t(), F.softplus(self.tau_raw).reciprocal()
+
+        def step(self, x_t, h, dt_t, constants):   # one explicit Euler step over Δt
+            w_rec_t, rate = constants
+            return h + dt_t * (torch.tanh(torch.addmm(x_t, h, w_rec_t)) - h * rate)
+
+Fast paths: a cell with a hand-written kernel for whole sequences overrides
+:meth:`RecurrentModule._sequence` and calls ``self.step_sequence(...)`` wherever the kernel
+does not apply, and takes a ``fast: bool = True`` flag (False: always the driver, which
+second derivatives need). The kernel must give the driver's numbers: the tests compare the
+two, outputs and gradients, in float64 with resets and per-sample Δt.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+if TYPE_CHECKING:
+    from cfc_rl.nn.registry import CellSpec
+
 Timespans = Tensor | float | None
+StepInputs = Tensor | tuple[Tensor, ...]
+
+
+class MemoryCell(nn.Module):
+    """The LSTM cell of mixed-memory models (ncps's ``LSTMCell``): gates ordered
+    (input, input gate, forget gate, output gate), forget-gate bias +1, orthogonal recurrent
+    weights. Split into an input projection, done for all steps at once, and a step.
+
+    :param input_size: number of input features
+    :param hidden_size: number of units of h and c
+    """
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.input_map = nn.Linear(input_size, 4 * hidden_size, bias=True)
+        self.recurrent_map = nn.Linear(hidden_size, 4 * hidden_size, bias=False)
+        # The reference adds 1 to the forget gate's pre-activation; folded into the projection.
+        offset = torch.zeros(4 * hidden_size)
+        offset[2 * hidden_size : 3 * hidden_size] = 1.0
+        self.register_buffer("gate_offset", offset, persistent=False)
+        nn.init.xavier_uniform_(self.input_map.weight)
+        nn.init.uniform_(self.input_map.bias, -0.1, 0.1)
+        nn.init.orthogonal_(self.recurrent_map.weight)
+
+    def project_inputs(self, x: Tensor) -> Tensor:
+        """The input half of the gates (forget-gate offset included), for any leading shape."""
+        return F.linear(x, self.input_map.weight, self.input_map.bias + self.gate_offset)
+
+    def step(self, x_projected: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        """One update of ``(h, c)`` from the projected input of this step."""
+        z = torch.addmm(x_projected, h, self.recurrent_map.weight.t())
+        i, ig, fg, og = z.chunk(4, dim=1)
+        c = c * torch.sigmoid(fg) + torch.tanh(i) * torch.sigmoid(ig)
+        return torch.tanh(c) * torch.sigmoid(og), c
 
 
 class RecurrentModule(nn.Module, ABC):
-    """Base class of every cell: validates inputs once, then runs :meth:`_sequence`.
+    """Base class of every cell: validates inputs once, then runs the sequence.
 
-    Subclasses set ``input_size``, ``output_size`` and ``state_size`` and implement
-    :meth:`_sequence`, which receives checked tensors only.
+    See the module docstring for the per-step protocol (:meth:`step`, :meth:`prepare_inputs`,
+    :meth:`step_constants`, :meth:`readout`) and how to add a cell.
     """
 
     input_size: int
     output_size: int
     state_size: int
+    memory: MemoryCell | None
+    """The mixed-memory LSTM cell run before each update (state ``[h | c]``), or None."""
+    proj: nn.Linear | None
+    """The output projection (``proj_size``), or None."""
     uses_timespans: bool = True
     """False for discrete cells (LSTM, GRU), which ignore ``timespans``: callers that want to
-    give them the elapsed time feed it as an input feature instead."""
+    give them the elapsed time feed it as an input feature instead (see :func:`time_input`)."""
+    cpu_kernels: tuple[str, ...] = ()
+    """The compiled CPU loops the cell's fast path uses (names of
+    :data:`cfc_rl.nn.cpu_extensions.EXTENSIONS`), so that they can be built ahead of time."""
+
+    def configure_state(
+        self,
+        cell_state_size: int,
+        readout_size: int,
+        *,
+        mixed_memory: bool = False,
+        proj_size: int | None = None,
+    ) -> None:
+        """Set ``state_size``, ``output_size``, ``memory`` and ``proj``; call it in ``__init__``
+        once ``input_size`` is set. The memory cell and the projection are created (and
+        randomly initialised) here, in that order.
+
+        :param cell_state_size: width of the state :meth:`step` updates
+        :param readout_size: width of what :meth:`readout` returns
+        :param mixed_memory: run an LSTM memory cell of ``cell_state_size`` units before each
+            update; the flat state is then ``[h | c]``
+        :param proj_size: if set, the outputs go through a Linear layer to this size
+        """
+        if proj_size is not None and proj_size < 1:
+            raise ValueError(f"proj_size must be a positive integer or None, got {proj_size}")
+        self.memory = MemoryCell(self.input_size, cell_state_size) if mixed_memory else None
+        self.state_size = 2 * cell_state_size if mixed_memory else cell_state_size
+        self.proj = None if proj_size is None else nn.Linear(readout_size, proj_size)
+        self.output_size = readout_size if proj_size is None else proj_size
+
+    @property
+    def mixed_memory(self) -> bool:
+        return self.memory is not None
 
     def initial_state(
         self,
@@ -104,11 +241,89 @@ class RecurrentModule(nn.Module, ABC):
             resets = resets if resets.dtype == torch.bool else resets > 0.5
         return self._sequence(x, state, timespans, resets)
 
+    # The per-step protocol -------------------------------------------------------------------
+
     @abstractmethod
+    def step(self, x_t: StepInputs, h: Tensor, dt_t: Tensor, constants: Any) -> Tensor:
+        """One update of the cell's own state.
+
+        :param x_t: step t of :meth:`prepare_inputs` (a ``(B, ...)`` tensor or a tuple)
+        :param h: the cell's state before the step, ``(B, cell_state_size)`` (with mixed
+            memory, the memory cell's output); never modify it in place
+        :param dt_t: the elapsed time of the step, ``(B, 1)``
+        :param constants: what :meth:`step_constants` returned
+        :return: the state after the step, ``(B, cell_state_size)``
+        """
+
+    def prepare_inputs(self, x: Tensor) -> StepInputs:
+        """The state-independent part of every step, for all steps at once: a tensor, or a
+        tuple of tensors, with time on dimension 1. Default: ``x`` as it is."""
+        return x
+
+    def step_constants(self, x: Tensor) -> Any:
+        """Values every step reads that depend on neither state nor step (weights transposed,
+        masked or made positive), computed once per call. Default: None."""
+        return None
+
+    def readout(self, hs: Tensor) -> Tensor:
+        """The outputs ``(B, T, readout_size)`` from the states after every step
+        ``(B, T, cell_state_size)``. Default: the states themselves."""
+        return hs
+
+    # Running a sequence --------------------------------------------------------------------
+
     def _sequence(
         self, x: Tensor, state: Tensor, timespans: Tensor, resets: Tensor | None
     ) -> tuple[Tensor, Tensor]:
-        """Run over checked inputs: x (B,T,I), state (B,S), timespans (B,T), resets (B,T)|None."""
+        """Run over checked inputs: x (B,T,I), state (B,S), timespans (B,T), resets (B,T)|None.
+
+        The shared driver by default; cells with a kernel for whole sequences override this
+        and call :meth:`step_sequence` where the kernel does not apply."""
+        return self.step_sequence(x, state, timespans, resets)
+
+    def step_sequence(
+        self, x: Tensor, state: Tensor, timespans: Tensor, resets: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """The shared driver: a time loop over :meth:`step` under autograd, for checked inputs
+        (as :meth:`_sequence`). Every cell runs through it; fast paths must equal it.
+
+        Per step t: the state of the samples with ``resets[:, t]`` is zeroed (``h`` and, with
+        mixed memory, ``c``); with mixed memory the LSTM memory cell updates ``(h, c)``; then
+        :meth:`step` updates ``h``. The outputs are ``proj(readout(stack of h))``, the final
+        state ``h`` (or ``[h | c]``)."""
+        steps = x.shape[1]
+        prepared = self.prepare_inputs(x)
+        constants = self.step_constants(x)
+        # Steps are unbound once: indexing [:, t] inside the loop would make autograd build a
+        # full-size gradient for every step.
+        if isinstance(prepared, Tensor):
+            input_steps: list[Any] | tuple[Tensor, ...] = prepared.unbind(1)
+        else:
+            input_steps = list(zip(*(part.unbind(1) for part in prepared), strict=True))
+        dt_steps = timespans.unsqueeze(-1).unbind(1)
+        keeps = keep_masks(resets, steps, x.dtype)
+        memory = self.memory
+        if memory is not None:
+            memory_steps = memory.project_inputs(x).unbind(1)
+            h, c = state.chunk(2, dim=1)
+        else:
+            h, c = state, None
+        hs = []
+        for t in range(steps):
+            keep = keeps[t]
+            if keep is not None:
+                h = h * keep
+                if c is not None:
+                    c = c * keep
+            if memory is not None:
+                h, c = memory.step(memory_steps[t], h, c)
+            h = self.step(input_steps[t], h, dt_steps[t], constants)
+            hs.append(h)
+        y = self.readout(torch.stack(hs, dim=1))
+        if self.proj is not None:
+            y = self.proj(y)
+        final = torch.cat([h, c], dim=1) if c is not None else h
+        return y, final
 
 
 def keep_masks(resets: Tensor | None, steps: int, dtype: torch.dtype) -> list[Tensor | None]:
@@ -120,3 +335,37 @@ def keep_masks(resets: Tensor | None, steps: int, dtype: torch.dtype) -> list[Te
     if resets is None:
         return [None] * steps
     return list((~resets).to(dtype).unsqueeze(-1).unbind(1))
+
+
+# Elapsed time as timespans or as an input -------------------------------------------------------
+
+
+def _cell_class(cell: str | type[RecurrentModule] | RecurrentModule) -> type[RecurrentModule]:
+    if isinstance(cell, str):
+        from cfc_rl.nn.registry import cell_spec  # the registry imports this module
+
+        spec: CellSpec = cell_spec(cell)
+        return spec.cls
+    return cell if isinstance(cell, type) else type(cell)
+
+
+def cell_input_size(
+    cell: str | type[RecurrentModule] | RecurrentModule, features: int, has_dt: bool
+) -> int:
+    """The ``input_size`` to build ``cell`` with for ``features`` input features, when the
+    elapsed time Δt of each step is (``has_dt``) or is not known: continuous-time cells take
+    Δt as ``timespans``, discrete ones (``uses_timespans = False``) as one more input feature.
+
+    :param cell: a name of :data:`cfc_rl.nn.CELLS`, a cell class or a cell
+    :raises ValueError: for an unknown name, listing the known ones
+    """
+    return features + int(has_dt and not _cell_class(cell).uses_timespans)
+
+
+def time_input(cell: RecurrentModule, x: Tensor, dt: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """What to give ``cell`` for inputs ``x (B, T, features)`` and elapsed times ``dt (B, T)``
+    (or None): ``(x, dt)`` for continuous-time cells, ``(x with dt as its last feature, None)``
+    for discrete ones. Build the cell with :func:`cell_input_size` to match."""
+    if dt is None or cell.uses_timespans:
+        return x, dt
+    return torch.cat([x, dt.unsqueeze(-1).to(x.dtype)], dim=-1), None

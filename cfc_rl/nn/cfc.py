@@ -1,29 +1,39 @@
-"""Closed-form continuous-time (CfC) networks, every variant of the paper (see PAPER.md).
+"""Closed-form continuous-time (CfC) networks, every variant of the CfC paper.
 
-One :class:`CfC` module covers the default, no-gate and pure (Cf-S) modes, mixed memory,
-an output projection and sparse NCP wirings; it reproduces ``ncps.torch.CfC`` exactly (see
+Each neuron's state after an elapsed time Δt is a closed-form expression, no ODE solver::
+
+    default (gated):  h = tanh(ff1) · (1 − σ(t_a·Δt + t_b)) + σ(t_a·Δt + t_b) · tanh(ff2)
+    no_gate:          h = tanh(ff1) + σ(t_a·Δt + t_b) · tanh(ff2)
+    pure (Cf-S):      h = A − A · exp(−Δt · (|w_τ| + |ff1|)) · ff1
+
+where ff1, ff2, t_a, t_b are linear heads on a backbone (Linear layers and an activation) of
+``[input ; h_previous]``. One :class:`CfC` module covers these modes, mixed memory, an output
+projection and sparse NCP wirings; it reproduces ``ncps.torch.CfC`` exactly (see
 :func:`cfc_rl.nn.from_ncps`) and fixes its per-sample time handling.
 
 Why the code is laid out this way: the part of each layer that reads the input does not
 depend on the state, so it is computed for all time steps in one matrix multiply before the
-time loop; the loop only does the recurrent half.
+time loop (:meth:`CfC.prepare_inputs`); the loop only does the recurrent half. The fused
+kernel of :mod:`cfc_rl.nn.cfc_fused` runs the whole sequence where it applies; everything
+else runs through the shared per-step driver of :class:`~cfc_rl.nn.base.RecurrentModule`.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cfc_rl.nn.base import RecurrentModule, keep_masks
+from cfc_rl.nn.base import RecurrentModule
 from cfc_rl.nn.cfc_fused import FUSED_ACTIVATIONS, cfc_sequence, compiled_loops
-from cfc_rl.nn.rnn import MemoryCell
 from cfc_rl.nn.wirings import Wiring
 
 MODES = ("default", "no_gate", "pure")
 # Above this many numbers kept per step (batch × per-sample size), training with the kernel's
-# ATen loops takes the autograd loop instead, which is faster there (see CfC._sequence).
+# ATen loops takes the shared driver instead, which is faster there (see CfC._sequence).
 FUSED_MAX_STEP_ELEMENTS = 1 << 16
 
 
@@ -170,10 +180,14 @@ class CfC(RecurrentModule):
     :param mixed_memory: put an LSTM memory cell before each update (CfC-mmRNN); the state
         is then ``[h | c]``
     :param proj_size: if set, the outputs go through a Linear layer to this size
-    :param fused: run through the fused kernel of :mod:`cfc_rl.nn.cfc_fused` where it applies
-        (an unwired CfC with a one-layer backbone): same numbers, several times faster at RL
-        sizes; False differentiates through autograd, which second derivatives need
+    :param fast: run the hand-written kernels where they apply (compiled C++ loops on the CPU,
+        fused ATen loops elsewhere): same numbers, several times faster; False differentiates
+        through autograd over the shared per-step driver, which second derivatives need. The
+        kernel covers an unwired CfC with a one-layer backbone (:attr:`kernel_applies`); every
+        other configuration runs the driver either way.
     """
+
+    cpu_kernels = ("cfc_cpu",)
 
     def __init__(
         self,
@@ -187,13 +201,14 @@ class CfC(RecurrentModule):
         activation: str = "lecun_tanh",
         mixed_memory: bool = False,
         proj_size: int | None = None,
-        fused: bool = True,
+        fast: bool = True,
     ) -> None:
         super().__init__()
         if input_size < 1:
             raise ValueError(f"input_size must be a positive integer, got {input_size}")
         self.input_size = input_size
         self.mode = mode
+        self.fast = fast
         self.wiring: Wiring | None = None
         if isinstance(units, Wiring):
             given = {
@@ -229,7 +244,6 @@ class CfC(RecurrentModule):
                     )
                 )
             self.layers = nn.ModuleList(cells)
-            cell_output = self.layer_sizes[-1]
         else:
             if isinstance(units, bool) or not isinstance(units, int) or units < 1:
                 raise ValueError(f"units must be a positive integer or a Wiring, got {units!r}")
@@ -248,17 +262,13 @@ class CfC(RecurrentModule):
                     )
                 ]
             )
-            cell_output = units
-        self.memory = MemoryCell(input_size, self.units) if mixed_memory else None
-        self.state_size = 2 * self.units if mixed_memory else self.units
-        self.proj = None if proj_size is None else nn.Linear(cell_output, proj_size)
-        self.output_size = cell_output if proj_size is None else proj_size
-        # The fused kernel covers one unwired layer with a one-layer backbone; the autograd
-        # loop below runs everything else.
+        # The outputs are the neurons of the last layer (all of them without a wiring).
+        self.configure_state(
+            self.units, self.layer_sizes[-1], mixed_memory=mixed_memory, proj_size=proj_size
+        )
         only = self.layers[0]
-        self.fused = (
-            fused
-            and self.wiring is None
+        self._kernel_applies = (
+            self.wiring is None
             and len(only.backbone) == 1
             and only.activation_name in FUSED_ACTIVATIONS
         )
@@ -271,27 +281,71 @@ class CfC(RecurrentModule):
         )
 
     @property
-    def mixed_memory(self) -> bool:
-        return self.memory is not None
+    def kernel_applies(self) -> bool:
+        """Whether the fused kernel of :mod:`cfc_rl.nn.cfc_fused` covers this configuration:
+        one unwired layer with a one-layer backbone (any mode, activation, mixed memory)."""
+        return self._kernel_applies
+
+    # The per-step protocol: the first layer's input half is hoisted out of the loop.
+
+    def prepare_inputs(self, x: Tensor) -> Tensor:
+        w_in, _, bias = self.layers[0].first_linear()
+        return F.linear(x, w_in, bias)  # (B, T, D): the input half, all steps at once
+
+    def step_constants(self, x: Tensor) -> tuple[list[Tensor], list[Any], list[Tensor]]:
+        """Per layer: the recurrent half of the first linear map (transposed), the input half
+        and bias (layers after the first; they read the previous layer's new state) and the
+        (masked) heads' weight."""
+        rec_weights, in_maps = [], []
+        for i, layer in enumerate(self.layers):
+            w_in, w_rec, bias = layer.first_linear()
+            rec_weights.append(w_rec.t())
+            in_maps.append(None if i == 0 else (w_in, bias))
+        heads_weights = [layer.heads_weight() for layer in self.layers]
+        return rec_weights, in_maps, heads_weights
+
+    def step(
+        self, x_t: Tensor, h: Tensor, dt_t: Tensor, constants: tuple[list, list, list]
+    ) -> Tensor:
+        rec_weights, in_maps, heads_weights = constants
+        first = self.layers[0]
+        if len(self.layers) == 1:
+            return first.step(torch.addmm(x_t, h, rec_weights[0]), dt_t, heads_weights[0])
+        hs = h.split(self.layer_sizes, dim=1)
+        layer_input = first.step(torch.addmm(x_t, hs[0], rec_weights[0]), dt_t, heads_weights[0])
+        new_hs = [layer_input]
+        for i in range(1, len(self.layers)):
+            w_in, bias = in_maps[i]
+            pre = torch.addmm(F.linear(layer_input, w_in, bias), hs[i], rec_weights[i])
+            layer_input = self.layers[i].step(pre, dt_t, heads_weights[i])
+            new_hs.append(layer_input)
+        return torch.cat(new_hs, dim=1)
+
+    def readout(self, hs: Tensor) -> Tensor:
+        if len(self.layers) == 1:
+            return hs
+        return hs[..., self.units - self.layer_sizes[-1] :]
+
+    # The fused kernel for whole sequences.
 
     def _sequence(
         self, x: Tensor, state: Tensor, timespans: Tensor, resets: Tensor | None
     ) -> tuple[Tensor, Tensor]:
         # The kernel saves the per-operation overhead of autograd, which dominates for the
         # batches of RL (dozens of samples). With its ATen loops (CUDA, mixed memory, no C++
-        # compiler), large training batches are faster through the autograd loop, where the
+        # compiler), large training batches are faster through the shared driver, where the
         # kernel's extra memory traffic costs more than it saves (measured on 2 CPU cores,
         # forward + backward, B256 T64 H128: kernel 150 ms, autograd 123 ms); its compiled CPU
         # loops are the faster at every size measured (B256 T64 H128: 153 ms against 165 ms).
-        if not self.fused:
-            return self._sequence_autograd(x, state, timespans, resets)
+        if not (self.fast and self._kernel_applies):
+            return self.step_sequence(x, state, timespans, resets)
         per_step = x.shape[0] * self._fused_step_size
         if (
             torch.is_grad_enabled()
             and per_step > FUSED_MAX_STEP_ELEMENTS
             and compiled_loops(x.device, x.dtype) is None
         ):
-            return self._sequence_autograd(x, state, timespans, resets)
+            return self.step_sequence(x, state, timespans, resets)
         layer = self.layers[0]
         w_in, w_rec, bias = layer.first_linear()
         if self.memory is None:
@@ -317,52 +371,3 @@ class CfC(RecurrentModule):
         # (episode resets) and outputs (residuals) independently.
         final = y[:, -1].clone() if final_cell is None else torch.cat([y[:, -1], final_cell], 1)
         return (y if self.proj is None else self.proj(y)), final
-
-    def _sequence_autograd(
-        self, x: Tensor, state: Tensor, timespans: Tensor, resets: Tensor | None
-    ) -> tuple[Tensor, Tensor]:
-        """The reference path: a time loop under autograd, for every configuration."""
-        first = self.layers[0]
-        w_in, w_rec0, bias0 = first.first_linear()
-        x_projected = F.linear(x, w_in, bias0)  # (B, T, D): the input half, all steps at once
-        rec_weights = [w_rec0.t()]
-        in_maps = [None]
-        for layer in self.layers[1:]:
-            w_in_l, w_rec_l, bias_l = layer.first_linear()
-            in_maps.append((w_in_l, bias_l))
-            rec_weights.append(w_rec_l.t())
-        heads_weights = [layer.heads_weight() for layer in self.layers]
-        memory_in = self.memory.project_inputs(x) if self.memory is not None else None
-
-        # Unbound once: indexing [:, t] in the loop costs a full-size gradient per step.
-        x_steps = x_projected.unbind(1)
-        memory_steps = memory_in.unbind(1) if memory_in is not None else None
-        timespan_steps = timespans.unsqueeze(-1).unbind(1)
-        keeps = keep_masks(resets, x.shape[1], x.dtype)
-
-        h, c = state.chunk(2, dim=1) if self.memory is not None else (state, None)
-        outputs = []
-        for t in range(x.shape[1]):
-            if keeps[t] is not None:
-                h = h * keeps[t]
-                c = c * keeps[t] if c is not None else None
-            if memory_steps is not None:
-                h, c = self.memory.step(memory_steps[t], h, c)
-            hs = h.split(self.layer_sizes, dim=1) if len(self.layers) > 1 else (h,)
-            new_hs = []
-            layer_input = None
-            for i, layer in enumerate(self.layers):
-                if i == 0:
-                    pre = torch.addmm(x_steps[t], hs[0], rec_weights[0])
-                else:
-                    w_in_l, bias_l = in_maps[i]
-                    pre = torch.addmm(F.linear(layer_input, w_in_l, bias_l), hs[i], rec_weights[i])
-                layer_input = layer.step(pre, timespan_steps[t], heads_weights[i])
-                new_hs.append(layer_input)
-            h = torch.cat(new_hs, dim=1) if len(new_hs) > 1 else new_hs[0]
-            outputs.append(layer_input)
-        y = torch.stack(outputs, dim=1)
-        if self.proj is not None:
-            y = self.proj(y)
-        final = torch.cat([h, c], dim=1) if c is not None else h
-        return y, final

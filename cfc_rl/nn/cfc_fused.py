@@ -16,9 +16,10 @@ The time loops come in two kinds with the same numbers:
   gates computed for chunks of steps at once.
 
 It covers an unwired CfC with one backbone layer, in any mode, with any backbone activation,
-with or without mixed memory; :class:`~cfc_rl.nn.CfC` uses its autograd loop for the rest and,
-with the ATen loops, for training batches so large that arithmetic, not overhead, dominates.
-Tests compare all three in float64, and gradcheck checks both backward loops.
+with or without mixed memory; :class:`~cfc_rl.nn.CfC` runs the rest through the shared per-step
+driver under autograd (:meth:`~cfc_rl.nn.base.RecurrentModule.step_sequence`), and so, with the
+ATen loops, training batches so large that arithmetic, not overhead, dominates. Tests compare all
+three in float64, and gradcheck checks both backward loops.
 
 Notation (one backbone layer, ``a`` and ``c`` the activation's inner and outer scale, ``g`` its
 base function, so LeCun's tanh is ``1.7159·tanh(0.666·x)``)::
@@ -461,7 +462,8 @@ class _CfCSequence(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: a second derivative is wanted
             raise RuntimeError(
                 "the fused CfC kernel has no second derivative (double backward, gradient "
-                "penalties); build the CfC with fused=False to differentiate through autograd"
+                "penalties); build the CfC with fast=False (or set cfc.fast = False) to "
+                "differentiate through autograd"
             )
         with torch.no_grad():
             return _CfCSequence._backward(ctx, grad_y, grad_final_cell)

@@ -1,14 +1,25 @@
-"""Liquid time-constant (LTC) networks: the ODE of PAPER.md with three solvers.
+"""Liquid time-constant (LTC) networks, with three solvers.
 
-``solver="fused"`` is the reference semi-implicit Euler step of ``ncps.torch.LTC`` (outputs
-identical to it); ``"euler"`` and ``"rk4"`` are explicit solvers of the same right-hand side,
-the ODE-based baselines the CfC speed claims are measured against. The sensory synapses do not
-depend on the state, so they are evaluated for all time steps before the time loop.
+Each neuron i has a membrane potential v_i that follows the ODE::
+
+    cm_i · dv_i/dt = gleak_i · (vleak_i − v_i) + Σ_j w_ji · σ(σ_ji · (v_j − μ_ji)) · (E_ji − v_i)
+
+summed over the neurons j (and, with the sensory parameters, over the inputs) that synapse onto
+i; w, cm and gleak are kept positive. ``solver="fused"`` is the reference semi-implicit Euler
+step of ``ncps.torch.LTC`` (outputs identical to it)::
+
+    v ← (cm/δ · v + gleak·vleak + Σ w·σ(·)·E) / (cm/δ + gleak + Σ w·σ(·) + ε),  δ = Δt / unfolds
+
+``"euler"`` and ``"rk4"`` are explicit solvers of the same right-hand side, the ODE-based
+baselines the CfC speed claims are measured against. The sensory synapses do not depend on the
+state, so they are evaluated for all time steps before the time loop
+(:meth:`LTC.prepare_inputs`); the time loop itself is the shared per-step driver of
+:class:`~cfc_rl.nn.base.RecurrentModule`.
 
 The synapse reductions, most of an LTC's time, run on the CPU in the compiled loops of
 ``csrc/ltc_cpu.cpp``: one pass over the parameters per sample instead of several over a
 (B, N, N) tensor, and a hand-written backward pass. Elsewhere (CUDA, no C++ compiler,
-``compiled=False``) they run as ATen operations: the same numbers.
+``fast=False``) they run as ATen operations: the same numbers.
 """
 
 from __future__ import annotations
@@ -22,8 +33,7 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
 from cfc_rl.nn import cpu_extensions
-from cfc_rl.nn.base import RecurrentModule, keep_masks
-from cfc_rl.nn.rnn import MemoryCell
+from cfc_rl.nn.base import RecurrentModule
 from cfc_rl.nn.wirings import FullyConnected, Wiring
 
 
@@ -42,7 +52,7 @@ class _Constants(NamedTuple):
 SOLVERS = ("fused", "euler", "rk4")
 MAPPINGS = ("affine", "linear", "none")
 
-# Initial ranges of the reference implementation (PAPER.md).
+# Initial ranges of the reference implementation (ncps.torch.LTC).
 _INIT_RANGES = {
     "gleak": (0.001, 1.0),
     "vleak": (-0.2, 0.2),
@@ -87,7 +97,7 @@ class _Synapses(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: a second derivative is wanted
             raise RuntimeError(
                 "the compiled LTC synapses have no second derivative (double backward, "
-                "gradient penalties); build the LTC with compiled=False (or set "
+                "gradient penalties); build the LTC with fast=False (or set "
                 f"{cpu_extensions.ENV_SWITCH}=0 before the first call) to differentiate "
                 "through autograd"
             )
@@ -130,10 +140,14 @@ class LTC(RecurrentModule):
     :param implicit_param_constraints: keep w, sensory_w, cm and gleak positive with a
         softplus at run time (True, as ncps's LTC); with False they are used as they are and
         :meth:`apply_weight_constraints` must be called after each optimiser step
-    :param compiled: on the CPU, evaluate the synapses with the compiled loops of
-        ``csrc/ltc_cpu.cpp`` where they could be built: same numbers, several times faster;
-        False differentiates through autograd, which second derivatives need
+    :param fast: run the hand-written kernels where they apply (compiled C++ loops on the
+        CPU, fused ATen loops elsewhere): same numbers, several times faster; False
+        differentiates through autograd over the shared per-step driver, which second
+        derivatives need. For the LTC the kernel is the synapse sum (``csrc/ltc_cpu.cpp``,
+        float32 and float64 CPU tensors); the time loop is the shared driver either way.
     """
+
+    cpu_kernels = ("ltc_cpu",)
 
     def __init__(
         self,
@@ -147,7 +161,7 @@ class LTC(RecurrentModule):
         mixed_memory: bool = False,
         epsilon: float = 1e-8,
         implicit_param_constraints: bool = True,
-        compiled: bool = True,
+        fast: bool = True,
     ) -> None:
         super().__init__()
         if input_size < 1:
@@ -171,14 +185,13 @@ class LTC(RecurrentModule):
         self.input_size = input_size
         self.units = wiring.units
         self.motor_size = wiring.output_dim
-        self.output_size = wiring.output_dim
         self.solver = solver
         self.ode_unfolds = ode_unfolds
         self.input_mapping = input_mapping
         self.output_mapping = output_mapping
         self.epsilon = epsilon
         self.implicit_param_constraints = implicit_param_constraints
-        self.compiled = compiled
+        self.fast = fast
 
         n, m = self.units, input_size
         for name, shape in (
@@ -209,12 +222,7 @@ class LTC(RecurrentModule):
         self.output_b = (
             nn.Parameter(torch.zeros(self.motor_size)) if output_mapping == "affine" else None
         )
-        self.memory = MemoryCell(input_size, self.units) if mixed_memory else None
-        self.state_size = 2 * self.units if mixed_memory else self.units
-
-    @property
-    def mixed_memory(self) -> bool:
-        return self.memory is not None
+        self.configure_state(self.units, self.motor_size, mixed_memory=mixed_memory)
 
     def _positive(self, param: Tensor) -> Tensor:
         return F.softplus(param) if self.implicit_param_constraints else param
@@ -268,21 +276,24 @@ class LTC(RecurrentModule):
                 v = v + delta / 6.0 * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
         return v
 
-    def _sequence(
-        self, x: Tensor, state: Tensor, timespans: Tensor, resets: Tensor | None
-    ) -> tuple[Tensor, Tensor]:
+    def _extension(self, x: Tensor) -> ModuleType | None:
+        """The compiled synapse loops for this call, or None for the ATen operations (mixed
+        dtypes are left to ATen's type promotion)."""
+        if self.fast and x.dtype == self.sigma.dtype:
+            return compiled_loops(x.device, x.dtype)
+        return None
+
+    # The per-step protocol: sensory synapses hoisted out of the loop, the solver per step.
+
+    def prepare_inputs(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The sensory synapses' sums ``(Σ_j a_ji·E_ji, Σ_j a_ji)``, ``(B, T, N)`` each, for
+        all steps at once (the input mapping applied first)."""
         inputs = x
         if self.input_w is not None:
             inputs = inputs * self.input_w
         if self.input_b is not None:
             inputs = inputs + self.input_b
-        # Mixed dtypes are left to ATen's type promotion.
-        extension = (
-            compiled_loops(x.device, x.dtype)
-            if self.compiled and x.dtype == self.sigma.dtype
-            else None
-        )
-        # Sensory synapses for all steps at once: (B, T, I, N) reduced over the inputs.
+        extension = self._extension(x)
         sensory = self._positive(self.sensory_w) * self.sensory_sparsity_mask
         if extension is not None:  # the B·T steps as one batch of the recurrent synapses' loops
             batch, steps = x.shape[:2]
@@ -294,48 +305,37 @@ class LTC(RecurrentModule):
                 sensory,
                 sensory * self.sensory_erev,
             )
-            sensory_num = sensory_num.view(batch, steps, -1)
-            sensory_den = sensory_den.view(batch, steps, -1)
-        else:
-            sensory = sensory * torch.sigmoid(
-                self.sensory_sigma * (inputs.unsqueeze(-1) - self.sensory_mu)
-            )
-            sensory_num = (sensory * self.sensory_erev).sum(dim=2)
-            sensory_den = sensory.sum(dim=2)
+            return sensory_num.view(batch, steps, -1), sensory_den.view(batch, steps, -1)
+        # (B, T, I, N) reduced over the inputs.
+        sensory = sensory * torch.sigmoid(
+            self.sensory_sigma * (inputs.unsqueeze(-1) - self.sensory_mu)
+        )
+        return (sensory * self.sensory_erev).sum(dim=2), sensory.sum(dim=2)
 
+    def step_constants(self, x: Tensor) -> _Constants:
         w = self._positive(self.w) * self.sparsity_mask
         gleak = self._positive(self.gleak)
-        params = _Constants(
+        return _Constants(
             w=w,
             w_erev=w * self.erev,
             offset=-(self.sigma * self.mu),
             cm=self._positive(self.cm),
             gleak=gleak,
             leak=gleak * self.vleak,
-            extension=extension,
+            extension=self._extension(x),
         )
-        memory_in = self.memory.project_inputs(x) if self.memory is not None else None
 
-        # Unbound once: indexing [:, t] in the loop costs a full-size gradient per step.
-        memory_steps = memory_in.unbind(1) if memory_in is not None else None
-        delta_steps = (timespans / self.ode_unfolds).unsqueeze(-1).unbind(1)
-        num_steps, den_steps = sensory_num.unbind(1), sensory_den.unbind(1)
-        keeps = keep_masks(resets, x.shape[1], x.dtype)
+    def step(
+        self, x_t: tuple[Tensor, Tensor], h: Tensor, dt_t: Tensor, constants: _Constants
+    ) -> Tensor:
+        num_s, den_s = x_t
+        return self._solve(h, dt_t / self.ode_unfolds, num_s, den_s, constants)
 
-        v, c = state.chunk(2, dim=1) if self.memory is not None else (state, None)
-        outputs = []
-        for t in range(x.shape[1]):
-            if keeps[t] is not None:
-                v = v * keeps[t]
-                c = c * keeps[t] if c is not None else None
-            if memory_steps is not None:
-                v, c = self.memory.step(memory_steps[t], v, c)
-            v = self._solve(v, delta_steps[t], num_steps[t], den_steps[t], params)
-            outputs.append(v)
-        y = torch.stack(outputs, dim=1)[:, :, : self.motor_size]
+    def readout(self, hs: Tensor) -> Tensor:
+        """The motor neurons (the first ``output_dim``) through the output mapping."""
+        y = hs[:, :, : self.motor_size]
         if self.output_w is not None:
             y = y * self.output_w
         if self.output_b is not None:
             y = y + self.output_b
-        final = torch.cat([v, c], dim=1) if c is not None else v
-        return y, final
+        return y

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from cfc_rl.nn.base import MemoryCell
 from cfc_rl.nn.cfc import ACTIVATIONS, CfC, CfCLayer, LeCunTanh
 from cfc_rl.nn.ltc import LTC
-from cfc_rl.nn.rnn import MemoryCell
 from cfc_rl.nn.wirings import Wiring
 
 
@@ -61,7 +61,7 @@ def _activation_name(cell: Any) -> str:
 
 
 @torch.no_grad()
-def from_ncps(module: nn.Module) -> CfC | LTC:
+def from_ncps(module: nn.Module, *, fast: bool = True) -> CfC | LTC:
     """Convert an ``ncps.torch.CfC`` or ``ncps.torch.LTC`` into the equivalent module here.
 
     Every configuration is supported: all CfC modes, backbone depth/width/activation/dropout,
@@ -71,6 +71,9 @@ def from_ncps(module: nn.Module) -> CfC | LTC:
     the whole sequence.
 
     :param module: the ncps module (its parameters are copied, it is not modified)
+    :param fast: the converted module's ``fast`` flag: True runs the hand-written kernels where
+        they apply (the same numbers), False autograd over the shared per-step driver, which
+        second derivatives need
     :return: a :class:`~cfc_rl.nn.CfC` or :class:`~cfc_rl.nn.LTC` in the same train/eval mode
     :raises TypeError: for anything else
     """
@@ -79,12 +82,12 @@ def from_ncps(module: nn.Module) -> CfC | LTC:
         raise TypeError(f"from_ncps expects an ncps.torch.CfC or ncps.torch.LTC, got {kind}")
     if not module.batch_first:
         raise ValueError("from_ncps needs an ncps module with batch_first=True")
-    converted = _from_ncps_cfc(module) if kind == "CfC" else _from_ncps_ltc(module)
+    converted = _from_ncps_cfc(module, fast) if kind == "CfC" else _from_ncps_ltc(module, fast)
     converted.train(module.training)
     return converted
 
 
-def _from_ncps_cfc(module: Any) -> CfC:
+def _from_ncps_cfc(module: Any, fast: bool) -> CfC:
     wired = getattr(module, "wired_mode", False)
     proj_size = module.proj_size
     if wired:
@@ -95,6 +98,7 @@ def _from_ncps_cfc(module: Any) -> CfC:
             mode=cells[0].mode,
             mixed_memory=module.use_mixed,
             proj_size=proj_size,
+            fast=fast,
         )
     else:
         cell = module.rnn_cell
@@ -110,6 +114,7 @@ def _from_ncps_cfc(module: Any) -> CfC:
             activation=_activation_name(cell),
             mixed_memory=module.use_mixed,
             proj_size=proj_size,
+            fast=fast,
         )
     for ours, theirs in zip(converted.layers, cells, strict=True):
         _copy_cfc_cell(ours, theirs)
@@ -119,7 +124,7 @@ def _from_ncps_cfc(module: Any) -> CfC:
     return converted
 
 
-def _from_ncps_ltc(module: Any) -> LTC:
+def _from_ncps_ltc(module: Any, fast: bool) -> LTC:
     cell = module.rnn_cell
     converted = LTC(
         module.input_size,
@@ -135,6 +140,7 @@ def _from_ncps_ltc(module: Any) -> LTC:
         mixed_memory=module.use_mixed,
         epsilon=cell._epsilon,
         implicit_param_constraints=cell._implicit_param_constraints,
+        fast=fast,
     )
     ours = dict(converted.named_parameters())
     for name, value in cell._params.items():

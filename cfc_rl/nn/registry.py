@@ -1,7 +1,9 @@
 """Cells by name: the single place that lists them.
 
 ``make_cell("cfc", 17, 64, backbone_units=64)`` builds any cell of the package; scripts, the
-Stable-Baselines3 policies and the YAML configs refer to cells by these names.
+Stable-Baselines3 policies and the YAML configs refer to cells by these names. A new cell (a
+:class:`~cfc_rl.nn.base.RecurrentModule` implementing ``step``, see :mod:`cfc_rl.nn.base`)
+needs one line in :data:`CELLS`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import Any
 
 from cfc_rl.nn.base import RecurrentModule
 from cfc_rl.nn.cfc import CfC
+from cfc_rl.nn.ctrnn import CTRNN
 from cfc_rl.nn.ltc import LTC
 from cfc_rl.nn.rnn import GRU, LSTM
 
@@ -37,6 +40,7 @@ CELLS: dict[str, CellSpec] = {
     "ltc": CellSpec(LTC),
     "lstm": CellSpec(LSTM),
     "gru": CellSpec(GRU),
+    "ctrnn": CellSpec(CTRNN),
 }
 
 
@@ -52,7 +56,7 @@ def make_cell(name: str, input_size: int, hidden_size: Any, **kwargs: Any) -> Re
     """Build the cell called ``name``.
 
     :param name: one of ``CELLS``: "cfc", "cfc_nogate", "cfs" (pure CfC), "cfc_mm" (mixed
-        memory), "ltc", "lstm", "gru"
+        memory), "ltc", "lstm", "gru", "ctrnn" (plain continuous-time RNN)
     :param input_size: number of input features
     :param hidden_size: number of hidden units (for CfC and LTC also a Wiring)
     :param kwargs: passed to the cell's constructor (e.g. ``backbone_units`` for CfC,

@@ -1,5 +1,9 @@
-"""Discrete recurrent baselines (LSTM, GRU) behind the interface of :mod:`cfc_rl.nn.base`,
-and the LSTM memory cell that mixed-memory CfC/LTC models put in front of their update."""
+"""Discrete recurrent baselines (LSTM, GRU) behind the interface of :mod:`cfc_rl.nn.base`.
+
+Both run ``torch.nn``'s fused implementation (cuDNN on GPU) by default, and also implement the
+per-step protocol (:meth:`step` through ``torch.lstm_cell`` / ``torch.gru_cell`` with the same
+weights), so that the shared driver runs them too (``fast=False``).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,11 @@ import itertools
 from abc import abstractmethod
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cfc_rl.nn.base import RecurrentModule
+from cfc_rl.nn.base import MemoryCell, RecurrentModule
+
+__all__ = ["GRU", "LSTM", "MemoryCell"]  # MemoryCell lives in base.py; importable here too
 
 
 class _TorchRNN(RecurrentModule):
@@ -23,7 +28,7 @@ class _TorchRNN(RecurrentModule):
     rnn: nn.LSTM | nn.GRU
     uses_timespans = False
 
-    def __init__(self, input_size: int, hidden_size: int) -> None:
+    def __init__(self, input_size: int, hidden_size: int, fast: bool) -> None:
         super().__init__()
         if input_size < 1 or hidden_size < 1:
             raise ValueError(
@@ -31,7 +36,7 @@ class _TorchRNN(RecurrentModule):
             )
         self.input_size = input_size
         self.hidden_size = hidden_size
-        self.output_size = hidden_size
+        self.fast = fast
 
     @abstractmethod
     def _pack(self, state: Tensor) -> Tensor | tuple[Tensor, Tensor]:
@@ -41,9 +46,15 @@ class _TorchRNN(RecurrentModule):
     def _unpack(self, hidden: Tensor | tuple[Tensor, Tensor]) -> Tensor:
         """The hidden state returned by ``self.rnn`` as our flat state."""
 
+    def step_constants(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        rnn = self.rnn
+        return rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0
+
     def _sequence(
         self, x: Tensor, state: Tensor, timespans: Tensor, resets: Tensor | None
     ) -> tuple[Tensor, Tensor]:
+        if not self.fast:
+            return self.step_sequence(x, state, timespans, resets)
         if resets is None:
             starts = [0]
         else:
@@ -66,12 +77,15 @@ class LSTM(_TorchRNN):
 
     :param input_size: number of input features
     :param hidden_size: number of hidden units (the output size)
+    :param fast: run ``torch.nn.LSTM``'s fused loops (cuDNN on GPU), one call per segment
+        between resets; False runs the shared per-step driver over ``torch.lstm_cell`` under
+        plain autograd (the same numbers), for second derivatives, which cuDNN's RNN lacks
     """
 
-    def __init__(self, input_size: int, hidden_size: int) -> None:
-        super().__init__(input_size, hidden_size)
-        self.state_size = 2 * hidden_size
+    def __init__(self, input_size: int, hidden_size: int, *, fast: bool = True) -> None:
+        super().__init__(input_size, hidden_size, fast)
         self.rnn = nn.LSTM(input_size, hidden_size, batch_first=True)
+        self.configure_state(2 * hidden_size, hidden_size)
 
     def _pack(self, state: Tensor) -> tuple[Tensor, Tensor]:
         h, c = state.chunk(2, dim=1)
@@ -80,18 +94,28 @@ class LSTM(_TorchRNN):
     def _unpack(self, hidden: tuple[Tensor, Tensor]) -> Tensor:
         return torch.cat([hidden[0][0], hidden[1][0]], dim=1)
 
+    def step(self, x_t: Tensor, h: Tensor, dt_t: Tensor, constants: tuple[Tensor, ...]) -> Tensor:
+        hidden, cell = torch.lstm_cell(x_t, list(h.chunk(2, dim=1)), *constants)
+        return torch.cat([hidden, cell], dim=1)
+
+    def readout(self, hs: Tensor) -> Tensor:
+        return hs[..., : self.hidden_size]
+
 
 class GRU(_TorchRNN):
     """Single-layer GRU (``torch.nn.GRU``, cuDNN on GPU); the state is ``h``.
 
     :param input_size: number of input features
     :param hidden_size: number of hidden units (the output size)
+    :param fast: run ``torch.nn.GRU``'s fused loops (cuDNN on GPU), one call per segment
+        between resets; False runs the shared per-step driver over ``torch.gru_cell`` under
+        plain autograd (the same numbers), for second derivatives, which cuDNN's RNN lacks
     """
 
-    def __init__(self, input_size: int, hidden_size: int) -> None:
-        super().__init__(input_size, hidden_size)
-        self.state_size = hidden_size
+    def __init__(self, input_size: int, hidden_size: int, *, fast: bool = True) -> None:
+        super().__init__(input_size, hidden_size, fast)
         self.rnn = nn.GRU(input_size, hidden_size, batch_first=True)
+        self.configure_state(hidden_size, hidden_size)
 
     def _pack(self, state: Tensor) -> Tensor:
         return state.unsqueeze(0).contiguous()
@@ -99,35 +123,5 @@ class GRU(_TorchRNN):
     def _unpack(self, hidden: Tensor) -> Tensor:
         return hidden[0]
 
-
-class MemoryCell(nn.Module):
-    """The LSTM cell of mixed-memory models (ncps's ``LSTMCell``): gates ordered
-    (input, input gate, forget gate, output gate), forget-gate bias +1, orthogonal recurrent
-    weights. Split into an input projection, done for all steps at once, and a step.
-
-    :param input_size: number of input features
-    :param hidden_size: number of units of h and c
-    """
-
-    def __init__(self, input_size: int, hidden_size: int) -> None:
-        super().__init__()
-        self.input_map = nn.Linear(input_size, 4 * hidden_size, bias=True)
-        self.recurrent_map = nn.Linear(hidden_size, 4 * hidden_size, bias=False)
-        # The reference adds 1 to the forget gate's pre-activation; folded into the projection.
-        offset = torch.zeros(4 * hidden_size)
-        offset[2 * hidden_size : 3 * hidden_size] = 1.0
-        self.register_buffer("gate_offset", offset, persistent=False)
-        nn.init.xavier_uniform_(self.input_map.weight)
-        nn.init.uniform_(self.input_map.bias, -0.1, 0.1)
-        nn.init.orthogonal_(self.recurrent_map.weight)
-
-    def project_inputs(self, x: Tensor) -> Tensor:
-        """The input half of the gates (forget-gate offset included), for any leading shape."""
-        return F.linear(x, self.input_map.weight, self.input_map.bias + self.gate_offset)
-
-    def step(self, x_projected: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-        """One update of ``(h, c)`` from the projected input of this step."""
-        z = torch.addmm(x_projected, h, self.recurrent_map.weight.t())
-        i, ig, fg, og = z.chunk(4, dim=1)
-        c = c * torch.sigmoid(fg) + torch.tanh(i) * torch.sigmoid(ig)
-        return torch.tanh(c) * torch.sigmoid(og), c
+    def step(self, x_t: Tensor, h: Tensor, dt_t: Tensor, constants: tuple[Tensor, ...]) -> Tensor:
+        return torch.gru_cell(x_t, h, *constants)

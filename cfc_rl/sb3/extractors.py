@@ -21,7 +21,7 @@ from gymnasium import spaces
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import Tensor
 
-from cfc_rl.nn import cell_spec, make_cell
+from cfc_rl.nn import cell_input_size, make_cell, time_input
 
 OBS_KEY, DT_KEY, VALID_KEY = "obs", "dt", "valid"
 
@@ -109,8 +109,9 @@ class SequenceExtractor(BaseFeaturesExtractor):
       padding before an episode's first step (use ``MultiInputPolicy``).
 
     Δt goes to continuous-time cells as ``timespans``; cells without a notion of time (LSTM,
-    GRU) get it as an extra input feature, so that every cell sees the same information. The
-    state is reset at the first real frame, so padding is never fed as data.
+    GRU) get it as an extra input feature, so that every cell sees the same information
+    (:func:`cfc_rl.nn.time_input` decides). The state is reset at the first real frame, so
+    padding is never fed as data.
 
     :param observation_space: the observation space (see the layouts above)
     :param cell: a name of :data:`cfc_rl.nn.CELLS` ("cfc", "ltc", "lstm", ...)
@@ -129,9 +130,8 @@ class SequenceExtractor(BaseFeaturesExtractor):
         **cell_kwargs: Any,
     ) -> None:
         layout = WindowLayout.from_space(observation_space, n_stack)
-        # Cells without a notion of time get Δt as one more input feature.
-        time_as_input = layout.has_dt and not cell_spec(cell).cls.uses_timespans
-        module = make_cell(cell, layout.features + time_as_input, hidden_size, **cell_kwargs)
+        input_size = cell_input_size(cell, layout.features, layout.has_dt)
+        module = make_cell(cell, input_size, hidden_size, **cell_kwargs)
         super().__init__(observation_space, features_dim=module.output_size)
         self.layout = layout
         self.cell = module
@@ -157,10 +157,8 @@ class SequenceExtractor(BaseFeaturesExtractor):
             # Zero the state at the first real frame, so the padding before it leaves no trace.
             previous = torch.cat([torch.zeros_like(valid[:, :1]), valid[:, :-1]], dim=1)
             resets = valid & ~previous
-        if dt is not None and not self.cell.uses_timespans:
-            x = torch.cat([x, dt.unsqueeze(-1)], dim=-1)
-            dt = None
-        y, _ = self.cell(x, timespans=dt, resets=resets)
+        x, timespans = time_input(self.cell, x, dt)
+        y, _ = self.cell(x, timespans=timespans, resets=resets)
         return y[:, -1]
 
 

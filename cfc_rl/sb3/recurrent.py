@@ -24,7 +24,7 @@ from stable_baselines3.common.torch_layers import (
 from stable_baselines3.common.type_aliases import Schedule
 from torch import Tensor, nn
 
-from cfc_rl.nn import RecurrentModule, cell_spec, make_cell
+from cfc_rl.nn import RecurrentModule, cell_input_size, make_cell, time_input
 from cfc_rl.sb3.extractors import DT_KEY, ElapsedTimeExtractor
 
 
@@ -33,9 +33,10 @@ class PolicyCell(nn.Module):
     flat state (RecurrentPPO sizes its buffers from ``num_layers`` and ``hidden_size``; the
     LSTM cell-state slot of its ``(h, c)`` pairs is carried along unused).
 
-    :param cell: the recurrent module
-    :param time_in_features: the last input feature is the elapsed time Δt (from an
-        :class:`ElapsedTimeExtractor`); continuous-time cells take it as ``timespans``
+    :param cell: the recurrent module, built for the features by
+        :func:`cfc_rl.nn.cell_input_size`
+    :param time_in_features: the last feature is the elapsed time Δt (from an
+        :class:`ElapsedTimeExtractor`); :func:`cfc_rl.nn.time_input` gives it to the cell
     """
 
     num_layers = 1
@@ -43,8 +44,10 @@ class PolicyCell(nn.Module):
     def __init__(self, cell: RecurrentModule, time_in_features: bool) -> None:
         super().__init__()
         self.cell = cell
-        self.split_time = time_in_features and cell.uses_timespans
-        self.input_size = cell.input_size + (1 if self.split_time else 0)
+        self.time_in_features = time_in_features
+        # The features: the cell's inputs other than Δt, then Δt itself when it is reported.
+        dt_inputs = cell_input_size(cell, 0, time_in_features)  # the cell's inputs that are Δt
+        self.input_size = cell.input_size - dt_inputs + int(time_in_features)
         self.hidden_size = cell.state_size
         self.output_size = cell.output_size
 
@@ -62,16 +65,18 @@ class PolicyCell(nn.Module):
         hidden, unused = states
         n_seq = hidden.shape[1]
         x = features.reshape(n_seq, -1, self.input_size)
-        timespans = None
-        if self.split_time:
-            x, timespans = x[..., :-1], x[..., -1]
+        dt = None
+        if self.time_in_features:
+            x, dt = x[..., :-1], x[..., -1]
+        x, timespans = time_input(self.cell, x, dt)
         resets = episode_starts.reshape(n_seq, -1) > 0.5
         y, final = self.cell(x, hidden[0], timespans=timespans, resets=resets)
         return y.reshape(-1, self.output_size), (final.unsqueeze(0), unused)
 
 
 class RecurrentCellPolicy(RecurrentActorCriticPolicy):
-    """Actor-critic policy with a CfC, LTC, LSTM or GRU cell, for ``sb3_contrib.RecurrentPPO``.
+    """Actor-critic policy with any cell of :data:`cfc_rl.nn.CELLS` (CfC, LTC, CT-RNN, LSTM,
+    GRU...), for ``sb3_contrib.RecurrentPPO``.
 
     Features → cell → MLP heads, with a separate critic cell by default, as RecurrentPPO's
     ``MlpLstmPolicy``. Observations that report elapsed time (a Dict with ``"dt"``, as
@@ -135,7 +140,12 @@ class RecurrentCellPolicy(RecurrentActorCriticPolicy):
         self.shared_lstm = shared_cell
         self.enable_critic_lstm = enable_critic_cell
         # RecurrentActorCriticPolicy.__init__ would build nn.LSTM modules; its parent builds
-        # everything else and calls _build_mlp_extractor, where the cells are made.
+        # everything else and calls _build_mlp_extractor, where the cells are made. What that
+        # skipped __init__ sets and the rest of sb3-contrib reads (shared_lstm,
+        # enable_critic_lstm here; lstm_actor, lstm_critic, lstm_output_dim,
+        # lstm_hidden_state_shape, critic in _build_mlp_extractor; _process_sequence) is
+        # re-created under its private names: tests/test_sb3_recurrent.py checks the list
+        # against the installed sb3-contrib.
         ActorCriticPolicy.__init__(
             self,
             observation_space,
@@ -158,10 +168,10 @@ class RecurrentCellPolicy(RecurrentActorCriticPolicy):
         )
 
     def _make_cell(self) -> PolicyCell:
+        # An ElapsedTimeExtractor puts Δt last among the features.
         time_in_features = isinstance(self.pi_features_extractor, ElapsedTimeExtractor)
-        # Continuous-time cells take Δt (the last feature) as timespans, not as an input.
-        time_as_timespans = time_in_features and cell_spec(self.cell_name).cls.uses_timespans
-        input_size = self.features_dim - time_as_timespans
+        features = self.features_dim - int(time_in_features)
+        input_size = cell_input_size(self.cell_name, features, time_in_features)
         module = make_cell(self.cell_name, input_size, self.hidden_size, **self.cell_kwargs)
         return PolicyCell(module, time_in_features)
 

@@ -4,14 +4,29 @@
 // -ffast-math and glibc's libmvec, which also changes the rest of the arithmetic). The float
 // versions here are branch-free polynomial and rational approximations that it vectorises;
 // the double versions (gradcheck, tests) are the C library's.
+//
+// C++17 only: torch before 2.13 compiles extensions with -std=c++17 (2.13 with -std=c++20).
 
 #pragma once
 
-#include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 namespace cfc_rl {
+
+// std::bit_cast (C++20) in C++17: the bytes of `from` read as a `To`. GCC and Clang turn the
+// memcpy into a register move (or nothing), so the loops calling it still vectorise.
+template <typename To, typename From>
+inline To bit_cast(const From& from) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast between types of different sizes");
+  static_assert(std::is_trivially_copyable<To>::value && std::is_trivially_copyable<From>::value,
+                "bit_cast of a type that is not trivially copyable");
+  To to;
+  std::memcpy(&to, &from, sizeof(To));
+  return to;
+}
 
 template <typename T>
 struct Math {
@@ -37,7 +52,7 @@ struct Math<float> {
     y = y * r + 1.6666665459e-1f;
     y = y * r + 5.0000001201e-1f;
     y = y * r * r + r + 1.0f;
-    return y * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+    return y * bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
   }
   // Eigen's rational tanh (degree 13 over 6) on [-7.9053, 7.9053], where float tanh reaches
   // 1; absolute and relative error below 3e-7.

@@ -1,16 +1,18 @@
-"""Agent files (``agents/*.yaml``): one algorithm, its policy and its hyperparameters.
+"""Agent files (``agents/*.yaml``) and the per-task algorithm settings they share.
 
-An agent file is data, validated on load like a task file (it reuses the checks and the
-:class:`~cfc_rl.envs.ConfigError` of :mod:`cfc_rl.envs.config`): an unknown key, a wrong type or
-a bad value raises ``ConfigError`` naming the file, the key and what was expected. Schema::
+Settings are written once, RL Baselines3 Zoo style: ``agents/settings/<algo>.yaml`` holds one
+entry per task for an algorithm (``hyperparams``, ``policy_kwargs``, ``n_envs``,
+``normalize``), keyed by the Gymnasium id the task wraps (``Pendulum-v1`` serves
+``cfc_rl/Pendulum-P-v1``), the task id, or a task file's name (later keys win). An agent file
+says only what differs: its algorithm, policy, cell, and what it changes on every task.
+An agent run on a task that has no settings entry (and no ``overrides`` for it) is an error
+that says so, never another task's settings. Schema of an agent file::
 
-    algo: recurrent_ppo            # ppo | recurrent_ppo | sac
+    algo: recurrent_ppo            # ppo | recurrent_ppo | sac (cfc_rl.experiment.algorithms)
     policy: RecurrentCellPolicy    # RecurrentCellPolicy | MlpLstmPolicy | MlpPolicy
                                    # (Dict observations switch to the MultiInput... variant)
-    hyperparams:                   # keyword arguments of the algorithm's constructor
-      n_steps: 128                 # checked against its signature; "lin_0.001" is a linear
-      learning_rate: lin_0.001     #   schedule from 0.001 down to 0
-    policy_kwargs:                 # keyword arguments of the policy
+    hyperparams: {}                # keyword arguments of the algorithm, on top of the settings
+    policy_kwargs:                 # keyword arguments of the policy, on top of the settings
       cell: cfc                    # RecurrentCellPolicy: any name of cfc_rl.nn.CELLS
       hidden_size: 64
       activation_fn: relu          # relu | tanh | elu | leaky_relu | gelu | silu
@@ -18,55 +20,50 @@ a bad value raises ``ConfigError`` naming the file, the key and what was expecte
     features_extractor: null       # {cell: cfc, hidden_size: 64, ...}: SequenceExtractor
     frame_stack: null              # stack k frames with VecFrameStack
     wrappers: {}                   # task wrappers this agent needs (e.g. history: 8)
-    n_envs: null                   # replaces the task file's train.n_envs
-    normalize: null                # replaces the task file's train.normalize
-    overrides:                     # per task: any of the keys above, merged into them
-      cfc_rl/Pendulum-P-v1:        # a task id, or a task file's name without .yaml
-        hyperparams: {n_steps: 1024}
+    n_envs: null                   # replaces the settings' / task file's n_envs
+    normalize: null                # replaces the settings' / task file's normalize
+    overrides:                     # per task id or task file name: any of the keys above,
+      cfc_rl/Pendulum-P-v1:        #   merged in last
+        hyperparams: {learning_rate: 0.0003}
 
-:func:`resolve_agent` applies the overrides for one task; the result is what a run records in
-its ``config.yaml`` and what :mod:`cfc_rl.experiment.train` builds.
+Hyperparameters are checked against the algorithm's constructor, ``"lin_<x>"`` is a linear
+schedule from x to 0. Every file is validated on load: an unknown key, a wrong type or a bad
+value raises :class:`~cfc_rl.envs.ConfigError` naming the file, the key and what was expected.
+:func:`resolve_agent` gives the agent for one task; the result is what a run records in its
+``config.yaml``.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from cfc_rl.envs import ConfigError, TaskConfig, WrapperSettings, load_task_config
+from cfc_rl.envs import TASKS, ConfigError, WrapperSettings
 from cfc_rl.envs.config import parse_section, read_yaml
+from cfc_rl.experiment.algorithms import ALGORITHMS, algorithm
+from cfc_rl.experiment.tasks import Task
 from cfc_rl.nn import CELLS
 
 __all__ = [
     "ACTIVATIONS",
-    "ALGOS",
+    "SETTINGS_FOLDER",
     "AgentConfig",
+    "TaskSettings",
     "load_agent_config",
-    "load_task",
+    "load_settings",
     "make_schedule",
     "resolve_agent",
-    "task_name",
 ]
 
-ALGOS: dict[str, tuple[str, str]] = {
-    "ppo": ("stable_baselines3", "PPO"),
-    "recurrent_ppo": ("sb3_contrib", "RecurrentPPO"),
-    "sac": ("stable_baselines3", "SAC"),
-}
-"""Algorithm names of agent files -> (module, class)."""
-
-POLICIES: dict[str, tuple[str, ...]] = {
-    "ppo": ("MlpPolicy",),
-    "recurrent_ppo": ("RecurrentCellPolicy", "MlpLstmPolicy"),
-    "sac": ("MlpPolicy",),
-}
-"""The policies each algorithm accepts (Dict observations use the MultiInput variants)."""
+SETTINGS_FOLDER = "settings"
+"""Where an agent file's per-task settings are, relative to the agent file's folder."""
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -91,12 +88,6 @@ _KEYS = (
 )
 # Set by the run itself (train.py), never by an agent file.
 _RESERVED_HYPERPARAMS = ("policy", "env", "seed", "device", "verbose", "tensorboard_log")
-
-
-def algo_class(name: str) -> type:
-    """The algorithm class called ``name`` in agent files (imported on demand)."""
-    module, cls = ALGOS[name]
-    return getattr(__import__(module, fromlist=[cls]), cls)
 
 
 def make_schedule(value: float | str) -> float | Callable[[float], float]:
@@ -129,7 +120,7 @@ def _check_hyperparams(algo: str, data: Any, where: str) -> dict[str, Any]:
     """Check names against the algorithm's constructor and types against its defaults."""
     if not isinstance(data, Mapping):
         raise ValueError(f"{where} must be a mapping, got {data!r}")
-    params = inspect.signature(algo_class(algo).__init__).parameters
+    params = inspect.signature(algorithm(algo).cls.__init__).parameters
     known = [n for n in params if n not in ("self", *_RESERVED_HYPERPARAMS, "policy_kwargs")]
     checked = {}
     for key, value in data.items():
@@ -233,6 +224,8 @@ class AgentConfig:
     :param overrides: per task id or task file name, a partial agent config merged in by
         :func:`resolve_agent`
     :param source: where the config came from, for error messages
+    :param settings: the per-task settings of its algorithm (None once resolved, or when
+        there is no settings file: then every task needs an entry in ``overrides``)
     """
 
     name: str
@@ -247,14 +240,22 @@ class AgentConfig:
     normalize: bool | None = None
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     source: str = "<dict>"
+    settings: TaskSettings | None = field(default=None, compare=False)
 
     @classmethod
-    def from_dict(cls, data: Any, name: str, source: str = "<dict>") -> AgentConfig:
+    def from_dict(
+        cls,
+        data: Any,
+        name: str,
+        source: str = "<dict>",
+        settings: TaskSettings | None = None,
+    ) -> AgentConfig:
         """Validate a parsed agent file, including each of its per-task overrides.
 
         :param data: the mapping read from YAML (or written in Python)
         :param name: the agent's name
         :param source: a name for error messages, usually the file path
+        :param settings: the per-task settings of its algorithm (see :func:`load_settings`)
         :return: the validated config
         :raises ConfigError: naming ``source``, the key and what was expected
         """
@@ -271,19 +272,104 @@ class AgentConfig:
             if "overrides" in partial:
                 raise ConfigError(f"{source}: {where}overrides: overrides do not nest")
             _validate(_merge(data, partial), source, where=where)
+        if settings is not None and settings.algo != values["algo"]:
+            raise ConfigError(f"{source}: settings {settings.source} are for {settings.algo}")
         return cls(
             name=name,
             overrides={str(k): dict(v) for k, v in overrides.items()},
             source=source,
+            settings=settings,
             **values,
         )
 
+    @property
+    def cells(self) -> list[str]:
+        """The names of the cells of :mod:`cfc_rl.nn` the agent runs (its policy's, its
+        features extractor's)."""
+        names = []
+        if self.policy == "RecurrentCellPolicy":
+            names.append(self.policy_kwargs["cell"])
+        if self.features_extractor is not None:
+            names.append(self.features_extractor.get("cell", "cfc"))  # SequenceExtractor's
+        return names
+
     def as_dict(self) -> dict[str, Any]:
-        """The config as plain data (what ``config.yaml`` stores), without name and source."""
-        data = asdict(self)
-        for key in ("name", "source"):
+        """The config as plain data (what ``config.yaml`` stores), without name, source and
+        settings."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        for key in ("name", "source", "settings"):
             data.pop(key)
-        return data
+        return copy.deepcopy(data)
+
+
+_SETTINGS_KEYS = ("hyperparams", "policy_kwargs", "n_envs", "normalize")
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """One algorithm's per-task settings (``agents/settings/<algo>.yaml``).
+
+    :param algo: the algorithm they are for
+    :param entries: per key (a Gymnasium id, a task id or a task file's name), the settings
+        (``hyperparams``, ``policy_kwargs``, ``n_envs``, ``normalize``)
+    :param source: the settings file
+    """
+
+    algo: str
+    entries: dict[str, dict[str, Any]]
+    source: str
+
+    def for_task(self, task: Task) -> dict[str, Any] | None:
+        """The settings for ``task``: the entries for the Gymnasium id it wraps, its id and its
+        file's name, merged in that order; None if there is none."""
+        keys = [task.id, task.name]
+        if task.id in TASKS:
+            keys.insert(0, TASKS[task.id].base_id)
+        found = [self.entries[k] for k in dict.fromkeys(keys) if k in self.entries]
+        if not found:
+            return None
+        merged: dict[str, Any] = {}
+        for entry in found:
+            merged = _merge(merged, entry)
+        return merged
+
+
+def load_settings(path: str | os.PathLike[str], algo: str) -> TaskSettings:
+    """Read and validate a settings file of algorithm ``algo``.
+
+    :raises ConfigError: naming the file, the entry and the key
+    """
+    path = Path(path)
+    source = str(path)
+    data = read_yaml(path) or {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: expected a mapping of task to settings, got {data!r}")
+    entries = {}
+    for key, entry in data.items():
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"{source}: {key} must be a mapping, got {entry!r}")
+        for name in entry:
+            if name not in _SETTINGS_KEYS:
+                raise ConfigError(
+                    f"{source}: unknown key {key}.{name}; expected one of "
+                    f"{', '.join(_SETTINGS_KEYS)}"
+                )
+        try:
+            checked = {
+                "hyperparams": _check_hyperparams(
+                    algo, entry.get("hyperparams") or {}, f"{key}.hyperparams"
+                ),
+                "policy_kwargs": _check_policy_kwargs(
+                    entry.get("policy_kwargs") or {}, f"{key}.policy_kwargs"
+                ),
+            }
+            for name, check in (("n_envs", _optional_positive_int), ("normalize", _optional_bool)):
+                if entry.get(name) is not None:
+                    checked[name] = check(f"{key}.{name}", entry[name])
+        except ValueError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        entries[str(key)] = checked
+    return TaskSettings(algo, entries, source)
 
 
 def _merge(base: Mapping[str, Any], partial: Mapping[str, Any]) -> dict[str, Any]:
@@ -308,11 +394,14 @@ def _validate(data: Mapping[str, Any], source: str, where: str) -> dict[str, Any
         if key not in data:
             raise ConfigError(f"{source}: missing key {where}{key}")
     algo, policy = data["algo"], data["policy"]
-    if algo not in ALGOS:
-        raise ConfigError(f"{source}: {where}algo must be one of {', '.join(ALGOS)}, got {algo!r}")
-    if policy not in POLICIES[algo]:
+    if algo not in ALGORITHMS:
         raise ConfigError(
-            f"{source}: {where}policy must be one of {', '.join(POLICIES[algo])} for {algo}, "
+            f"{source}: {where}algo must be one of {', '.join(ALGORITHMS)}, got {algo!r}"
+        )
+    policies = ALGORITHMS[algo].policies
+    if policy not in policies:
+        raise ConfigError(
+            f"{source}: {where}policy must be one of {', '.join(policies)} for {algo}, "
             f"got {policy!r}"
         )
     try:
@@ -345,46 +434,61 @@ def _validate(data: Mapping[str, Any], source: str, where: str) -> dict[str, Any
     return values
 
 
-def load_agent_config(path: str | os.PathLike[str]) -> AgentConfig:
-    """Read and validate an agent file.
+def load_agent_config(
+    path: str | os.PathLike[str], settings_dir: str | os.PathLike[str] | None = None
+) -> AgentConfig:
+    """Read and validate an agent file and its algorithm's settings file.
 
     :param path: path of an ``agents/*.yaml`` file
+    :param settings_dir: the folder of the settings files (default: ``settings/`` beside the
+        agent file); without a ``<algo>.yaml`` there, only the agent's ``overrides`` hold
+        per-task settings
     :return: the validated config, named after the file
     :raises ConfigError: for a file that does not match the schema (the message names the file)
     """
     path = Path(path)
-    return AgentConfig.from_dict(read_yaml(path), name=path.stem, source=str(path))
+    data = read_yaml(path)
+    agent = AgentConfig.from_dict(data, name=path.stem, source=str(path))
+    folder = Path(settings_dir) if settings_dir is not None else path.parent / SETTINGS_FOLDER
+    settings_file = folder / f"{agent.algo}.yaml"
+    if not settings_file.is_file():
+        return agent
+    settings = load_settings(settings_file, agent.algo)
+    return AgentConfig.from_dict(data, name=path.stem, source=str(path), settings=settings)
 
 
-def load_task(task: str | os.PathLike[str] | Mapping[str, Any] | TaskConfig) -> TaskConfig:
-    """A task config from a task file, a task id, a mapping or a TaskConfig."""
-    if isinstance(task, TaskConfig):
-        return task
-    if isinstance(task, Mapping):
-        return TaskConfig.from_dict(task)
-    if str(task).endswith((".yaml", ".yml")):
-        return load_task_config(task)
-    return TaskConfig.from_dict({"id": str(task)}, source=str(task))
-
-
-def task_name(task: TaskConfig) -> str:
-    """A short name for folders: the task file's name, or the id with ``/`` replaced."""
-    if task.source.endswith((".yaml", ".yml")):
-        return Path(task.source).stem
-    return task.id.replace("/", "_")
-
-
-def resolve_agent(agent: AgentConfig, task: TaskConfig) -> AgentConfig:
-    """The agent for one task: its overrides for the task id, then for the task file's name.
+def resolve_agent(agent: AgentConfig, task: Task) -> AgentConfig:
+    """The agent for one task: its algorithm's settings for the task, then the agent file's own
+    keys, then its ``overrides`` for the task id and for the task file's name.
 
     :param agent: the agent as loaded
     :param task: the task it will run on
-    :return: the agent with the matching overrides merged in and ``overrides`` emptied
+    :return: the agent with everything merged in, ``overrides`` emptied and no settings
+    :raises ConfigError: if neither the settings nor the agent's overrides know the task
     """
     data = agent.as_dict()
     overrides = data.pop("overrides")
-    for key in (task.id, task_name(task)):
-        if key in overrides:
-            data = _merge(data, overrides[key])
+    task_overrides = [overrides[k] for k in dict.fromkeys((task.id, task.name)) if k in overrides]
+    settings = agent.settings.for_task(task) if agent.settings is not None else None
+    if settings is None and not task_overrides:
+        keys = (
+            ", ".join(repr(k) for k in dict.fromkeys((TASKS[task.id].base_id, task.id, task.name)))
+            if task.id in TASKS
+            else repr(task.id)
+        )
+        where = (
+            agent.settings.source
+            if agent.settings is not None
+            else f"{Path(agent.source).parent / SETTINGS_FOLDER / agent.algo}.yaml"
+        )
+        raise ConfigError(
+            f"{agent.source}: no {agent.algo} settings for task {task.name} ({task.id}): add "
+            f"an entry keyed {keys} to {where}, or an overrides.{task.id} section to the "
+            "agent file"
+        )
+    if settings is not None:  # the agent's own keys over the settings; None means "not set"
+        data = _merge(settings, {k: v for k, v in data.items() if v is not None})
+    for partial in task_overrides:
+        data = _merge(data, partial)
     values = _validate(data, agent.source, where="")
     return AgentConfig(name=agent.name, source=agent.source, **values)

@@ -1,0 +1,201 @@
+"""The callbacks and logs of a training session: checkpoints between rollouts, periodic
+evaluations at fixed step counts, and SB3's CSV / TensorBoard logs across resumes."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import pickle
+import time
+from typing import Any
+
+import numpy as np
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.logger import CSVOutputFormat, Logger, TensorBoardOutputFormat
+from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
+from stable_baselines3.common.vec_env import VecEnv, sync_envs_normalization
+
+from cfc_rl.experiment.runs import RunFolder, atomic_write, atomic_write_text
+
+__all__ = ["Checkpoints", "PeriodicEvaluation", "make_logger", "merge_progress"]
+
+
+class Checkpoints(BaseCallback):
+    """Save a checkpoint between rollouts every ``every_steps`` steps.
+
+    A checkpoint is ``step_<n>.zip`` (+ ``_vecnormalize.pkl``, + ``_replay_buffer.pkl`` for
+    off-policy algorithms), then ``latest.json`` naming them, written last: a checkpoint is in
+    effect only once complete. Older ones are then deleted.
+
+    :param run: the run folder
+    :param every_steps: environment steps between two checkpoints
+    """
+
+    def __init__(self, run: RunFolder, every_steps: int) -> None:
+        super().__init__()
+        self.run = run
+        self.every_steps = every_steps
+        self.last_saved = 0
+        self.rollout_start_steps = 0
+        self.elapsed_before = 0.0
+        self.started = time.perf_counter()
+
+    def _on_training_start(self) -> None:
+        self.last_saved = self.rollout_start_steps = self.num_timesteps
+        self.started = time.perf_counter()
+
+    def _on_rollout_start(self) -> None:
+        # Between rollouts (after the update on the previous one): a consistent state.
+        self.rollout_start_steps = self.num_timesteps
+        if self.num_timesteps - self.last_saved >= self.every_steps:
+            self.save(self.model)
+
+    def _on_step(self) -> bool:
+        return True
+
+    def save(self, model: BaseAlgorithm) -> None:
+        """Write a checkpoint of ``model`` at its current step count."""
+        folder, n = self.run.checkpoints, model.num_timesteps
+        record: dict[str, Any] = {"steps": n, "model": f"step_{n}.zip"}
+        atomic_write(folder / record["model"], model.save)
+        normalization = model.get_vec_normalize_env()
+        if normalization is not None:
+            record["vecnormalize"] = f"step_{n}_vecnormalize.pkl"
+            atomic_write(folder / record["vecnormalize"], lambda f: pickle.dump(normalization, f))
+        if isinstance(model, OffPolicyAlgorithm):
+            record["replay_buffer"] = f"step_{n}_replay_buffer.pkl"
+            atomic_write(folder / record["replay_buffer"], model.save_replay_buffer)
+        record["elapsed_s"] = self.elapsed_before + time.perf_counter() - self.started
+        atomic_write_text(self.run.latest_checkpoint, json.dumps(record, indent=2) + "\n")
+        keep = {record[k] for k in ("model", "vecnormalize", "replay_buffer") if k in record}
+        for path in folder.glob("step_*"):
+            if path.name not in keep:
+                path.unlink(missing_ok=True)
+        self.last_saved = n
+
+
+class PeriodicEvaluation(BaseCallback):
+    """Evaluate every ``every_steps`` environment steps on a separate environment (with the
+    training env's normalisation statistics), into ``evaluations.npz`` and ``evaluations.csv``.
+
+    Evaluations fall on the first step count at or after each multiple of ``every_steps``, so
+    every seed and a resumed run evaluate at the same step counts (SB3's EvalCallback counts
+    calls since the last ``learn``).
+
+    :param eval_env: the evaluation environment
+    :param run: the run folder (earlier evaluations are read back from it)
+    :param every_steps: environment steps between evaluations
+    :param episodes: episodes per evaluation
+    :param deterministic: evaluate the mode of the policy
+    """
+
+    def __init__(
+        self,
+        eval_env: VecEnv,
+        run: RunFolder,
+        every_steps: int,
+        episodes: int,
+        deterministic: bool,
+    ) -> None:
+        super().__init__()
+        self.eval_env, self.run = eval_env, run
+        self.every_steps, self.episodes, self.deterministic = every_steps, episodes, deterministic
+        self.seconds = 0.0  # spent evaluating, in this process
+        self.timesteps: list[int] = []
+        self.returns: list[list[float]] = []
+        self.lengths: list[list[int]] = []
+        if run.evaluations.exists():
+            with np.load(run.evaluations) as data:
+                self.timesteps = data["timesteps"].tolist()
+                self.returns = data["results"].tolist()
+                self.lengths = data["ep_lengths"].tolist()
+
+    def _on_training_start(self) -> None:
+        # Forget evaluations past the checkpoint: a resumed run redoes them.
+        keep = sum(t <= self.num_timesteps for t in self.timesteps)
+        del self.timesteps[keep:], self.returns[keep:], self.lengths[keep:]
+        self.next_eval = (self.num_timesteps // self.every_steps + 1) * self.every_steps
+
+    def _on_step(self) -> bool:
+        if self.num_timesteps < self.next_eval:
+            return True
+        self.next_eval = (self.num_timesteps // self.every_steps + 1) * self.every_steps
+        start = time.perf_counter()
+        sync_envs_normalization(self.training_env, self.eval_env)
+        returns, lengths = evaluate_policy(
+            self.model,
+            self.eval_env,
+            n_eval_episodes=self.episodes,
+            deterministic=self.deterministic,
+            return_episode_rewards=True,
+        )
+        self.seconds += time.perf_counter() - start
+        self.timesteps.append(self.num_timesteps)
+        self.returns.append([float(r) for r in returns])
+        self.lengths.append([int(n) for n in lengths])
+        # The step count too: SB3 writes it only with its own training rows, and a curve
+        # plotted from progress.csv needs it on every row.
+        self.logger.record("time/total_timesteps", self.num_timesteps)
+        self.logger.record("eval/mean_reward", float(np.mean(returns)))
+        self.logger.record("eval/mean_ep_length", float(np.mean(lengths)))
+        self.logger.dump(self.num_timesteps)  # as SB3's EvalCallback: one row per evaluation
+        self._write()
+        return True
+
+    def _write(self) -> None:
+        def npz(f: Any) -> None:
+            np.savez(
+                f,
+                timesteps=np.array(self.timesteps),
+                results=np.array(self.returns),
+                ep_lengths=np.array(self.lengths),
+            )
+
+        atomic_write(self.run.evaluations, npz)
+        text = io.StringIO()
+        writer = csv.writer(text)
+        writer.writerow(["timesteps", "mean_return", "std_return", "mean_length", "episodes"])
+        for t, r, n in zip(self.timesteps, self.returns, self.lengths, strict=True):
+            writer.writerow([t, np.mean(r), np.std(r), np.mean(n), len(r)])
+        atomic_write_text(self.run.root / "evaluations.csv", text.getvalue())
+
+
+PROGRESS_CSV = "progress.csv"
+RESUMED_PROGRESS_CSV = "progress.resumed.csv"
+
+
+def make_logger(run: RunFolder, resumed: bool) -> Logger:
+    """SB3's CSV and TensorBoard logs of a training session. A resumed session writes its CSV
+    rows to a file of its own, which :func:`merge_progress` appends to ``progress.csv``."""
+    name = RESUMED_PROGRESS_CSV if resumed else PROGRESS_CSV
+    csv_format = CSVOutputFormat(str(run.root / name))
+    return Logger(str(run.root), [csv_format, TensorBoardOutputFormat(str(run.tensorboard))])
+
+
+def merge_progress(run: RunFolder, resumed_at: int) -> None:
+    """Append a resumed session's rows to ``progress.csv`` (columns joined by name), after
+    dropping the rows the earlier sessions logged past ``resumed_at``: the resumed session
+    trained those steps again."""
+    segment = run.root / RESUMED_PROGRESS_CSV
+    if not segment.exists():
+        return
+    rows, columns = [], {}
+    for path, keep_until in ((run.root / PROGRESS_CSV, resumed_at), (segment, None)):
+        if not path.exists():
+            continue
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            columns.update(dict.fromkeys(reader.fieldnames or []))
+            for row in reader:
+                steps = row.get("time/total_timesteps") or ""
+                if keep_until is None or not steps or float(steps) <= keep_until:
+                    rows.append(row)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(columns), restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(run.root / PROGRESS_CSV, text.getvalue())
+    segment.unlink()
