@@ -8,6 +8,7 @@ import io
 import json
 import pickle
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -90,6 +91,8 @@ class PeriodicEvaluation(BaseCallback):
     :param every_steps: environment steps between evaluations
     :param episodes: episodes per evaluation
     :param deterministic: evaluate the mode of the policy
+    :param on_evaluation: called with the step count and the mean return after each
+        evaluation (a hyperparameter search reports them to its scheduler)
     """
 
     def __init__(
@@ -99,8 +102,10 @@ class PeriodicEvaluation(BaseCallback):
         every_steps: int,
         episodes: int,
         deterministic: bool,
+        on_evaluation: Callable[[int, float], None] | None = None,
     ) -> None:
         super().__init__()
+        self.on_evaluation = on_evaluation
         self.eval_env, self.run = eval_env, run
         self.every_steps, self.episodes, self.deterministic = every_steps, episodes, deterministic
         self.seconds = 0.0  # spent evaluating, in this process
@@ -143,6 +148,8 @@ class PeriodicEvaluation(BaseCallback):
         self.logger.record("eval/mean_ep_length", float(np.mean(lengths)))
         self.logger.dump(self.num_timesteps)  # as SB3's EvalCallback: one row per evaluation
         self._write()
+        if self.on_evaluation is not None:
+            self.on_evaluation(self.num_timesteps, float(np.mean(returns)))
         return True
 
     def _write(self) -> None:

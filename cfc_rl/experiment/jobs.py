@@ -8,6 +8,7 @@ A :class:`Job` carries the resolved agent and task (the same plain data a run re
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,9 +73,13 @@ class Job:
         return RunFolder(Path(self.run_dir)).is_complete(self.budget)
 
 
-def run_job(job: Job) -> dict[str, Any]:
+def run_job(job: Job, on_evaluation: Callable[[int, float], None] | None = None) -> dict[str, Any]:
     """Train the job to completion, resuming a partial run in its folder; returns the run's
-    result record (``result.json``). Errors propagate: the executor reports them."""
+    result record (``result.json``). Errors propagate: the executor reports them.
+
+    :param on_evaluation: called with the step count and mean return of every periodic
+        evaluation (a hyperparameter search reports them to its scheduler)
+    """
     import torch
 
     from cfc_rl.experiment.train import configs_from_record, resume_run, start_run
@@ -82,10 +87,12 @@ def run_job(job: Job) -> dict[str, Any]:
     torch.set_num_threads(job.threads)
     run = RunFolder(Path(job.run_dir))
     if run.config.exists():
-        resume_run(run.root, steps=job.budget, device=job.device)
+        resume_run(run.root, steps=job.budget, device=job.device, on_evaluation=on_evaluation)
     else:
         agent, task = configs_from_record({"agent": job.agent, "task": job.task})
-        start_run(agent, task, seed=job.seed, run=run, device=job.device)
+        start_run(
+            agent, task, seed=job.seed, run=run, device=job.device, on_evaluation=on_evaluation
+        )
     result = run.read_result()
     assert result is not None, f"{run.root} has no result after training"
     return result

@@ -19,7 +19,7 @@ import pickle
 import platform
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -157,13 +157,27 @@ def start_run(
     run: RunFolder,
     device: str = "auto",
     progress_bar: bool = False,
+    on_evaluation: Callable[[int, float], None] | None = None,
 ) -> RunFolder:
-    """Train a resolved agent on a resolved task (see :func:`resolve`) in a new run folder."""
+    """Train a resolved agent on a resolved task (see :func:`resolve`) in a new run folder.
+
+    :param on_evaluation: called with the step count and mean return of every periodic
+        evaluation (e.g. to report them to a hyperparameter search)
+    """
     compile_cells(agent)
     atomic_write_text(run.config, dump_yaml(config_record(agent, task, seed, device)))
     env = _training_env(agent, task, seed, run)
     model = build_model(agent, env, seed=seed, device=device)
-    return _session(run, agent, task, seed, model, elapsed_before=0.0, progress_bar=progress_bar)
+    return _session(
+        run,
+        agent,
+        task,
+        seed,
+        model,
+        elapsed_before=0.0,
+        progress_bar=progress_bar,
+        on_evaluation=on_evaluation,
+    )
 
 
 def resume_run(
@@ -172,9 +186,11 @@ def resume_run(
     steps: int | None = None,
     device: str = "auto",
     progress_bar: bool = False,
+    on_evaluation: Callable[[int, float], None] | None = None,
 ) -> RunFolder:
     """Continue the run in ``run_dir`` from its latest checkpoint, with the configuration it
     recorded, to ``steps`` if given (raising a complete run's budget), else to its budget.
+    ``on_evaluation`` as for :func:`start_run`.
 
     :raises RunError: if the folder holds no run, or one of its files is damaged
     :raises TrainingInterrupted: on Ctrl-C, after saving a checkpoint
@@ -186,7 +202,15 @@ def resume_run(
     task = task.replace(total_timesteps=steps)
     checkpoint = _latest_state(run)
     if checkpoint is None:  # nothing to continue from: start over in the same folder
-        return start_run(agent, task, seed=seed, run=run, device=device, progress_bar=progress_bar)
+        return start_run(
+            agent,
+            task,
+            seed=seed,
+            run=run,
+            device=device,
+            progress_bar=progress_bar,
+            on_evaluation=on_evaluation,
+        )
     compile_cells(agent)
     atomic_write_text(run.config, dump_yaml(config_record(agent, task, seed, device)))
     if run.is_complete(task.train.total_timesteps):
@@ -209,6 +233,7 @@ def resume_run(
         elapsed_before=checkpoint["elapsed_s"],
         progress_bar=progress_bar,
         resumed_at=checkpoint["steps"],
+        on_evaluation=on_evaluation,
     )
 
 
@@ -256,6 +281,7 @@ def _session(
     elapsed_before: float,
     progress_bar: bool,
     resumed_at: int | None = None,
+    on_evaluation: Callable[[int, float], None] | None = None,
 ) -> RunFolder:
     """Learn to the budget with periodic evaluations and checkpoints, then :func:`_finish`."""
     budget = task.train.total_timesteps
@@ -277,6 +303,7 @@ def _session(
         every_steps=task.eval.every_steps,
         episodes=task.eval.episodes,
         deterministic=task.eval.deterministic,
+        on_evaluation=on_evaluation,
     )
     checkpoints = Checkpoints(run, every_steps=max(1, budget // CHECKPOINTS_PER_RUN))
     checkpoints.elapsed_before = elapsed_before
