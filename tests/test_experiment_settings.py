@@ -178,6 +178,25 @@ GOOD = {
         ({"policy_kwargs": {"hidden_size": 8}}, r"missing key policy_kwargs.cell"),
         ({"policy_kwargs": {"cell": "cfc", "activation_fn": "swish"}}, r"activation_fn must be"),
         ({"policy_kwargs": {"cell": "cfc", "net_arch": [64, "x"]}}, r"net_arch must be a list"),
+        (
+            {"policy_kwargs": {"cell": "cfc", "backbone_unitz": 32}},
+            r"unknown key policy_kwargs.backbone_unitz; RecurrentCellPolicy with cell cfc "
+            r"accepts .*backbone_units",
+        ),
+        (
+            {"policy_kwargs": {"cell": "lstm", "backbone_units": 32}},
+            r"unknown key policy_kwargs.backbone_units; RecurrentCellPolicy with cell lstm",
+        ),
+        (
+            {
+                "algo": "sac",
+                "policy": "MlpPolicy",
+                "hyperparams": {},
+                "policy_kwargs": {},
+                "features_extractor": {"cell": "ltc", "solvr": "rk4"},
+            },
+            r"unknown key features_extractor.solvr; SequenceExtractor with cell ltc accepts",
+        ),
         ({"wrappers": {"histroy": 8}}, r"unknown key wrappers.histroy; expected one of flicker"),
         ({"wrappers": {"flicker": 2.0}}, r"flicker"),
         ({"frame_stack": 0}, r"frame_stack must be a positive integer, got 0"),
@@ -198,6 +217,14 @@ def test_bad_agent_files_name_the_file_and_the_key(tmp_path: Path, change, messa
     with pytest.raises(ConfigError, match=message) as error:
         load_agent_config(path)
     assert str(error.value).startswith(f"{path}: ")
+
+
+def test_the_accepted_hyperparameters_listed_are_public_ones(tmp_path: Path) -> None:
+    path = tmp_path / "bad_agent.yaml"
+    path.write_text(yaml.safe_dump({**GOOD, "hyperparams": {"n_stepz": 8}}))
+    with pytest.raises(ConfigError) as error:
+        load_agent_config(path)
+    assert "n_steps" in str(error.value) and "_init_setup_model" not in str(error.value)
 
 
 def test_invalid_yaml_and_non_mapping_name_the_file(tmp_path: Path) -> None:

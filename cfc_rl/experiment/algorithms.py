@@ -8,12 +8,13 @@ off-policy (checkpoints then include the replay buffer) and which action spaces 
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
 from gymnasium import spaces
 
-__all__ = ["ALGORITHMS", "Algorithm", "algorithm"]
+__all__ = ["ALGORITHMS", "Algorithm", "algorithm", "cell_arguments"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,26 @@ class Algorithm:
             return policy.replace("Mlp", "MultiInput")
         return policy
 
+    def policy_class(self, policy: str) -> type:
+        """The class behind a policy name (for its constructor's signature)."""
+        if policy == "RecurrentCellPolicy":
+            from cfc_rl.sb3 import RecurrentCellPolicy
+
+            return RecurrentCellPolicy
+        return self.cls.policy_aliases[policy]
+
+    def policy_kwargs_accepted(self, policy: str, cell: str | None = None) -> tuple[list[str], str]:
+        """The keyword arguments a policy takes (with ``cell``: also its cell's), and how to
+        name that policy in a message."""
+        accepted = _parameters(self.policy_class(policy))
+        described = policy
+        if cell is not None:
+            accepted += cell_arguments(cell)
+            described = f"{policy} with cell {cell}"
+        # the policy gets these from the algorithm, not from policy_kwargs
+        taken = {"observation_space", "action_space", "lr_schedule", "use_sde", "cell_kwargs"}
+        return [a for a in accepted if a not in taken], described
+
     def check_action_space(self, action_space: spaces.Space, agent: str) -> None:
         """Raise a ValueError that says why when the algorithm cannot act in this space."""
         if self.continuous_only and not isinstance(action_space, spaces.Box):
@@ -59,6 +80,27 @@ class Algorithm:
                 f"agent {agent} ({self.name}) needs continuous actions, but the task's action "
                 f"space is {action_space}"
             )
+
+
+def _parameters(function: Any) -> list[str]:
+    """The named parameters of a function or a class's constructor (no ``self``, no ``*args``
+    or ``**kwargs``)."""
+    signature = inspect.signature(function.__init__ if isinstance(function, type) else function)
+    return [
+        name
+        for name, p in signature.parameters.items()
+        if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+
+
+def cell_arguments(cell: str) -> list[str]:
+    """The keyword arguments of a cell of :data:`cfc_rl.nn.CELLS` beyond its sizes (and beyond
+    those its name fixes, such as ``cfs``'s mode)."""
+    from cfc_rl.nn import cell_spec
+
+    spec = cell_spec(cell)
+    sizes = set(_parameters(spec.cls)[:2])  # input_size and the units / hidden size
+    return [a for a in _parameters(spec.cls) if a not in sizes and a not in spec.fixed]
 
 
 ALGORITHMS: dict[str, Algorithm] = {

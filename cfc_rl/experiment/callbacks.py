@@ -8,6 +8,7 @@ import io
 import json
 import pickle
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +22,7 @@ from stable_baselines3.common.vec_env import VecEnv, sync_envs_normalization
 
 from cfc_rl.experiment.runs import RunFolder, atomic_write, atomic_write_text
 
-__all__ = ["Checkpoints", "PeriodicEvaluation", "make_logger", "merge_progress"]
+__all__ = ["Checkpoints", "PeriodicEvaluation", "ProgressBar", "make_logger", "merge_progress"]
 
 
 class Checkpoints(BaseCallback):
@@ -112,6 +113,9 @@ class PeriodicEvaluation(BaseCallback):
         self.timesteps: list[int] = []
         self.returns: list[list[float]] = []
         self.lengths: list[list[int]] = []
+        self.best = -np.inf
+        if run.best_record.exists():  # a resumed run: beat the best of the earlier sessions
+            self.best = json.loads(run.best_record.read_text())["mean_return"]
         if run.evaluations.exists():
             with np.load(run.evaluations) as data:
                 self.timesteps = data["timesteps"].tolist()
@@ -148,9 +152,22 @@ class PeriodicEvaluation(BaseCallback):
         self.logger.record("eval/mean_ep_length", float(np.mean(lengths)))
         self.logger.dump(self.num_timesteps)  # as SB3's EvalCallback: one row per evaluation
         self._write()
+        mean = float(np.mean(returns))
+        if mean > self.best:
+            self._save_best(mean)
         if self.on_evaluation is not None:
-            self.on_evaluation(self.num_timesteps, float(np.mean(returns)))
+            self.on_evaluation(self.num_timesteps, mean)
         return True
+
+    def _save_best(self, mean: float) -> None:
+        """The model of the best evaluation so far, as RL Zoo keeps it, with its statistics."""
+        atomic_write(self.run.best_model, self.model.save)
+        normalization = self.model.get_vec_normalize_env()
+        if normalization is not None:
+            atomic_write(self.run.best_vecnormalize, lambda f: pickle.dump(normalization, f))
+        record = {"steps": self.num_timesteps, "mean_return": mean}
+        atomic_write_text(self.run.best_record, json.dumps(record, indent=2) + "\n")
+        self.best = mean
 
     def _write(self) -> None:
         def npz(f: Any) -> None:
@@ -206,3 +223,33 @@ def merge_progress(run: RunFolder, resumed_at: int) -> None:
     writer.writerows(rows)
     atomic_write_text(run.root / PROGRESS_CSV, text.getvalue())
     segment.unlink()
+
+
+class ProgressBar(BaseCallback):
+    """A progress bar of the run's own steps: from where it starts (a resumed run starts
+    part-way) to where it ends (``final``: on-policy algorithms end on a whole rollout, past
+    the budget), so that it never shows 20,224/20,000.
+
+    :param final: the step count training ends at
+    """
+
+    def __init__(self, final: int) -> None:
+        super().__init__()
+        self.final = final
+        self.bar: Any = None
+
+    def _on_training_start(self) -> None:
+        from tqdm import TqdmExperimentalWarning
+        from tqdm.rich import tqdm
+
+        with warnings.catch_warnings():  # the rich bar is "experimental"; SB3 uses it too
+            warnings.simplefilter("ignore", TqdmExperimentalWarning)
+            self.bar = tqdm(total=self.final, initial=self.num_timesteps, unit="steps")
+
+    def _on_step(self) -> bool:
+        self.bar.n = min(self.num_timesteps, self.final)
+        self.bar.refresh()
+        return True
+
+    def _on_training_end(self) -> None:
+        self.bar.close()

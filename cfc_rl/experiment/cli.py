@@ -1,4 +1,4 @@
-"""The ``cfc-rl`` command: ``cfc-rl {train,evaluate,compare,bench,build} ...``.
+"""The ``cfc-rl`` command: ``cfc-rl {train,evaluate,compare,list,bench,build} ...``.
 
 One argparse subcommand per step, each a thin layer over one function of
 :mod:`cfc_rl.experiment`; ``scripts/train.py``, ``scripts/evaluate.py`` and
@@ -13,23 +13,89 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
 
 __all__ = ["compare_main", "evaluate_main", "main", "train_main"]
 
 DEVICES = ("auto", "cpu", "cuda")
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (the message names the option)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    """An argparse type: a seed, 0 <= seed < 2**31."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value < 2**31:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 2**31 - 1, got {value}")
+    return value
+
+
+def setting(text: str) -> tuple[list[str], Any]:
+    """An argparse type: ``--set key.sub=value`` (an agent-file key; the value as JSON, else
+    as YAML: ``3e-4``, ``true``, ``[64, 64]``, ``lin_0.001``, ``{pi: [], vf: [64]}``)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. n_envs=8), got {text!r}")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise argparse.ArgumentTypeError(f"cannot read the value of {text!r}") from None
+    return key.split("."), value
+
+
+def nest(settings: Sequence[tuple[list[str], Any]]) -> dict[str, Any]:
+    """``[(["hyperparams", "gamma"], 0.9), (["n_envs"], 8)]`` as agent-file data."""
+    data: dict[str, Any] = {}
+    for path, value in settings:
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise argparse.ArgumentTypeError(f"--set {'.'.join(path)}: {part} is a value")
+        node[path[-1]] = value
+    return data
+
+
 def _add_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--agent", help="agent file, e.g. agents/ppo_cfc.yaml")
     parser.add_argument("--task", help="task file, e.g. envs/cartpole_p.yaml, or a task id")
-    parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="seed (default 0)")
     parser.add_argument(
         "--steps",
-        type=int,
+        type=positive_int,
         default=None,
         help="budget in environment steps (default: the task file's train.total_timesteps)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="settings",
+        type=setting,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change an agent-file setting for this run, validated like the file, e.g. "
+        "--set hyperparams.learning_rate=3e-4 --set n_envs=8 (repeatable)",
     )
     parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument(
@@ -43,7 +109,7 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         default=1,
         help="torch threads (default 1: small recurrent policies run fastest on one)",
     )
@@ -74,6 +140,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             run_dir=args.run_dir,
             resume=args.resume,
             progress_bar=not args.no_progress,
+            overrides=nest(args.settings),
         )
     except TrainingInterrupted as e:
         print(f"\n{e}", file=sys.stderr)
@@ -92,7 +159,14 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def _add_evaluate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="a run folder written by cfc-rl train")
-    parser.add_argument("--episodes", type=int, default=None, help="default: the task file's")
+    parser.add_argument(
+        "--model",
+        default="final",
+        help="final (default), best (the best periodic evaluation's) or a checkpoint's path",
+    )
+    parser.add_argument(
+        "--episodes", type=positive_int, default=None, help="default: the task file's"
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
         "--deterministic",
@@ -102,7 +176,13 @@ def _add_evaluate(parser: argparse.ArgumentParser) -> None:
         help="take the policy's mode (default: the task file's eval.deterministic)",
     )
     mode.add_argument("--stochastic", dest="deterministic", action="store_false", default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed",
+        type=seed_int,
+        default=None,
+        help="seed of the evaluation environments (default: the one of the run's own final "
+        "evaluation, which this then reproduces)",
+    )
     parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     parser.add_argument(
@@ -123,6 +203,7 @@ def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         result = evaluate_run(
             args.run_dir,
+            model=args.model,
             episodes=args.episodes,
             deterministic=args.deterministic,
             seed=args.seed,
@@ -148,9 +229,11 @@ def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def _add_compare(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--agents", nargs="+", required=True, help="agent files")
     parser.add_argument("--tasks", nargs="+", required=True, help="task files")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
-    parser.add_argument("-j", "--jobs", type=int, default=1, help="runs at once (default 1)")
-    parser.add_argument("--steps", type=int, default=None, help="budget of every run")
+    parser.add_argument("--seeds", type=positive_int, default=3, help="seeds 0..N-1 (default 3)")
+    parser.add_argument(
+        "-j", "--jobs", type=positive_int, default=1, help="runs at once (default 1)"
+    )
+    parser.add_argument("--steps", type=positive_int, default=None, help="budget of every run")
     parser.add_argument("--out", default="runs/compare", help="output folder")
     parser.add_argument("--device", default="cpu", choices=DEVICES)
 
@@ -164,20 +247,28 @@ def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if result.error:
             print(result.error, file=sys.stderr)
 
-    results, rows = compare(
-        args.agents,
-        args.tasks,
-        seeds=args.seeds,
-        steps=args.steps,
-        out=args.out,
-        device=args.device,
-        executor=LocalExecutor(args.jobs),
-        on_result=show,
-    )
+    try:
+        results, rows = compare(
+            args.agents,
+            args.tasks,
+            seeds=args.seeds,
+            steps=args.steps,
+            out=args.out,
+            device=args.device,
+            executor=LocalExecutor(args.jobs),
+            on_result=show,
+        )
+    except KeyboardInterrupt as e:  # the runs in training saved checkpoints
+        what = str(e) or "interrupted"
+        print(f"\n{what}; continue with: {shlex.join(['cfc-rl', *args.argv])}", file=sys.stderr)
+        return 130
     print()
     print(summary_markdown(rows))
     tasks = sorted({row["task"] for row in rows})
-    curves = ", ".join(f"curves_{task}.png" for task in tasks)
+    plots = [
+        f"curves_{task}.png" for task in tasks if (Path(args.out) / f"curves_{task}.png").exists()
+    ]
+    curves = ", ".join(plots)
     print(f"written: {args.out}/summary.csv, summary.md{', ' + curves if curves else ''}")
     failed = [r for r in results if r.status == "failed"]
     if failed:
@@ -186,6 +277,31 @@ def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             file=sys.stderr,
         )
         return 1
+    return 0
+
+
+def _add_list(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--agents", default="agents", help="folder of agent files (agents)")
+    parser.add_argument("--tasks", default="envs", help="folder of task files (envs)")
+
+
+def _list(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from cfc_rl.envs import TASKS
+    from cfc_rl.experiment.settings import load_agent_config
+    from cfc_rl.experiment.tasks import load_task
+
+    print("task ids (cfc_rl.envs; P: positions only, V: velocities only):")
+    for task_id, spec in TASKS.items():
+        print(f"  {task_id:40s} {spec.base_id} (observation: {len(spec.indices)} values)")
+    print(f"\ntask files ({args.tasks}/):")
+    for path in sorted(Path(args.tasks).glob("*.yaml")):
+        task = load_task(path)
+        print(f"  {path!s:40s} {task.id}, {task.train.total_timesteps:,} steps")
+    print(f"\nagent files ({args.agents}/):")
+    for path in sorted(Path(args.agents).glob("*.yaml")):
+        agent = load_agent_config(path)
+        cells = f", cell {', '.join(agent.cells)}" if agent.cells else ""
+        print(f"  {path!s:40s} {agent.algo}, {agent.policy}{cells}")
     return 0
 
 
@@ -236,6 +352,7 @@ COMMANDS: dict[
     "train": ("train an agent on a task", _add_train, _train),
     "evaluate": ("evaluate a trained run", _add_evaluate, _evaluate),
     "compare": ("train agents x tasks x seeds and summarise them", _add_compare, _compare),
+    "list": ("the task ids, task files and agent files", _add_list, _list),
     "bench": ("speed of the cells against torch.nn.LSTM", _add_bench, _bench),
     "build": ("compile the C++ loops of the cells for this machine", _add_build, _build),
 }
@@ -246,6 +363,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="cfc-rl",
         description="Train, evaluate and compare recurrent RL policies (CfC, LTC, LSTM, ...).",
     )
+    parser.add_argument("--version", action="version", version=f"cfc-rl {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_arguments, run) in COMMANDS.items():
         # bench passes everything, --help included, to the benchmark's own parser
@@ -257,10 +375,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("cfc-rl")
+    except metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``cfc-rl``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
+    args.argv = argv
     if extra and args.command != "bench":
         args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra

@@ -121,12 +121,14 @@ def aggregate(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
     :return: one row per (task, agent), as written to ``summary.csv``
     """
     out = Path(out)
-    runs: dict[tuple[str, str], list[RunFolder]] = {}
+    # Runs of different budgets are different experiments: they are never pooled.
+    runs: dict[tuple[str, int, str], list[RunFolder]] = {}
     for result_file in sorted(out.glob("*/*/seed_*/result.json")):
         run = RunFolder(result_file.parent)
-        runs.setdefault((run.root.parent.parent.name, run.root.parent.name), []).append(run)
+        budget = run.read_result()["total_timesteps"]
+        runs.setdefault((run.root.parent.parent.name, budget, run.root.parent.name), []).append(run)
     rows = []
-    for (task, agent), folders in sorted(runs.items()):
+    for (task, budget, agent), folders in sorted(runs.items()):
         results = [f.read_result() for f in folders]
         finals = np.array([[r["final_mean_return"]] for r in results])  # (seeds, 1 task)
         (iqm, iqm_lo, iqm_hi), (mean, mean_lo, mean_hi) = _interval_estimates(finals)
@@ -135,7 +137,7 @@ def aggregate(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
                 "task": task,
                 "agent": agent,
                 "seeds": len(results),
-                "steps": results[0]["total_timesteps"],
+                "steps": budget,
                 "iqm": iqm,
                 "iqm_ci_low": iqm_lo,
                 "iqm_ci_high": iqm_hi,
@@ -149,10 +151,14 @@ def aggregate(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
         )
     _write_csv(out / "summary.csv", rows)
     atomic_write_text(out / "summary.md", summary_markdown(rows))
-    for task in sorted({task for task, _ in runs}):
-        _plot_curves(
-            out / f"curves_{task}.png", task, {a: f for (t, a), f in runs.items() if t == task}
-        )
+    for task in sorted({task for task, _, _ in runs}):
+        budgets = {b for t, b, _ in runs if t == task}
+        curves = {
+            agent if len(budgets) == 1 else f"{agent}, {budget:,} steps": folders
+            for (t, budget, agent), folders in runs.items()
+            if t == task
+        }
+        _plot_curves(out / f"curves_{task}.png", task, curves)
     return rows
 
 
@@ -189,10 +195,10 @@ def summary_markdown(rows: list[dict[str, Any]]) -> str:
         "equals the mean. Steps/s: training throughput, evaluations excluded.",
         "",
     ]
-    for task in sorted({r["task"] for r in rows}):
-        task_rows = [r for r in rows if r["task"] == task]
+    for task, steps in sorted({(r["task"], r["steps"]) for r in rows}):
+        task_rows = [r for r in rows if r["task"] == task and r["steps"] == steps]
         lines += [
-            f"### {task} ({task_rows[0]['steps']:,} steps)",
+            f"### {task} ({steps:,} steps)",
             "",
             "| agent | seeds | IQM [95% CI] | mean [95% CI] | wall clock | steps/s | params |",
             "|---|---:|---:|---:|---:|---:|---:|",
@@ -218,7 +224,8 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def _plot_curves(path: Path, task: str, runs: dict[str, list[RunFolder]]) -> None:
-    """IQM evaluation return against steps, one line per agent, with 95% bootstrap bands."""
+    """IQM evaluation return against steps, one line per agent, with 95% bootstrap bands; no
+    file where no run has evaluated yet (an empty plot says nothing)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -227,6 +234,7 @@ def _plot_curves(path: Path, task: str, runs: dict[str, list[RunFolder]]) -> Non
     from rliable import metrics
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    plotted = False
     for agent, folders in sorted(runs.items()):
         curves = []
         for folder in folders:
@@ -254,6 +262,7 @@ def _plot_curves(path: Path, task: str, runs: dict[str, list[RunFolder]]) -> Non
         finally:
             np.random.set_state(state)
         (line,) = ax.plot(steps, points[agent], label=f"{agent} ({len(curves)} seeds)")
+        plotted = True
         ax.fill_between(
             steps, intervals[agent][0], intervals[agent][1], alpha=0.2, color=line.get_color()
         )
@@ -261,7 +270,11 @@ def _plot_curves(path: Path, task: str, runs: dict[str, list[RunFolder]]) -> Non
     ax.set_ylabel("evaluation return (IQM, 95% CI)")
     ax.set_title(task)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    if plotted:
+        ax.legend(fontsize="small")
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    if plotted:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    else:
+        path.unlink(missing_ok=True)  # an earlier plot of runs that are no longer there
     plt.close(fig)

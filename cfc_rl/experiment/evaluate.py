@@ -24,7 +24,7 @@ from cfc_rl.experiment.environments import make_env
 from cfc_rl.experiment.runs import RunError, RunFolder, atomic_write, atomic_write_text, load_model
 from cfc_rl.experiment.settings import AgentConfig
 from cfc_rl.experiment.tasks import Task
-from cfc_rl.experiment.train import configs_from_record
+from cfc_rl.experiment.train import check_device, configs_from_record
 
 __all__ = ["VideoUnavailable", "evaluate_run", "load_run"]
 
@@ -41,46 +41,88 @@ class VideoUnavailable(RuntimeError):
 def load_run(
     run_dir: str | os.PathLike[str],
     *,
+    model: str = "final",
     n_envs: int = 1,
-    seed: int = 0,
+    seed: int | None = None,
     device: str = "auto",
     render_mode: str | None = None,
 ) -> tuple[BaseAlgorithm, VecEnv]:
-    """The final model of a run and an evaluation environment with its normalisation.
+    """A model of a run and an evaluation environment with its normalisation statistics.
 
     :param run_dir: a run folder written by :func:`~cfc_rl.experiment.train.train`
+    :param model: ``"final"``, ``"best"`` (the best periodic evaluation's) or the path of a
+        checkpoint (``checkpoints/step_<n>.zip``, with its ``_vecnormalize.pkl`` beside it)
     :param n_envs: parallel evaluation environments
-    :param seed: seed of the evaluation environments
+    :param seed: seed of the evaluation environments (default: the run's evaluation seed)
     :param device: ``"auto"``, ``"cpu"`` or ``"cuda"``
     :param render_mode: passed to the environment (``"rgb_array"`` for videos)
     :return: the model and the environment
-    :raises FileNotFoundError: if the run has no final model yet (resume it first)
+    :raises FileNotFoundError: if the run has no such model (yet)
     """
     run = RunFolder(Path(run_dir))
     agent, task = configs_from_record(run.read_config())
-    model = _final_model(run, agent.algo, device)
-    return model, _run_env(run, agent, task, n_envs, seed, render_mode)
+    model_path, statistics = model_files(run, model, task.train.normalize)
+    loaded = load_model(algorithm(agent.algo).cls, model_path, device=device)
+    seed = default_seed(run) if seed is None else seed
+    return loaded, _run_env(agent, task, statistics, n_envs, seed, render_mode)
 
 
-def _final_model(run: RunFolder, algo: str, device: str) -> BaseAlgorithm:
-    if not run.model.exists():
+def model_files(run: RunFolder, model: str, normalized: bool) -> tuple[Path, Path | None]:
+    """The model file and its normalisation statistics (None without normalisation) of
+    ``model``: ``"final"``, ``"best"`` or the path of a model saved in the run.
+
+    :raises FileNotFoundError: saying what to do when the file is not there
+    """
+    if model == "final":
+        path, statistics = run.model, run.vecnormalize
+        if not path.exists():
+            trained = run.latest_checkpoint.exists()
+            raise FileNotFoundError(
+                f"{path} does not exist: the run has not finished; "
+                + (
+                    f"resume it with `cfc-rl train --resume --run-dir {run.root}`, or "
+                    f"evaluate a checkpoint (--model {run.checkpoints}/step_<n>.zip)"
+                    if trained
+                    else "it has no checkpoint either: train it again"
+                )
+            )
+    elif model == "best":
+        path, statistics = run.best_model, run.best_vecnormalize
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path} does not exist: the run has made no periodic evaluation yet"
+            )
+    else:
+        path = Path(model)
+        statistics = path.with_name(f"{path.stem}_vecnormalize.pkl")
+        if not path.is_file():
+            raise FileNotFoundError(f"--model {model}: no such file (final, best or a path)")
+    if not normalized:
+        return path, None
+    if not statistics.is_file():
         raise FileNotFoundError(
-            f"{run.model} does not exist: the run has not finished; resume it with "
-            f"`cfc-rl train --resume --run-dir {run.root}`"
+            f"{statistics} does not exist: the model {path} needs the normalisation "
+            "statistics saved with it"
         )
-    return load_model(algorithm(algo).cls, run.model, device=device)
+    return path, statistics
+
+
+def default_seed(run: RunFolder) -> int:
+    """The seed the run's own final evaluation used (so that evaluating again reproduces
+    ``result.json``), or 0 for runs that did not record it."""
+    result = run.read_result()
+    return int(result["eval_seed"]) if result and "eval_seed" in result else 0
 
 
 def _run_env(
-    run: RunFolder,
     agent: AgentConfig,
     task: Task,
+    statistics: Path | None,
     n_envs: int,
     seed: int,
     render_mode: str | None,
 ) -> VecEnv:
     """The run's environment with its normalisation statistics, frozen, and raw rewards."""
-    statistics = run.vecnormalize if run.vecnormalize.exists() else None
     return make_env(
         task,
         agent,
@@ -95,34 +137,42 @@ def _run_env(
 def evaluate_run(
     run_dir: str | os.PathLike[str],
     *,
+    model: str = "final",
     episodes: int | None = None,
     deterministic: bool | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     device: str = "auto",
     video: bool = False,
 ) -> dict[str, Any]:
-    """Run episodes with a trained run's final model and write them to
-    ``evaluation_episodes.csv`` in the run folder.
+    """Run episodes with a trained run's model and write them to ``evaluation_episodes.csv``
+    in the run folder. With the defaults it computes exactly the run's final evaluation.
 
     :param run_dir: a run folder written by :func:`~cfc_rl.experiment.train.train`
+    :param model: ``"final"``, ``"best"`` or the path of a checkpoint (see :func:`load_run`)
     :param episodes: number of episodes; defaults to the task's ``eval.episodes``
     :param deterministic: take the policy's mode; defaults to the task's ``eval.deterministic``
-    :param seed: seed of the evaluation environments
+    :param seed: seed of the evaluation environments; defaults to the seed of the run's own
+        final evaluation
     :param device: ``"auto"``, ``"cpu"`` or ``"cuda"``
     :param video: also record the first episode to ``video.mp4`` in the run folder
     :return: ``episodes``, ``mean_return``, ``std_return``, ``mean_length``, ``std_length``,
-        ``deterministic``, ``run`` and, with ``video``, ``video`` (the file's path)
+        ``deterministic``, ``seed``, ``model``, ``run`` and, with ``video``, ``video``
     :raises VideoUnavailable: if ``video`` and the environment cannot render here
     """
+    if episodes is not None and (isinstance(episodes, bool) or episodes < 1):
+        raise ValueError(f"episodes must be a positive integer, got {episodes!r}")
+    check_device(device)
     run = RunFolder(Path(run_dir))
     agent, task = configs_from_record(run.read_config())
     episodes = task.eval.episodes if episodes is None else episodes
     deterministic = task.eval.deterministic if deterministic is None else deterministic
+    seed = default_seed(run) if seed is None else seed
     # One environment for a video (frames of one episode); a few otherwise, for speed.
     n_envs = 1 if video else min(4, episodes)
-    model = _final_model(run, agent.algo, device)
+    model_path, statistics = model_files(run, model, task.train.normalize)
+    policy = load_model(algorithm(agent.algo).cls, model_path, device=device)
     try:
-        env = _run_env(run, agent, task, n_envs, seed, "rgb_array" if video else None)
+        env = _run_env(agent, task, statistics, n_envs, seed, "rgb_array" if video else None)
     except RunError:
         raise
     except Exception as e:
@@ -144,7 +194,7 @@ def evaluate_run(
             recording[0] = False  # the first episode only
 
     returns, lengths = evaluate_policy(
-        model,
+        policy,
         env,
         n_eval_episodes=episodes,
         deterministic=deterministic,
@@ -163,6 +213,8 @@ def evaluate_run(
         "mean_length": float(np.mean(lengths)),
         "std_length": float(np.std(lengths)),
         "deterministic": deterministic,
+        "seed": seed,
+        "model": model,
     }
     if video:
         result["video"] = str(_write_video(run.root / VIDEO_FILE, frames, fps))

@@ -8,7 +8,9 @@ has to implement :meth:`Executor.run`: jobs are plain data (:class:`~.jobs.Job`)
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import multiprocessing
+import signal
 import time
 import traceback
 from collections.abc import Iterator, Sequence
@@ -17,7 +19,7 @@ from typing import Any, Protocol
 
 from cfc_rl.experiment.jobs import Job, run_job
 
-__all__ = ["Executor", "JobResult", "LocalExecutor"]
+__all__ = ["ExecutionInterrupted", "Executor", "JobResult", "LocalExecutor"]
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,8 @@ class JobResult:
     """What became of a job.
 
     :param job: the job
-    :param status: ``"done"``, ``"skipped"`` (already complete) or ``"failed"``
+    :param status: ``"done"``, ``"skipped"`` (already complete), ``"failed"`` or
+        ``"interrupted"`` (Ctrl-C; a checkpoint was saved)
     :param seconds: time the job took in this invocation
     :param error: the traceback of a failed job
     :param record: the run's result record (``result.json``) of a done job
@@ -38,15 +41,38 @@ class JobResult:
     record: dict[str, Any] = field(default_factory=dict)
 
 
+class ExecutionInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the jobs; the ones that were training saved a checkpoint. The message
+    counts what was finished and saved."""
+
+
 def run_reporting(job: Job) -> JobResult:
     """:func:`run_job`, with its error caught and reported, so one failing job does not stop
-    the others."""
+    the others; a job stopped by Ctrl-C (after saving its checkpoint) is ``"interrupted"``."""
+    from cfc_rl.experiment.train import TrainingInterrupted
+
     start = time.perf_counter()
     try:
         record = run_job(job)
+    except TrainingInterrupted as e:
+        return JobResult(job, "interrupted", time.perf_counter() - start, str(e))
     except Exception:
         return JobResult(job, "failed", time.perf_counter() - start, traceback.format_exc())
     return JobResult(job, "done", time.perf_counter() - start, record=record)
+
+
+def _ignore_interrupts() -> None:
+    """Pool workers ignore Ctrl-C between jobs (an idle worker would die with a traceback);
+    :func:`_run_interruptibly` takes it while a job trains, which then saves a checkpoint."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _run_interruptibly(job: Job) -> JobResult:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return run_reporting(job)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class Executor(Protocol):
@@ -69,14 +95,48 @@ class LocalExecutor:
         self.jobs = jobs
 
     def run(self, jobs: Sequence[Job]) -> Iterator[JobResult]:
-        """Run every job, ``self.jobs`` at a time."""
+        """Run every job, ``self.jobs`` at a time.
+
+        :raises ExecutionInterrupted: on Ctrl-C, once the running jobs have saved checkpoints
+        """
+        finished = 0
         if self.jobs == 1:
             for job in jobs:
-                yield run_reporting(job)
+                result = run_reporting(job)
+                yield result
+                if result.status == "interrupted":
+                    raise ExecutionInterrupted(_interrupted(finished, 1, len(jobs)))
+                finished += 1
             return
         # spawn, not fork: forking a process that has started torch's thread pools can hang.
         context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(self.jobs, mp_context=context) as pool:
-            futures = [pool.submit(run_reporting, job) for job in jobs]
-            for future in concurrent.futures.as_completed(futures):
-                yield future.result()
+        with concurrent.futures.ProcessPoolExecutor(
+            self.jobs, mp_context=context, initializer=_ignore_interrupts
+        ) as pool:
+            futures = [pool.submit(_run_interruptibly, job) for job in jobs]
+            results: list[JobResult] = []
+            try:
+                for future in concurrent.futures.as_completed(futures):
+                    results.append(future.result())
+                    yield results[-1]
+                    if results[-1].status == "interrupted":
+                        raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                for future in futures:
+                    future.cancel()
+                # the jobs in training got Ctrl-C too: wait for their checkpoints
+                for future in futures:
+                    if not future.cancelled():
+                        with contextlib.suppress(BaseException):
+                            if future.result() not in results:
+                                results.append(future.result())
+                finished = sum(r.status != "interrupted" for r in results)
+                saved = sum(r.status == "interrupted" for r in results)
+                raise ExecutionInterrupted(_interrupted(finished, saved, len(jobs))) from None
+
+
+def _interrupted(finished: int, saved: int, total: int) -> str:
+    return (
+        f"interrupted: {finished} of {total} runs to train finished, {saved} saved a checkpoint "
+        "to continue from"
+    )

@@ -8,6 +8,8 @@ Layout of ``runs/<task>/<agent>/seed_<n>/``::
     vecnormalize.pkl     its normalisation statistics }
     result.json          final evaluation, wall clock, steps/s, parameters: the "done" marker
     checkpoints/         latest.json -> step_<n>.zip (+ _vecnormalize.pkl, _replay_buffer.pkl)
+    best_model.zip       the model of the best periodic evaluation (+ best_vecnormalize.pkl,
+    best.json            and its step count and mean return)
     monitor/             one Monitor CSV per training environment
     progress.csv         SB3's training log; tb/ holds the same as TensorBoard events
     evaluations.csv/.npz periodic evaluations during training (returns, lengths)
@@ -22,6 +24,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -37,6 +40,7 @@ __all__ = [
     "atomic_write",
     "atomic_write_text",
     "load_model",
+    "load_replay_buffer",
     "run_folder",
 ]
 
@@ -58,7 +62,25 @@ def load_model(algo: type, path: Path, **kwargs: Any) -> Any:
     """
     try:
         return algo.load(path, **kwargs)
-    except (ValueError, KeyError, EOFError, RuntimeError, OSError, zipfile.BadZipFile) as e:
+    # SB3 asserts on some truncations ("No data found in the saved file")
+    except (
+        ValueError,
+        KeyError,
+        EOFError,
+        RuntimeError,
+        OSError,
+        AssertionError,
+        zipfile.BadZipFile,
+    ) as e:
+        raise _damaged(path, e) from e
+
+
+def load_replay_buffer(model: Any, path: Path) -> None:
+    """``model.load_replay_buffer(path)``, with a :class:`RunError` naming the file if it is
+    damaged."""
+    try:
+        model.load_replay_buffer(path)
+    except (pickle.UnpicklingError, EOFError, ValueError, OSError, AttributeError) as e:
         raise _damaged(path, e) from e
 
 
@@ -134,6 +156,35 @@ class RunFolder:
     @property
     def evaluations(self) -> Path:
         return self.root / "evaluations.npz"
+
+    @property
+    def best_model(self) -> Path:
+        """The model of the best periodic evaluation so far (``best.json`` says which)."""
+        return self.root / "best_model.zip"
+
+    @property
+    def best_vecnormalize(self) -> Path:
+        return self.root / "best_vecnormalize.pkl"
+
+    @property
+    def best_record(self) -> Path:
+        return self.root / "best.json"
+
+    @property
+    def logs(self) -> tuple[Path, ...]:
+        """The files a training session writes beside its model: logs, evaluations, the best
+        model (what a run that starts over must not inherit)."""
+        names = (
+            "progress.csv",
+            "progress.resumed.csv",
+            "evaluations.npz",
+            "evaluations.csv",
+            "evaluation_episodes.csv",
+            "best_model.zip",
+            "best_vecnormalize.pkl",
+            "best.json",
+        )
+        return tuple(self.root / name for name in names)
 
     def read_config(self) -> dict[str, Any]:
         """The resolved configuration the run was started with.

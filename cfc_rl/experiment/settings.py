@@ -36,6 +36,7 @@ value raises :class:`~cfc_rl.envs.ConfigError` naming the file, the key and what
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import os
 from collections.abc import Callable, Mapping
@@ -47,7 +48,7 @@ from torch import nn
 
 from cfc_rl.envs import TASKS, ConfigError, WrapperSettings
 from cfc_rl.envs.config import parse_section, read_yaml
-from cfc_rl.experiment.algorithms import ALGORITHMS, algorithm
+from cfc_rl.experiment.algorithms import ALGORITHMS, algorithm, cell_arguments
 from cfc_rl.experiment.tasks import Task
 from cfc_rl.nn import CELLS
 
@@ -121,7 +122,11 @@ def _check_hyperparams(algo: str, data: Any, where: str) -> dict[str, Any]:
     if not isinstance(data, Mapping):
         raise ValueError(f"{where} must be a mapping, got {data!r}")
     params = inspect.signature(algorithm(algo).cls.__init__).parameters
-    known = [n for n in params if n not in ("self", *_RESERVED_HYPERPARAMS, "policy_kwargs")]
+    known = [
+        n
+        for n in params
+        if n not in ("self", *_RESERVED_HYPERPARAMS, "policy_kwargs") and not n.startswith("_")
+    ]
     checked = {}
     for key, value in data.items():
         name = f"{where}.{key}"
@@ -282,6 +287,13 @@ class AgentConfig:
             **values,
         )
 
+    def with_values(self, partial: Mapping[str, Any], source: str) -> AgentConfig:
+        """This agent with ``partial`` (agent-file keys) merged in last and validated again,
+        errors naming ``source`` (e.g. the command line's ``--set``)."""
+        data = _merge(self.as_dict(), partial)
+        checked = AgentConfig.from_dict(data, self.name, source=source, settings=self.settings)
+        return dataclasses.replace(checked, source=self.source)
+
     @property
     def cells(self) -> list[str]:
         """The names of the cells of :mod:`cfc_rl.nn` the agent runs (its policy's, its
@@ -426,12 +438,39 @@ def _validate(data: Mapping[str, Any], source: str, where: str) -> dict[str, Any
         raise ConfigError(f"{source}: {e}") from None
     if policy == "RecurrentCellPolicy" and "cell" not in values["policy_kwargs"]:
         raise ConfigError(f"{source}: missing key {where}policy_kwargs.cell (a cell name)")
+    _check_known_arguments(values, source, where)
     wrappers = data.get("wrappers") or {}
     # Same checks as a task file's wrappers section; only the keys given are kept, so that
     # the task's other settings stay.
     parse_section(WrapperSettings, wrappers, f"{where}wrappers", source)
     values["wrappers"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in wrappers.items()}
     return values
+
+
+def _check_known_arguments(values: Mapping[str, Any], source: str, where: str) -> None:
+    """Every key of policy_kwargs and features_extractor is an argument of the policy, the
+    extractor or the cell: a typo fails here, before any run folder exists, not in the
+    constructor of a half-made run."""
+    algo = algorithm(values["algo"])
+    policy_kwargs = values["policy_kwargs"]
+    cell = policy_kwargs.get("cell") if values["policy"] == "RecurrentCellPolicy" else None
+    accepted, described = algo.policy_kwargs_accepted(values["policy"], cell)
+    unknown = [k for k in policy_kwargs if k not in accepted]
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key {where}policy_kwargs.{unknown[0]}; {described} accepts "
+            f"{', '.join(accepted)}"
+        )
+    extractor = values["features_extractor"]
+    if extractor is not None:
+        cell = extractor.get("cell", "cfc")
+        accepted = ["cell", "hidden_size", "n_stack", *cell_arguments(cell)]
+        unknown = [k for k in extractor if k not in accepted]
+        if unknown:
+            raise ConfigError(
+                f"{source}: unknown key {where}features_extractor.{unknown[0]}; "
+                f"SequenceExtractor with cell {cell} accepts {', '.join(accepted)}"
+            )
 
 
 def load_agent_config(

@@ -12,6 +12,7 @@ is a whole number of rollouts.
 from __future__ import annotations
 
 import datetime
+import inspect
 import json
 import logging
 import os
@@ -24,22 +25,29 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import CallbackList
-from stable_baselines3.common.evaluation import evaluate_policy
-from stable_baselines3.common.vec_env import VecEnv, sync_envs_normalization
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
+from stable_baselines3.common.vec_env import VecEnv
 
 from cfc_rl.envs import ConfigError, make_task
 from cfc_rl.experiment.algorithms import algorithm
 from cfc_rl.experiment.callbacks import (
     Checkpoints,
     PeriodicEvaluation,
+    ProgressBar,
     make_logger,
     merge_progress,
 )
 from cfc_rl.experiment.environments import make_env
-from cfc_rl.experiment.runs import RunFolder, atomic_write, atomic_write_text, dump_yaml, load_model
+from cfc_rl.experiment.runs import (
+    RunFolder,
+    atomic_write,
+    atomic_write_text,
+    dump_yaml,
+    load_model,
+    load_replay_buffer,
+)
 from cfc_rl.experiment.settings import (
     ACTIVATIONS,
     AgentConfig,
@@ -73,12 +81,16 @@ def resolve(
     agent: str | os.PathLike[str] | AgentConfig,
     task: str | os.PathLike[str] | Mapping[str, Any] | Task,
     steps: int | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> tuple[AgentConfig, Task]:
     """The agent for the task (its settings and overrides merged in) and the task as the agent
     needs it: the agent's wrappers, n_envs and normalize, and the budget ``steps`` if given.
 
+    :param overrides: agent-file keys merged in last (the command line's ``--set``)
     :raises ConfigError: naming the file and key of anything that does not validate
     """
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
     task_cfg = load_task(task)
     agent_cfg = agent if isinstance(agent, AgentConfig) else load_agent_config(agent)
     algo = algorithm(agent_cfg.algo)
@@ -89,6 +101,8 @@ def resolve(
             except ValueError as e:
                 raise ConfigError(f"{agent_cfg.source}: {e}") from None
     agent_cfg = resolve_agent(agent_cfg, task_cfg)
+    if overrides:
+        agent_cfg = agent_cfg.with_values(overrides, source="--set")
     task_cfg = task_cfg.replace(
         wrappers=agent_cfg.wrappers,
         n_envs=agent_cfg.n_envs,
@@ -109,44 +123,95 @@ def train(
     run_dir: str | os.PathLike[str] | None = None,
     resume: bool = False,
     progress_bar: bool = False,
+    overrides: Mapping[str, Any] | None = None,
 ) -> RunFolder:
     """Train an agent and leave a complete run folder.
+
+    Everything that can be checked (the files, the agent against the task, the seed, the
+    device) is checked before the run folder is made; a run that fails before its first
+    checkpoint leaves nothing behind that would block a corrected rerun.
 
     :param agent: an agent file (``agents/*.yaml``) or a loaded :class:`AgentConfig`; may be
         left out with ``resume`` and the ``run_dir`` of a run
     :param task: a task file (``envs/*.yaml``), a task id, task-file data or a :class:`Task`;
         may be left out likewise
-    :param seed: seed of the model and the environments
+    :param seed: seed of the model and the environments, 0 <= seed < 2**31
     :param steps: budget in environment steps; defaults to the task's ``train.total_timesteps``
-    :param device: ``"auto"``, ``"cpu"`` or ``"cuda"``
+    :param device: ``"auto"``, ``"cpu"`` or ``"cuda"`` (an error where CUDA is not available)
     :param out: root of the run folders (``<out>/<task>/<agent>/seed_<seed>``)
     :param run_dir: the run folder itself, instead of one under ``out``
     :param resume: if the folder holds a run, continue it (see :func:`resume_run`); without it,
-        an existing run is an error
-    :param progress_bar: show SB3's progress bar (needs tqdm and rich)
+        an existing run is an error. Given with ``agent`` / ``task``, they must be the ones
+        the run recorded
+    :param progress_bar: show a progress bar of the run's steps (needs tqdm and rich)
+    :param overrides: agent-file keys merged in last (the command line's ``--set``)
     :return: the run folder; ``result.json`` in it marks the run as complete
     :raises FileExistsError: if the run folder holds a run and ``resume`` is False
+    :raises ConfigError: for a bad file or value, or a resume whose agent or task differ
     :raises TrainingInterrupted: on Ctrl-C, after saving a checkpoint
     """
-    if resume and run_dir is not None and RunFolder(Path(run_dir)).config.exists():
-        return resume_run(run_dir, steps=steps, device=device, progress_bar=progress_bar)
+    check_seed(seed)
+    check_device(device)
+    existing = RunFolder(Path(run_dir)) if run_dir is not None else None
+    if resume and existing is not None and existing.config.exists() and agent is None:
+        if task is not None or overrides:
+            raise ConfigError("resuming a run takes no task or --set without its agent")
+        return resume_run(existing.root, steps=steps, device=device, progress_bar=progress_bar)
     if agent is None or task is None:
         raise ValueError("give an agent and a task, or the run_dir of a run to resume")
-    agent_cfg, task_cfg = resolve(agent, task, steps)
-    if run_dir is not None:
-        run = RunFolder(Path(run_dir))
-    else:
-        run = RunFolder(Path(out) / task_cfg.name / agent_cfg.name / f"seed_{seed}")
+    agent_cfg, task_cfg = resolve(agent, task, steps, overrides)
+    run = existing or RunFolder(Path(out) / task_cfg.name / agent_cfg.name / f"seed_{seed}")
     if run.config.exists():
         if not resume:
             raise FileExistsError(
-                f"{run.root} already holds a run; pass resume=True (--resume) to continue it "
-                "or choose another output folder"
+                f"{run.root} already holds a run: continue it with `cfc-rl train --resume "
+                f"--run-dir {run.root}` (resume=True), or choose another output folder"
             )
+        _check_same_run(run, agent_cfg, task_cfg, seed)
         return resume_run(run.root, steps=steps, device=device, progress_bar=progress_bar)
     return start_run(
         agent_cfg, task_cfg, seed=seed, run=run, device=device, progress_bar=progress_bar
     )
+
+
+def check_seed(seed: int) -> None:
+    """A seed that numpy, torch and Gymnasium all take (with the offsets of the environments)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+        raise ConfigError(f"seed must be an integer from 0 to 2**31 - 1, got {seed!r}")
+
+
+def check_device(device: str) -> None:
+    """An error, not a quiet fallback to the CPU, for a device that is not there."""
+    import torch
+
+    if device in ("auto", "cpu"):
+        return
+    if not device.startswith("cuda"):
+        raise ConfigError(f"device must be auto, cpu or cuda[:N], got {device!r}")
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"device {device!r}: CUDA is not available here (torch {torch.__version__}); "
+            "use --device cpu, or install a CUDA build of torch"
+        )
+
+
+def _check_same_run(run: RunFolder, agent: AgentConfig, task: Task, seed: int) -> None:
+    """A resume given an agent and a task continues the run only if they are the ones it
+    recorded (the budget may differ: resuming to a new budget is allowed)."""
+    record = run.read_config()
+    recorded_agent, recorded_task = configs_from_record(record)
+    given = config_record(agent, task.replace(total_timesteps=1), seed, "auto")
+    recorded = config_record(recorded_agent, recorded_task.replace(total_timesteps=1), 0, "")
+    for part in ("agent", "task"):
+        for key in sorted(set(given[part]) | set(recorded[part])):
+            if key != "source" and given[part].get(key) != recorded[part].get(key):
+                raise ConfigError(
+                    f"{run.root} holds a run of {recorded_agent.name} on {recorded_task.name} "
+                    f"whose {part}.{key} differs from the {part} given; resume it without "
+                    "--agent/--task (its recorded configuration), or choose another folder"
+                )
+    if record["seed"] != seed:
+        raise ConfigError(f"{run.root} holds the run of seed {record['seed']}, not {seed}")
 
 
 def start_run(
@@ -165,19 +230,36 @@ def start_run(
         evaluation (e.g. to report them to a hyperparameter search)
     """
     compile_cells(agent)
-    atomic_write_text(run.config, dump_yaml(config_record(agent, task, seed, device)))
-    env = _training_env(agent, task, seed, run)
-    model = build_model(agent, env, seed=seed, device=device)
-    return _session(
-        run,
-        agent,
-        task,
-        seed,
-        model,
-        elapsed_before=0.0,
-        progress_bar=progress_bar,
-        on_evaluation=on_evaluation,
-    )
+    made = not run.root.exists()
+    try:
+        atomic_write_text(run.config, dump_yaml(config_record(agent, task, seed, device)))
+        env = _training_env(agent, task, seed, run)
+        model = build_model(agent, env, seed=seed, device=device, budget=task.train.total_timesteps)
+        return _session(
+            run,
+            agent,
+            task,
+            seed,
+            model,
+            elapsed_before=0.0,
+            progress_bar=progress_bar,
+            on_evaluation=on_evaluation,
+        )
+    except BaseException:
+        if not run.latest_checkpoint.exists():  # it never trained: leave nothing that blocks
+            _remove_run_files(run, remove_folder=made)
+        raise
+
+
+def _remove_run_files(run: RunFolder, remove_folder: bool) -> None:
+    """Remove what a run writes (only that: ``run_dir`` may be a folder of the user's)."""
+    if remove_folder:
+        shutil.rmtree(run.root, ignore_errors=True)
+        return
+    for path in (run.monitor, run.tensorboard, run.checkpoints):
+        shutil.rmtree(path, ignore_errors=True)
+    for path in (run.config, *run.logs):
+        path.unlink(missing_ok=True)
 
 
 def resume_run(
@@ -223,7 +305,7 @@ def resume_run(
         algorithm(agent.algo).cls, run.checkpoints / checkpoint["model"], env=env, device=device
     )
     if checkpoint.get("replay_buffer"):
-        model.load_replay_buffer(run.checkpoints / checkpoint["replay_buffer"])
+        load_replay_buffer(model, run.checkpoints / checkpoint["replay_buffer"])
     return _session(
         run,
         agent,
@@ -286,7 +368,7 @@ def _session(
     """Learn to the budget with periodic evaluations and checkpoints, then :func:`_finish`."""
     budget = task.train.total_timesteps
     eval_env = make_env(
-        task, agent, n_envs=min(4, task.eval.episodes), seed=seed + 10_000, training=False
+        task, agent, n_envs=min(4, task.eval.episodes), seed=evaluation_seed(seed), training=False
     )
     model.set_logger(make_logger(run, resumed=resumed_at is not None))
     logger.info(
@@ -307,14 +389,16 @@ def _session(
     )
     checkpoints = Checkpoints(run, every_steps=max(1, budget // CHECKPOINTS_PER_RUN))
     checkpoints.elapsed_before = elapsed_before
+    callbacks = [checkpoints, evaluation]
+    if progress_bar:
+        callbacks.append(ProgressBar(final_step_count(model, budget)))
     steps_before = model.num_timesteps
     start_time = time.perf_counter()
     try:
         model.learn(
             total_timesteps=max(0, budget - model.num_timesteps),
-            callback=CallbackList([checkpoints, evaluation]),
+            callback=CallbackList(callbacks),
             reset_num_timesteps=resumed_at is None,
-            progress_bar=progress_bar,
         )
     except KeyboardInterrupt:
         # The partial rollout is lost anyway: rewind the step count to the rollout's start,
@@ -333,8 +417,25 @@ def _session(
     session = time.perf_counter() - start_time
     evaluated = evaluation.seconds  # the periodic evaluations: not training throughput
     training_rate = (model.num_timesteps - steps_before) / max(session - evaluated, 1e-9)
-    _finish(run, agent, task, seed, model, eval_env, elapsed_before + session, training_rate)
+    eval_env.close()
+    _finish(run, agent, task, seed, model, elapsed_before + session, training_rate)
     return run
+
+
+def evaluation_seed(seed: int) -> int:
+    """The seed of a run's evaluation environments (periodic and final), away from the
+    training environments' seed, seed + 1, ...; ``cfc-rl evaluate`` uses it by default, so
+    that it reproduces ``result.json``'s final return."""
+    return seed + 10_000
+
+
+def final_step_count(model: BaseAlgorithm, budget: int) -> int:
+    """Where training to ``budget`` steps ends: on-policy algorithms collect whole rollouts of
+    ``n_steps × n_envs``, so they stop at the first multiple at or past the budget."""
+    if isinstance(model, OnPolicyAlgorithm):
+        rollout = model.n_steps * model.n_envs
+        return -(-budget // rollout) * rollout
+    return budget
 
 
 def _finish(
@@ -343,25 +444,19 @@ def _finish(
     task: Task,
     seed: int,
     model: BaseAlgorithm,
-    eval_env: VecEnv,
     wall_clock: float,
     steps_per_s: float,
 ) -> None:
-    """The final model and its statistics, the final evaluation, and ``result.json`` (written
-    last: it marks the run complete)."""
+    """The final model and its statistics, the final evaluation (exactly what
+    ``cfc-rl evaluate`` computes by default), and ``result.json`` (written last: it marks the
+    run complete)."""
+    from cfc_rl.experiment.evaluate import evaluate_run
+
     atomic_write(run.model, model.save)
     normalization = model.get_vec_normalize_env()
     if normalization is not None:
         atomic_write(run.vecnormalize, lambda f: pickle.dump(normalization, f))
-    sync_envs_normalization(model.get_env(), eval_env)
-    returns, lengths = evaluate_policy(
-        model,
-        eval_env,
-        n_eval_episodes=task.eval.episodes,
-        deterministic=task.eval.deterministic,
-        return_episode_rewards=True,
-    )
-    eval_env.close()
+    final = evaluate_run(run.root, seed=evaluation_seed(seed), device=str(model.device))
     result = {
         "agent": agent.name,
         "task": task.name,
@@ -369,10 +464,12 @@ def _finish(
         "seed": seed,
         "total_timesteps": task.train.total_timesteps,
         "num_timesteps": model.num_timesteps,
-        "final_mean_return": float(np.mean(returns)),
-        "final_std_return": float(np.std(returns)),
-        "final_mean_length": float(np.mean(lengths)),
-        "eval_episodes": len(returns),
+        "final_mean_return": final["mean_return"],
+        "final_std_return": final["std_return"],
+        "final_mean_length": final["mean_length"],
+        "eval_episodes": final["episodes"],
+        "eval_seed": evaluation_seed(seed),
+        "eval_deterministic": final["deterministic"],
         "wall_clock_s": wall_clock,
         "steps_per_s": steps_per_s,
         "params": count_parameters(model),
@@ -381,18 +478,26 @@ def _finish(
     atomic_write_text(run.result, json.dumps(result, indent=2) + "\n")
 
 
-def build_model(agent: AgentConfig, env: VecEnv, *, seed: int, device: str) -> BaseAlgorithm:
+def build_model(
+    agent: AgentConfig, env: VecEnv, *, seed: int, device: str, budget: int | None = None
+) -> BaseAlgorithm:
     """A new model of the agent's algorithm and policy for ``env``.
 
     :param agent: the resolved agent
     :param env: the training environment
     :param seed: the model's seed
     :param device: ``"auto"``, ``"cpu"`` or ``"cuda"``
+    :param budget: the run's steps: an off-policy agent that sets no ``buffer_size`` gets a
+        replay buffer of at most this many transitions (SB3 allocates and checkpoints the
+        whole buffer: 1M entries for a 400-step run is hundreds of MB on disk)
     :raises ValueError: if the algorithm cannot act in the task's action space
     """
     algo = algorithm(agent.algo)
     algo.check_action_space(env.action_space, agent.name)
     hyperparams = dict(agent.hyperparams)
+    if algo.off_policy and budget is not None and "buffer_size" not in hyperparams:
+        default = inspect.signature(algo.cls.__init__).parameters["buffer_size"].default
+        hyperparams["buffer_size"] = min(default, budget)
     for key in ("learning_rate", "clip_range", "clip_range_vf"):
         if hyperparams.get(key) is not None:
             hyperparams[key] = make_schedule(hyperparams[key])
@@ -470,6 +575,6 @@ def _latest_state(run: RunFolder) -> dict[str, Any] | None:
         logger.warning("%s has no checkpoint yet: training starts over", run.root)
         for path in (run.monitor, run.tensorboard):
             shutil.rmtree(path, ignore_errors=True)
-        for name in ("evaluations.npz", "evaluations.csv", "progress.csv", "progress.resumed.csv"):
-            (run.root / name).unlink(missing_ok=True)
+        for path in run.logs:
+            path.unlink(missing_ok=True)
     return checkpoint
