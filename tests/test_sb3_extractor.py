@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 from gymnasium import spaces
 from stable_baselines3 import A2C, DQN, PPO, SAC, TD3
 from stable_baselines3.common.env_util import make_vec_env
-from stable_baselines3.common.vec_env import VecFrameStack
+from stable_baselines3.common.vec_env import DummyVecEnv, VecFrameStack, VecNormalize
 
 import cfc_rl.envs  # noqa: F401  (registers the task ids)
 from cfc_rl.nn import CELLS, time_input
-from cfc_rl.sb3 import SequenceExtractor, WindowLayout
+from cfc_rl.sb3 import (
+    SequenceExtractor,
+    WindowLayout,
+    sequence_extractor_kwargs,
+    stack_sizes_allowed_by_bounds,
+)
 
 
 def small(cell: str) -> dict:
@@ -55,6 +61,92 @@ def test_layouts_are_read_from_the_space() -> None:
 def test_unreadable_spaces_say_what_was_expected(space, n_stack, message) -> None:
     with pytest.raises(ValueError, match=message):
         SequenceExtractor(space, n_stack=n_stack)
+
+
+def _two_value_stack(env_id: str = "cfc_rl/CartPole-P-v1", n_stack: int = 4) -> VecFrameStack:
+    """A VecFrameStack of an environment whose observation has two values."""
+    return VecFrameStack(make_vec_env(env_id, n_envs=1, seed=0), n_stack=n_stack)
+
+
+def test_an_n_stack_that_contradicts_the_bounds_is_an_error() -> None:
+    """The reported case: 4 stacked frames of a 2-value observation (different bounds per
+    value) read with n_stack=8 were taken as 8 frames of 1 value."""
+    env = _two_value_stack()
+    assert env.observation_space.shape == (8,)
+    with pytest.raises(
+        ValueError,
+        match=r"n_stack=8 contradicts the observation's bounds: .* one frame of 1 value, but "
+        r"low/high show at most 4 frames of 2 values \(n_stack can be 1, 2, 4\)",
+    ):
+        SequenceExtractor(env.observation_space, n_stack=8)
+    assert SequenceExtractor(env.observation_space, n_stack=4).layout == WindowLayout(
+        4, 2, False, False
+    )
+
+
+def test_bounds_allow_the_stack_sizes_of_both_frame_layouts() -> None:
+    """SB3's VecFrameStack repeats each bound n_stack times in place; frames stacked oldest
+    first (gymnasium's FrameStackObservation, flattened) tile them. Both tell the frame
+    size; bounds equal everywhere tell nothing."""
+    low, high = np.array([-4.8, -0.4], np.float32), np.array([4.8, 0.4], np.float32)
+    repeated = spaces.Box(np.repeat(low, 4), np.repeat(high, 4))
+    tiled = spaces.Box(np.tile(low, 4), np.tile(high, 4))
+    assert stack_sizes_allowed_by_bounds(repeated) == [1, 2, 4]
+    assert stack_sizes_allowed_by_bounds(tiled) == [1, 2, 4]
+    assert stack_sizes_allowed_by_bounds(spaces.Box(-1, 1, (8,))) == [1, 2, 4, 8]
+    # Only the high bounds differ: they decide.
+    assert stack_sizes_allowed_by_bounds(spaces.Box(-1, np.tile(high, 3))) == [1, 3]
+    frame_stack = gym.wrappers.FlattenObservation(
+        gym.wrappers.FrameStackObservation(gym.make("cfc_rl/CartPole-P-v1"), 4)
+    )
+    assert stack_sizes_allowed_by_bounds(frame_stack.observation_space) == [1, 2, 4]
+    with pytest.raises(ValueError, match="at most 4 frames of 2 values"):
+        SequenceExtractor(frame_stack.observation_space, n_stack=8)
+    dict_space = spaces.Dict({"obs": tiled, "dt": spaces.Box(0, np.inf, (8,))})
+    with pytest.raises(ValueError, match="n_stack=8 contradicts"):
+        SequenceExtractor(dict_space, n_stack=8)
+
+
+def test_kwargs_for_an_environment_take_n_stack_from_its_frame_stack() -> None:
+    env = VecNormalize(_two_value_stack())  # the frame stack need not be the outermost wrapper
+    kwargs = sequence_extractor_kwargs(env, cell="ltc", hidden_size=8, ode_unfolds=2)
+    assert kwargs == {"cell": "ltc", "hidden_size": 8, "n_stack": 4, "ode_unfolds": 2}
+    assert sequence_extractor_kwargs(env, n_stack=4)["n_stack"] == 4
+    extractor = SequenceExtractor(env.observation_space, **kwargs)
+    assert extractor.layout == WindowLayout(4, 2, False, False)
+    model = PPO(
+        "MlpPolicy",
+        env,
+        n_steps=16,
+        batch_size=16,
+        policy_kwargs={
+            "features_extractor_class": SequenceExtractor,
+            "features_extractor_kwargs": sequence_extractor_kwargs(env, hidden_size=8),
+        },
+    )
+    assert model.policy.features_extractor.layout.frames == 4
+
+
+def test_kwargs_for_an_environment_reject_an_n_stack_its_frame_stack_contradicts() -> None:
+    # Pendulum-P's two values share their bounds, so the space alone cannot tell 4 frames of
+    # 2 values from 8 of 1: only the environment can.
+    env = _two_value_stack("cfc_rl/Pendulum-P-v1")
+    assert stack_sizes_allowed_by_bounds(env.observation_space) == [1, 2, 4, 8]
+    with pytest.raises(
+        ValueError, match="n_stack=8 but the environment's VecFrameStack stacks 4 frames"
+    ):
+        sequence_extractor_kwargs(env, n_stack=8)
+    assert sequence_extractor_kwargs(env)["n_stack"] == 4
+
+
+def test_kwargs_for_an_environment_without_a_frame_stack() -> None:
+    flat = make_vec_env("cfc_rl/Pendulum-P-v1", n_envs=1, seed=0)
+    with pytest.raises(
+        ValueError, match="found no VecFrameStack among the wrappers of DummyVecEnv to read n_stack"
+    ):
+        sequence_extractor_kwargs(flat)
+    history = DummyVecEnv([lambda: gym.make("cfc_rl/Pendulum-P-v1", irregular=(1, 3), history=4)])
+    assert sequence_extractor_kwargs(history, hidden_size=8) == {"cell": "cfc", "hidden_size": 8}
 
 
 def test_unknown_cell_lists_the_known_ones() -> None:

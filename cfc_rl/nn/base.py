@@ -70,6 +70,7 @@ two, outputs and gradients, in float64 with resets and per-sample Δt.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any
 
@@ -200,10 +201,14 @@ class RecurrentModule(nn.Module, ABC):
         :param x: inputs of shape ``(B, T, input_size)``
         :param state: state before the first step, ``(B, state_size)``; zeros when None
         :param timespans: elapsed time of each step, a float for all steps or a ``(B, T)``
-            tensor of per-sample values; 1.0 when None
+            tensor of per-sample values; 1.0 when None. Every value must be finite and
+            ``>= 0`` (zero is allowed, as for padding); the Δt for which a cell's solver is
+            stable is stated in the cell's docstring
         :param resets: ``(B, T)`` boolean tensor (or 0/1 numbers); True zeroes the state
             before step t
         :return: outputs ``(B, T, output_size)`` and the final state ``(B, state_size)``
+        :raises ValueError: for inputs of the wrong shape or dtype, and for a negative,
+            infinite or NaN timespan (naming the value and where it is)
         """
         name = type(self).__name__
         if x.dim() != 3 or x.shape[2] != self.input_size or x.shape[0] == 0 or x.shape[1] == 0:
@@ -222,15 +227,18 @@ class RecurrentModule(nn.Module, ABC):
         elif state.dtype != x.dtype:
             raise ValueError(f"{name} got a state of dtype {state.dtype} for x of {x.dtype}")
         # Tensors (and arrays) keep their autograd history; a number means every step.
-        timespans = torch.as_tensor(1.0 if timespans is None else timespans)
+        given = timespans
+        timespans = torch.as_tensor(1.0 if given is None else given)
         timespans = timespans.to(device=x.device, dtype=x.dtype)
-        if timespans.dim() == 0:
-            timespans = timespans.expand(batch, steps)
-        elif timespans.shape != (batch, steps):
+        if timespans.dim() != 0 and timespans.shape != (batch, steps):
             raise ValueError(
                 f"{name} expected timespans of shape ({batch}, {steps}) or a float, "
                 f"got {tuple(timespans.shape)}"
             )
+        if given is not None:  # a Python number is checked without a tensor operation
+            check_timespans(name, given if isinstance(given, (int, float)) else timespans)
+        if timespans.dim() == 0:
+            timespans = timespans.expand(batch, steps)
         if resets is not None:
             resets = torch.as_tensor(resets, device=x.device)
             if resets.shape != (batch, steps):
@@ -324,6 +332,50 @@ class RecurrentModule(nn.Module, ABC):
             y = self.proj(y)
         final = torch.cat([h, c], dim=1) if c is not None else h
         return y, final
+
+
+def check_timespans(name: str, timespans: Tensor | float) -> None:
+    """Raise a one-line ValueError naming ``name``, the first elapsed time that is negative,
+    infinite or NaN, and where it is; do nothing for valid ones (finite and ``>= 0``).
+
+    The check costs one reduction (``aminmax``, about 10 µs on a CPU) and reading its two
+    numbers per call, before the time loop, on a detached tensor: autograd is left alone. It
+    is skipped while ``torch.jit.trace`` or ``torch.compile`` (and ``torch.export``) trace the
+    module: reading a tensor's value there bakes one branch into the trace and warns (jit),
+    breaks the graph in two (dynamo) or fails on a data-dependent branch (``fullgraph=True``,
+    export).
+
+    :param name: the cell's name, for the message
+    :param timespans: a number, or a tensor of elapsed times (any shape; ``(B, T)`` in the
+        cells)
+    :raises ValueError: for a negative, infinite or NaN value
+    """
+    if isinstance(timespans, Tensor):
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return
+        # aminmax propagates NaN, which then fails both comparisons; -inf fails the first and
+        # +inf the second. (Element-wise comparisons and .all() cost several times as much.)
+        low, high = torch.aminmax(timespans.detach())
+        if low.item() >= 0 and high.item() < math.inf:
+            return
+        invalid = ~((timespans >= 0) & (timespans < math.inf))
+        where = tuple(int(i) for i in invalid.nonzero()[0])
+        value = float(timespans.detach()[where])
+        position = f" at sample {where[0]}, step {where[1]}" if len(where) == 2 else ""
+    else:
+        if timespans >= 0 and math.isfinite(timespans):
+            return
+        value, position = float(timespans), ""
+    if math.isnan(value):
+        kind = "a NaN value"
+    elif math.isinf(value):
+        kind = "an infinite value"
+    else:
+        kind = "a negative value"
+    raise ValueError(
+        f"{name} got timespans with {kind} ({value}){position}; elapsed times must be finite "
+        "and >= 0"
+    )
 
 
 def keep_masks(resets: Tensor | None, steps: int, dtype: torch.dtype) -> list[Tensor | None]:

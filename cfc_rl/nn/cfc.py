@@ -169,6 +169,12 @@ class CfC(RecurrentModule):
         >>> y, h = cfc(torch.randn(8, 100, 17), timespans=torch.rand(8, 100))
         >>> wired = CfC(17, AutoNCP(32, output_size=6))   # outputs: the 6 motor neurons
 
+    Elapsed time: the closed form has no solver and no step size to be stable for, so any
+    finite Δt ≥ 0 gives finite outputs (a large Δt saturates the gate, or the exponential in
+    pure mode). Unlike an ODE solver's, the state is not held at Δt = 0: padding steps should
+    be masked or followed by a reset, as :class:`~cfc_rl.sb3.SequenceExtractor` does.
+    ``forward`` rejects negative, infinite and NaN timespans.
+
     :param input_size: number of input features
     :param units: number of neurons, or a :class:`~cfc_rl.nn.wirings.Wiring` (then each of its
         layers is a CfC layer without backbone, masked by the wiring, as in ncps)

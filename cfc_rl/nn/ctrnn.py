@@ -24,7 +24,8 @@ class CTRNN(RecurrentModule):
     Stability: explicit Euler on the decay −h/τ is stable for Δt < 2τ (roughly: the recurrent
     term shifts the bound a little), and only follows the ODE closely for Δt well below τ; a
     larger Δt makes the state oscillate or diverge. Scale Δt, or initialise τ larger, when the
-    elapsed times are long. A zero Δt leaves the state as it is.
+    elapsed times are long. A zero Δt leaves the state as it is; ``forward`` rejects negative,
+    infinite and NaN timespans.
 
     :param input_size: number of input features
     :param units: number of neurons (the output size without ``proj_size``)

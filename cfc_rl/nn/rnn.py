@@ -22,7 +22,9 @@ class _TorchRNN(RecurrentModule):
     """Runs a fused ``torch.nn`` RNN (cuDNN on GPU), split into segments at reset times.
 
     Discrete cells have no notion of elapsed time: ``timespans`` is accepted for a uniform
-    interface and ignored (feed Δt as an input feature to give them the same information).
+    interface and ignored (feed Δt as an input feature to give them the same information),
+    though checked as for every cell (negative, infinite or NaN values are errors), so that a
+    bad Δt fails the same way whichever cell runs.
     """
 
     rnn: nn.LSTM | nn.GRU
