@@ -1,4 +1,4 @@
-"""The ``cfc-rl`` command: ``cfc-rl {train,evaluate,compare,list,bench,build} ...``.
+"""The ``cfc-rl`` command: ``cfc-rl {train,evaluate,compare,robustness,list,bench,build} ...``.
 
 One argparse subcommand per step, each a thin layer over one function of
 :mod:`cfc_rl.experiment`; ``scripts/train.py``, ``scripts/evaluate.py`` and
@@ -62,6 +62,34 @@ def setting(text: str) -> tuple[list[str], Any]:
         except yaml.YAMLError:
             raise argparse.ArgumentTypeError(f"cannot read the value of {text!r}") from None
     return key.split("."), value
+
+
+def _number(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def condition(text: str) -> tuple[str, Any]:
+    """An argparse type: ``--set noise=0.1`` / ``--set irregular=2,4`` / ``--set period=3``
+    for evaluate: a condition and its value (a number, or numbers separated by commas)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or not raw:
+        raise argparse.ArgumentTypeError(f"expected CONDITION=VALUE (e.g. noise=0.1), got {text!r}")
+    values = [_number(part) for part in raw.split(",")]
+    return key, values if len(values) > 1 else values[0]
+
+
+def sweep_levels(text: str) -> tuple[str, list[int | float]]:
+    """An argparse type: ``--sweep noise=0,0.05,0.1``: a condition and its levels."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or not raw:
+        raise argparse.ArgumentTypeError(f"expected CONDITION=L1,L2,... got {text!r}")
+    return key, [_number(part) for part in raw.split(",")]
 
 
 def nest(settings: Sequence[tuple[list[str], Any]]) -> dict[str, Any]:
@@ -184,6 +212,16 @@ def _add_evaluate(parser: argparse.ArgumentParser) -> None:
         "evaluation, which this then reproduces)",
     )
     parser.add_argument("--device", default="auto", choices=DEVICES)
+    parser.add_argument(
+        "--set",
+        dest="conditions",
+        type=condition,
+        action="append",
+        default=[],
+        metavar="CONDITION=VALUE",
+        help="evaluate under a changed condition of the task: noise, dropout, flicker, "
+        "irregular=MIN,MAX or period=K (each action held for K base steps); repeatable",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     parser.add_argument(
         "--video",
@@ -204,6 +242,7 @@ def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         result = evaluate_run(
             args.run_dir,
             model=args.model,
+            conditions=dict(args.conditions),
             episodes=args.episodes,
             deterministic=args.deterministic,
             seed=args.seed,
@@ -216,10 +255,12 @@ def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
+    changed = ", ".join(f"{k}={v}" for k, v in dict(args.conditions).items())
     print(
         f"{result['run']}: return {result['mean_return']:.1f} ± {result['std_return']:.1f}, "
         f"length {result['mean_length']:.1f} over {result['episodes']} episodes "
-        f"({'deterministic' if result['deterministic'] else 'stochastic'})"
+        f"({'deterministic' if result['deterministic'] else 'stochastic'}"
+        f"{', ' + changed if changed else ''})"
     )
     if "video" in result:
         print(f"video: {result['video']}")
@@ -277,6 +318,43 @@ def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             file=sys.stderr,
         )
         return 1
+    return 0
+
+
+def _add_robustness(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="+", help="run folders (seeds of one or more agents)")
+    parser.add_argument(
+        "--sweep",
+        type=sweep_levels,
+        action="append",
+        required=True,
+        metavar="CONDITION=L1,L2,...",
+        help="levels of a condition: noise, dropout, flicker or period (repeatable)",
+    )
+    parser.add_argument("--episodes", type=positive_int, default=None)
+    parser.add_argument("--device", default="auto", choices=DEVICES)
+    parser.add_argument("--out", default="runs/robustness", help="folder of the table and plots")
+
+
+def _robustness(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from cfc_rl.experiment.robustness import sweep, sweep_markdown
+
+    def show(row: dict[str, Any]) -> None:
+        level = f"{row['condition']}={row['level']}"
+        print(f"{level:14s} {row['mean_return']:9.1f}  {row['run']}", flush=True)
+
+    rows = sweep(
+        args.runs,
+        dict(args.sweep),
+        out=args.out,
+        episodes=args.episodes,
+        device=args.device,
+        on_result=show,
+    )
+    print()
+    print(sweep_markdown(rows))
+    plots = ", ".join(f"robustness_{name}.png" for name in dict(args.sweep))
+    print(f"written: {args.out}/robustness.csv, robustness.md, robustness_runs.csv, {plots}")
     return 0
 
 
@@ -352,6 +430,11 @@ COMMANDS: dict[
     "train": ("train an agent on a task", _add_train, _train),
     "evaluate": ("evaluate a trained run", _add_evaluate, _evaluate),
     "compare": ("train agents x tasks x seeds and summarise them", _add_compare, _compare),
+    "robustness": (
+        "evaluate runs as a condition (noise, control period...) moves away from training",
+        _add_robustness,
+        _robustness,
+    ),
     "list": ("the task ids, task files and agent files", _add_list, _list),
     "bench": ("speed of the cells against torch.nn.LSTM", _add_bench, _bench),
     "build": ("compile the C++ loops of the cells for this machine", _add_build, _build),

@@ -32,7 +32,7 @@ from cfc_rl.experiment.executors import Executor, JobResult, LocalExecutor
 from cfc_rl.experiment.jobs import Job
 from cfc_rl.experiment.runs import RunFolder, atomic_write, atomic_write_text
 
-__all__ = ["aggregate", "compare", "plan_jobs", "summary_markdown"]
+__all__ = ["aggregate", "compare", "interval_estimates", "plan_jobs", "summary_markdown"]
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def aggregate(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
     for (task, budget, agent), folders in sorted(runs.items()):
         results = [f.read_result() for f in folders]
         finals = np.array([[r["final_mean_return"]] for r in results])  # (seeds, 1 task)
-        (iqm, iqm_lo, iqm_hi), (mean, mean_lo, mean_hi) = _interval_estimates(finals)
+        (iqm, iqm_lo, iqm_hi), (mean, mean_lo, mean_hi) = interval_estimates(finals)
         rows.append(
             {
                 "task": task,
@@ -162,7 +162,7 @@ def aggregate(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def _interval_estimates(
+def interval_estimates(
     scores: np.ndarray, reps: int = BOOTSTRAP_REPS
 ) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
     """IQM and mean of ``scores`` (runs, tasks), each with its 95% stratified-bootstrap CI."""

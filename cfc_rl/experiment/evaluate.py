@@ -11,14 +11,17 @@ from __future__ import annotations
 import csv
 import io
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from gymnasium import spaces
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.vec_env import VecEnv
 
+from cfc_rl.envs import ConfigError, make_task
 from cfc_rl.experiment.algorithms import algorithm
 from cfc_rl.experiment.environments import make_env
 from cfc_rl.experiment.runs import RunError, RunFolder, atomic_write, atomic_write_text, load_model
@@ -134,10 +137,67 @@ def _run_env(
     )
 
 
+CONDITIONS = ("noise", "dropout", "flicker", "irregular", "period")
+"""What evaluation can change: the task's wrapper settings, and ``period``: a fixed control
+period of k base steps (``irregular=[k, k]``)."""
+
+
+def conditions_task(task: Task, conditions: Mapping[str, Any]) -> Task:
+    """The task with its wrapper settings replaced by ``conditions`` (validated like a task
+    file); ``period=k`` is ``irregular=[k, k]``.
+
+    :raises ConfigError: for an unknown setting or a bad value, naming it
+    """
+    unknown = sorted(set(conditions) - set(CONDITIONS))
+    if unknown:
+        raise ConfigError(
+            f"--set {unknown[0]}: not a condition evaluation can change; choose from "
+            f"{', '.join(CONDITIONS)}"
+        )
+    wrappers = dict(conditions)
+    if "period" in wrappers:
+        if "irregular" in wrappers:
+            raise ConfigError("--set period and --set irregular both set the control period")
+        period = wrappers.pop("period")
+        wrappers["irregular"] = [period, period]
+    try:
+        return task.replace(wrappers=wrappers)
+    except ConfigError as e:
+        raise ConfigError(f"--set: {str(e).split(': ', 1)[-1]}") from None
+
+
+def _check_layout(trained: Task, shifted: Task, conditions: Mapping[str, Any]) -> None:
+    """The changed conditions must give the observations the policy was trained on: Δt, for
+    one, exists only where the run was trained with irregular time."""
+    with make_task(trained.env) as env:
+        before = env.observation_space
+    with make_task(shifted.env) as env:
+        after = env.observation_space
+    if _layout(before) == _layout(after):  # bounds may change (noise widens them), not shapes
+        return
+    why = ""
+    if isinstance(after, spaces.Dict) and not isinstance(before, spaces.Dict):
+        why = (
+            ": irregular time adds the elapsed time Δt to the observation, and this policy was "
+            "trained without it (train on a task with irregular time to evaluate other periods)"
+        )
+    raise ConfigError(
+        f"--set {', '.join(f'{k}={v}' for k, v in conditions.items())}: the policy was trained "
+        f"on observations {before}, these conditions give {after}{why}"
+    )
+
+
+def _layout(space: spaces.Space) -> Any:
+    if isinstance(space, spaces.Dict):
+        return {key: _layout(sub) for key, sub in space.spaces.items()}
+    return (type(space).__name__, space.shape)
+
+
 def evaluate_run(
     run_dir: str | os.PathLike[str],
     *,
     model: str = "final",
+    conditions: Mapping[str, Any] | None = None,
     episodes: int | None = None,
     deterministic: bool | None = None,
     seed: int | None = None,
@@ -149,6 +209,9 @@ def evaluate_run(
 
     :param run_dir: a run folder written by :func:`~cfc_rl.experiment.train.train`
     :param model: ``"final"``, ``"best"`` or the path of a checkpoint (see :func:`load_run`)
+    :param conditions: task wrapper settings to replace at evaluation (see
+        :data:`CONDITIONS`), e.g. ``{"noise": 0.1, "period": 3}``; recorded in the result and
+        in ``evaluation_episodes.csv``
     :param episodes: number of episodes; defaults to the task's ``eval.episodes``
     :param deterministic: take the policy's mode; defaults to the task's ``eval.deterministic``
     :param seed: seed of the evaluation environments; defaults to the seed of the run's own
@@ -156,14 +219,20 @@ def evaluate_run(
     :param device: ``"auto"``, ``"cpu"`` or ``"cuda"``
     :param video: also record the first episode to ``video.mp4`` in the run folder
     :return: ``episodes``, ``mean_return``, ``std_return``, ``mean_length``, ``std_length``,
-        ``deterministic``, ``seed``, ``model``, ``run`` and, with ``video``, ``video``
+        ``deterministic``, ``seed``, ``model``, ``conditions`` (the wrapper settings
+        applied), ``run`` and, with ``video``, ``video``
     :raises VideoUnavailable: if ``video`` and the environment cannot render here
+    :raises ConfigError: for conditions the run's policy cannot take
     """
     if episodes is not None and (isinstance(episodes, bool) or episodes < 1):
         raise ValueError(f"episodes must be a positive integer, got {episodes!r}")
     check_device(device)
     run = RunFolder(Path(run_dir))
     agent, task = configs_from_record(run.read_config())
+    if conditions:
+        shifted = conditions_task(task, conditions)
+        _check_layout(task, shifted, conditions)
+        task = shifted
     episodes = task.eval.episodes if episodes is None else episodes
     deterministic = task.eval.deterministic if deterministic is None else deterministic
     seed = default_seed(run) if seed is None else seed
@@ -179,6 +248,7 @@ def evaluate_run(
         if video:  # building an environment that renders failed: a rendering problem
             raise VideoUnavailable(_video_hint(task.id, e)) from e
         raise
+    applied = task.env.wrappers.as_kwargs()
 
     frames: list[np.ndarray] = []
     recording = [video]
@@ -204,7 +274,7 @@ def evaluate_run(
     fps = int(env.get_attr("metadata")[0].get("render_fps") or 30)
     env.close()
 
-    _write_episodes(run.root / EPISODES_CSV, returns, lengths)
+    _write_episodes(run.root / EPISODES_CSV, returns, lengths, applied)
     result: dict[str, Any] = {
         "run": str(run.root),
         "episodes": len(returns),
@@ -215,18 +285,25 @@ def evaluate_run(
         "deterministic": deterministic,
         "seed": seed,
         "model": model,
+        "conditions": applied,
     }
     if video:
         result["video"] = str(_write_video(run.root / VIDEO_FILE, frames, fps))
     return result
 
 
-def _write_episodes(path: Path, returns: list[float], lengths: list[int]) -> None:
+def _write_episodes(
+    path: Path, returns: list[float], lengths: list[int], conditions: Mapping[str, Any]
+) -> None:
+    """One row per episode, with the conditions it ran under (one column per setting)."""
     text = io.StringIO()
     writer = csv.writer(text)
-    writer.writerow(["episode", "return", "length"])
+    writer.writerow(["episode", "return", "length", *conditions])
+    values = [
+        "-".join(map(str, v)) if isinstance(v, (list, tuple)) else v for v in conditions.values()
+    ]
     for i, (r, n) in enumerate(zip(returns, lengths, strict=True)):
-        writer.writerow([i, float(r), int(n)])
+        writer.writerow([i, float(r), int(n), *values])
     atomic_write_text(path, text.getvalue())
 
 

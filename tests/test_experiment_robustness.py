@@ -1,0 +1,113 @@
+"""Evaluation under changed conditions and robustness sweeps, on tiny trained runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from cfc_rl.envs import ConfigError, SensorNoise, base_dt, make_task
+from cfc_rl.experiment import cli
+from cfc_rl.experiment.evaluate import conditions_task, evaluate_run
+from cfc_rl.experiment.tasks import load_task
+from cfc_rl.experiment.train import train
+
+ROOT = Path(__file__).resolve().parent.parent
+GRU = (
+    "algo: recurrent_ppo\npolicy: RecurrentCellPolicy\npolicy_kwargs: {cell: gru, hidden_size: 8}\n"
+)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
+    """Two seeds of a GRU agent on irregular Pendulum-P, one on CartPole-P (no Δt)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("robustness")
+    shutil.copytree(ROOT / "agents" / "settings", folder / "settings")
+    agent = folder / "gru.yaml"
+    agent.write_text(GRU + "hyperparams: {n_steps: 64, batch_size: 64, n_epochs: 1}\n")
+    made: dict[str, list[Path]] = {}
+    for task_name, seeds in (("pendulum_p_irregular", (0, 1)), ("cartpole_p", (0,))):
+        data = yaml.safe_load((ROOT / "envs" / f"{task_name}.yaml").read_text())
+        data["train"] = {**data["train"], "total_timesteps": 128, "n_envs": 2}
+        data["eval"] = {"episodes": 2, "every_steps": 128, "deterministic": True}
+        task = folder / f"{task_name}.yaml"
+        task.write_text(yaml.safe_dump(data))
+        made[task_name] = [train(agent, task, seed=s, out=folder / "runs").root for s in seeds]
+    yield made
+    torch.set_num_threads(threads)
+
+
+def test_conditions_are_the_ones_applied() -> None:
+    task = load_task(ROOT / "envs" / "pendulum_p_irregular.yaml")
+    noisy = make_task(conditions_task(task, {"noise": 0.2}).env)
+    wrapper, found = noisy, None
+    while hasattr(wrapper, "env"):
+        if isinstance(wrapper, SensorNoise):
+            found = wrapper
+        wrapper = wrapper.env
+    assert found is not None and found.sigma == 0.2
+    env = make_task(conditions_task(task, {"period": 3}).env)
+    env.reset(seed=0)
+    for _ in range(5):  # a fixed period: every control step is 3 base steps, dt = 3 x base
+        obs, _, _, _, info = env.step(env.action_space.sample())
+        assert info["repeats"] == 3
+        assert info["dt"] == pytest.approx(3 * base_dt(env.unwrapped))
+        assert obs["dt"][0] == pytest.approx(info["dt"])
+    with pytest.raises(ConfigError, match=r"--set: wrappers\.noise"):
+        conditions_task(task, {"noise": -1.0})
+    with pytest.raises(ConfigError, match="--set speed: not a condition"):
+        conditions_task(task, {"speed": 2})
+
+
+def test_evaluation_records_its_conditions(runs) -> None:
+    run = runs["pendulum_p_irregular"][0]
+    default = evaluate_run(run, episodes=2)
+    shifted = evaluate_run(run, episodes=2, conditions={"period": 6, "noise": 0.1})
+    assert default["conditions"]["irregular"] == (1, 4)
+    assert shifted["conditions"]["irregular"] == (6, 6) and shifted["conditions"]["noise"] == 0.1
+    assert shifted["mean_return"] != default["mean_return"]
+    with (run / "evaluation_episodes.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and {r["irregular"] for r in rows} == {"6-6"}
+    assert {r["noise"] for r in rows} == {"0.1"}
+
+
+def test_a_condition_the_policy_cannot_read_says_why(runs) -> None:
+    with pytest.raises(ConfigError, match="trained without it"):
+        evaluate_run(runs["cartpole_p"][0], conditions={"period": 2})
+
+
+def test_a_sweep_of_two_runs_writes_the_table_and_the_plot(runs, tmp_path, capsys) -> None:
+    out = tmp_path / "sweep"
+    argv = ["robustness", *map(str, runs["pendulum_p_irregular"]), "--sweep", "period=1,3"]
+    assert cli.main([*argv, "--sweep", "noise=0,0.2", "--episodes", "2", "--out", str(out)]) == 0
+    with (out / "robustness.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["condition"], r["level"]) for r in rows] == [
+        ("period", "1"), ("period", "3"), ("noise", "0"), ("noise", "0.2")
+    ]  # fmt: skip
+    assert all(r["runs"] == "2" and r["agent"] == "gru" for r in rows)
+    for row in rows:
+        assert float(row["iqm_ci_low"]) <= float(row["iqm"]) <= float(row["iqm_ci_high"])
+    with (out / "robustness_runs.csv").open() as f:
+        per_run = list(csv.DictReader(f))
+    assert len(per_run) == 8
+    mean = np.mean([float(r["mean_return"]) for r in per_run[:2]])
+    assert float(rows[0]["mean"]) == pytest.approx(mean)
+    for name in ("robustness.md", "robustness_period.png", "robustness_noise.png"):
+        assert (out / name).stat().st_size > 0
+    assert "### period" in capsys.readouterr().out
+    assert cli.main(["evaluate", str(runs["pendulum_p_irregular"][0]), "--set", "period=2",
+                     "--json"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["conditions"]["irregular"] == [
+        2,
+        2,
+    ]
