@@ -250,26 +250,14 @@ def evaluate_run(
         raise
     applied = task.env.wrappers.as_kwargs()
 
-    frames: list[np.ndarray] = []
-    recording = [video]
-
-    def grab_frame(local_vars: dict[str, Any], _: dict[str, Any]) -> None:
-        if not recording[0]:
-            return
-        try:
-            frames.append(env.render())
-        except Exception as e:
-            raise VideoUnavailable(_video_hint(task.id, e)) from e
-        if local_vars["done"]:
-            recording[0] = False  # the first episode only
-
+    recorder = _FirstEpisodeFrames(env, task.id) if video else None
     returns, lengths = evaluate_policy(
         policy,
         env,
         n_eval_episodes=episodes,
         deterministic=deterministic,
         return_episode_rewards=True,
-        callback=grab_frame if video else None,
+        callback=recorder,
     )
     fps = int(env.get_attr("metadata")[0].get("render_fps") or 30)
     env.close()
@@ -287,9 +275,28 @@ def evaluate_run(
         "model": model,
         "conditions": applied,
     }
-    if video:
-        result["video"] = str(_write_video(run.root / VIDEO_FILE, frames, fps))
+    if recorder is not None:
+        result["video"] = str(_write_video(run.root / VIDEO_FILE, recorder.frames, fps))
     return result
+
+
+class _FirstEpisodeFrames:
+    """An ``evaluate_policy`` callback that keeps the frames of the first episode."""
+
+    def __init__(self, env: VecEnv, task_id: str) -> None:
+        self.env, self.task_id = env, task_id
+        self.frames: list[np.ndarray] = []
+        self.recording = True
+
+    def __call__(self, local_vars: dict[str, Any], _: dict[str, Any]) -> None:
+        if not self.recording:
+            return
+        try:
+            self.frames.append(self.env.render())
+        except Exception as e:
+            raise VideoUnavailable(_video_hint(self.task_id, e)) from e
+        if local_vars["done"]:
+            self.recording = False
 
 
 def _write_episodes(
