@@ -7,7 +7,10 @@
 - :mod:`~cfc_rl.experiment.train`: one agent, one task, one seed -> a run folder (train, resume)
 - :mod:`~cfc_rl.experiment.jobs`: a run as plain data and :func:`~.jobs.run_job`;
   :mod:`~cfc_rl.experiment.executors`: where jobs run
-- :mod:`~cfc_rl.experiment.compare`: agents x tasks x seeds, with rliable statistics
+- :mod:`~cfc_rl.experiment.compare`: agents x tasks x seeds, with rliable statistics;
+  :mod:`~cfc_rl.experiment.ray_executor`: its jobs on a Ray cluster;
+  :mod:`~cfc_rl.experiment.tune`: hyperparameter search with Ray Tune and Optuna
+- :mod:`~cfc_rl.experiment.robustness`: evaluation as a condition moves away from training
 - :mod:`~cfc_rl.experiment.evaluate`: episodes with a run's final model
 - :mod:`~cfc_rl.experiment.environments`, :mod:`~cfc_rl.experiment.callbacks`,
   :mod:`~cfc_rl.experiment.runs`: the vector env, the training callbacks and logs, the run

@@ -1,4 +1,4 @@
-"""The ``cfc-rl`` command: ``cfc-rl {train,evaluate,compare,robustness,list,bench,build} ...``.
+"""The ``cfc-rl`` command: ``cfc-rl {train,evaluate,compare,tune,robustness,list,bench,build}``.
 
 One argparse subcommand per step, each a thin layer over one function of
 :mod:`cfc_rl.experiment`; ``scripts/train.py``, ``scripts/evaluate.py`` and
@@ -277,11 +277,14 @@ def _add_compare(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=positive_int, default=None, help="budget of every run")
     parser.add_argument("--out", default="runs/compare", help="output folder")
     parser.add_argument("--device", default="cpu", choices=DEVICES)
+    from cfc_rl.experiment.ray_executor import add_executor_arguments
+
+    add_executor_arguments(parser)
 
 
 def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from cfc_rl.experiment.compare import compare, summary_markdown
-    from cfc_rl.experiment.executors import LocalExecutor
+    from cfc_rl.experiment.ray_executor import executor_from_args
 
     def show(result) -> None:
         print(f"{result.status:8s} {result.seconds:7.1f} s  {result.job.run_dir}", flush=True)
@@ -296,7 +299,7 @@ def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             steps=args.steps,
             out=args.out,
             device=args.device,
-            executor=LocalExecutor(args.jobs),
+            executor=executor_from_args(args),
             on_result=show,
         )
     except KeyboardInterrupt as e:  # the runs in training saved checkpoints
@@ -319,6 +322,18 @@ def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         )
         return 1
     return 0
+
+
+def _add_tune(parser: argparse.ArgumentParser) -> None:
+    from cfc_rl.experiment.tune import add_tune_arguments
+
+    add_tune_arguments(parser)
+
+
+def _tune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from cfc_rl.experiment.tune import tune_command
+
+    return tune_command(args, parser)
 
 
 def _add_robustness(parser: argparse.ArgumentParser) -> None:
@@ -430,6 +445,7 @@ COMMANDS: dict[
     "train": ("train an agent on a task", _add_train, _train),
     "evaluate": ("evaluate a trained run", _add_evaluate, _evaluate),
     "compare": ("train agents x tasks x seeds and summarise them", _add_compare, _compare),
+    "tune": ("search hyperparameters with Ray Tune (Optuna TPE + ASHA)", _add_tune, _tune),
     "robustness": (
         "evaluate runs as a condition (noise, control period...) moves away from training",
         _add_robustness,

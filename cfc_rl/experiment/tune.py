@@ -1,0 +1,1115 @@
+"""Hyperparameter search: ``cfc-rl tune``, with Ray Tune, an Optuna (TPE) searcher and an ASHA
+scheduler on the periodic evaluations.
+
+The search space is a small YAML file of dotted paths into the agent file, one kind each::
+
+    hyperparams.learning_rate: {loguniform: [1.0e-4, 3.0e-3]}   # low <= x <= high, log scale
+    hyperparams.gae_lambda: {uniform: [0.9, 0.99]}               # low <= x <= high
+    hyperparams.n_epochs: {randint: [5, 20]}                     # low <= x < high, as tune.randint
+    policy_kwargs.hidden_size: {choice: [32, 64]}                # one of the values
+
+A path is ``<section>.<key>`` for a mapping of the agent file (``hyperparams``,
+``policy_kwargs``, ``features_extractor``, ``wrappers``) or one of its top-level values
+(``n_envs``, ``normalize``, ``frame_stack``). A trial's values go into the agent's
+``overrides`` for the task, so they win over the settings and the agent's own keys, as they
+will in the agent file the search writes. Every value the space can give is checked against the
+agent's schema before any trial starts (an unknown hyperparameter, a wrong type, an empty range,
+an agent that cannot run the task are errors that name the file): the agent is resolved for the
+task with each bound and each choice, and its model is built once with the lower bounds and
+first choices.
+
+A trial trains ``seeds`` seeds (1000, 1001, ...: seeds the benchmarks do not use), each in a
+process of its own, side by side; each periodic evaluation's mean return, averaged over the
+seeds once all of them have reached it, is reported to ASHA, which stops the trials that are
+behind at its rungs; a trial's score is the mean over seeds of the final returns. The output
+folder gets:
+
+- ``<agent>_tuned_<task>.yaml``: the agent file with the best complete trial's values in
+  ``overrides.<task id>``, beside ``settings/<algo>.yaml``, a copy of the settings it was tuned
+  with, so that ``cfc-rl train --agent`` trains it as it was tuned;
+- ``trials.csv`` and ``trials.md``: trial, values, score, steps reached, status (complete,
+  pruned by ASHA, error);
+- ``scores.png``: score against trial, and the best so far;
+- ``trials/<trial id>/seed_<n>``: the trials' run folders (on this machine, or with
+  ``--storage``; without it a Ray worker trains in a temporary folder and keeps only the numbers),
+  and ``ray_results/``: Ray Tune's own records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import datetime
+import io
+import logging
+import math
+import multiprocessing
+import os
+import queue as queue_module
+import shutil
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from cfc_rl.envs import ConfigError
+from cfc_rl.envs.config import read_yaml
+from cfc_rl.experiment.ray_executor import (
+    add_executor_arguments,
+    build_on_nodes,
+    check_executor_args,
+    check_inside_storage,
+    connect,
+    extensions_for,
+    import_ray,
+    make_scratch,
+)
+
+if TYPE_CHECKING:  # torch and SB3 load with them: imported where used (cfc-rl --help stays quick)
+    from cfc_rl.experiment.jobs import Job
+    from cfc_rl.experiment.settings import AgentConfig, TaskSettings
+    from cfc_rl.experiment.tasks import Task
+
+__all__ = [
+    "Dimension",
+    "SearchOutcome",
+    "SearchSpace",
+    "TrialPlan",
+    "add_tune_arguments",
+    "load_space",
+    "make_plan",
+    "search",
+    "tune_command",
+]
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("loguniform", "uniform", "choice", "randint")
+SECTIONS = ("hyperparams", "policy_kwargs", "features_extractor", "wrappers")
+VALUES = ("n_envs", "normalize", "frame_stack")
+SEED_START = 1000  # trial seeds: 1000, 1001, ... (the benchmarks use 0, 1, 2, ...)
+METRIC = "score"  # what trials report: mean return over seeds
+TIME_ATTR = "steps"  # ASHA's clock: environment steps
+ASHA_REDUCTION = 3  # ASHA keeps the best third at each rung
+ASHA_RUNGS = 3  # rungs at about budget/9, budget/3 (and the budget)
+
+# Choices that Optuna can take as they are; others (lists, mappings) are chosen by index.
+_SCALARS = (bool, int, float, str, type(None))
+
+
+# The search space.
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One dimension of a search space.
+
+    :param key: dotted path into the agent file (``hyperparams.learning_rate``)
+    :param kind: ``loguniform``, ``uniform``, ``randint`` or ``choice``
+    :param values: ``(low, high)``, or the choices
+    """
+
+    key: str
+    kind: str
+    values: tuple[Any, ...]
+
+    @property
+    def by_index(self) -> bool:
+        """Whether the searcher picks an index (choices that are lists or mappings)."""
+        return self.kind == "choice" and not all(isinstance(v, _SCALARS) for v in self.values)
+
+    @property
+    def first(self) -> Any:
+        """The lower bound, or the first choice."""
+        return self.values[0]
+
+    def corners(self) -> list[Any]:
+        """Every value to check: both bounds (``randint``: the largest integer below ``high``),
+        or every choice."""
+        if self.kind == "choice":
+            return list(self.values)
+        low, high = self.values
+        return [low, high - 1 if self.kind == "randint" else high]
+
+    def domain(self) -> Any:
+        """The Ray Tune search domain."""
+        from ray import tune as ray_tune
+
+        if self.kind == "choice":
+            return ray_tune.choice(
+                list(range(len(self.values))) if self.by_index else list(self.values)
+            )
+        low, high = self.values
+        return getattr(ray_tune, self.kind)(low, high)
+
+    def decode(self, sampled: Any) -> Any:
+        """The agent-file value of a sampled one (Python types, choices by index resolved)."""
+        if hasattr(sampled, "item"):  # numpy scalars
+            sampled = sampled.item()
+        if self.by_index:
+            return copy.deepcopy(self.values[int(sampled)])
+        if self.kind == "randint":
+            return int(sampled)
+        if self.kind in ("uniform", "loguniform"):
+            return float(sampled)
+        return sampled
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """A search space: dimensions in file order.
+
+    :param dimensions: the dimensions
+    :param source: the space file, for messages
+    """
+
+    dimensions: tuple[Dimension, ...]
+    source: str = "<dict>"
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<dict>") -> SearchSpace:
+        """Validate a parsed space file (its form; values are checked against an agent by
+        :func:`make_plan`).
+
+        :param data: the mapping read from YAML
+        :param source: the file, for messages
+        :raises ConfigError: naming the file and the key
+        """
+        if not isinstance(data, Mapping) or not data:
+            raise ConfigError(
+                f"{source}: expected a mapping of dotted agent-file paths to "
+                f"{{kind: values}} (kinds: {', '.join(KINDS)}), got {data!r}"
+            )
+        dimensions = []
+        for key, spec in data.items():
+            _check_path(key, source)
+            if not isinstance(spec, Mapping) or len(spec) != 1:
+                raise ConfigError(
+                    f"{source}: {key} must be one {{kind: values}} with a kind of "
+                    f"{', '.join(KINDS)}, got {spec!r}"
+                )
+            ((kind, values),) = spec.items()
+            if kind not in KINDS:
+                raise ConfigError(
+                    f"{source}: {key}: unknown kind {kind!r}; expected one of {', '.join(KINDS)}"
+                )
+            dimensions.append(Dimension(key, kind, _check_values(key, kind, values, source)))
+        return cls(tuple(dimensions), source)
+
+    @property
+    def keys(self) -> list[str]:
+        return [d.key for d in self.dimensions]
+
+    def first(self) -> dict[str, Any]:
+        """The lower bounds and first choices."""
+        return {d.key: d.first for d in self.dimensions}
+
+    def corners(self) -> Iterator[tuple[str | None, dict[str, Any]]]:
+        """Every value of every dimension, one dimension at a time, the others at their first
+        value: ``(None, first())`` first, then ``(key, values)`` for each other value."""
+        first = self.first()
+        yield None, first
+        for d in self.dimensions:
+            for value in d.corners():
+                if value != d.first:
+                    yield d.key, {**first, d.key: value}
+
+    def param_space(self) -> dict[str, Any]:
+        """Ray Tune's ``param_space``: one domain per dotted key."""
+        return {d.key: d.domain() for d in self.dimensions}
+
+    def decode(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """A trial's values by dotted key, from its Ray Tune config."""
+        return {d.key: d.decode(config[d.key]) for d in self.dimensions}
+
+
+def _check_path(key: Any, source: str) -> None:
+    parts = key.split(".") if isinstance(key, str) else []
+    ok = (len(parts) == 2 and parts[0] in SECTIONS and parts[1]) or (
+        len(parts) == 1 and parts[0] in VALUES
+    )
+    if not ok:
+        raise ConfigError(
+            f"{source}: {key!r} is not a path into an agent file: expected <section>.<key> with "
+            f"a section of {', '.join(SECTIONS)}, or one of {', '.join(VALUES)}"
+        )
+
+
+def _check_values(key: str, kind: str, values: Any, source: str) -> tuple[Any, ...]:
+    where = f"{source}: {key}: {kind}"
+    if not isinstance(values, list):
+        raise ConfigError(f"{where} takes a list, got {values!r}")
+    if kind == "choice":
+        if not values:
+            raise ConfigError(f"{where}: the list of choices is empty")
+        return tuple(values)
+    if len(values) != 2:
+        raise ConfigError(f"{where} takes [low, high], got {values!r}")
+    low, high = values
+    number = int if kind == "randint" else (int, float)
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, number):
+            expected = "integers" if kind == "randint" else "numbers"
+            raise ConfigError(f"{where} takes [low, high] as {expected}, got {values!r}")
+    if low >= high:
+        raise ConfigError(f"{where}: the range [{low}, {high}] is empty (low must be < high)")
+    if kind == "loguniform" and low <= 0:
+        raise ConfigError(f"{where}: the range [{low}, {high}] must be positive (log scale)")
+    return (low, high) if kind == "randint" else (float(low), float(high))
+
+
+def load_space(path: str | os.PathLike[str]) -> SearchSpace:
+    """Read and validate a search-space file.
+
+    :param path: the YAML file
+    :raises ConfigError: naming the file and the key
+    """
+    return SearchSpace.from_dict(read_yaml(path), source=str(path))
+
+
+def nested(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Dotted keys as agent-file data: ``{"hyperparams.gamma": 0.9}`` -> ``{"hyperparams":
+    {"gamma": 0.9}}``.
+
+    :param values: values by dotted key
+    """
+    data: dict[str, Any] = {}
+    for key, value in values.items():
+        section, _, name = key.partition(".")
+        if name:
+            data.setdefault(section, {})[name] = value
+        else:
+            data[section] = value
+    return data
+
+
+def _merge(base: Mapping[str, Any], partial: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``partial`` merged in, mappings key by key (as the agent files merge)."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in partial.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = {**merged[key], **copy.deepcopy(dict(value))}
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+# What a trial needs.
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    """Everything a trial needs, as data: the agent file, the task, the space and the protocol.
+
+    :param agent_data: the agent file as read
+    :param agent_name: the agent's name
+    :param agent_source: the agent file
+    :param settings: its algorithm's per-task settings (None without a settings file)
+    :param task: the task as loaded
+    :param steps: the budget (None: the task file's)
+    :param space: the search space
+    :param seeds: the seeds every trial trains
+    :param device: device of the runs
+    :param threads: torch threads of each run
+    :param runs: where the trials' run folders are kept (None: a temporary folder per trial)
+    :param override_key: the key of ``overrides`` that the values go to
+    """
+
+    agent_data: dict[str, Any]
+    agent_name: str
+    agent_source: str
+    settings: TaskSettings | None
+    task: Task
+    steps: int | None
+    space: SearchSpace
+    seeds: tuple[int, ...]
+    device: str = "cpu"
+    threads: int = 1
+    runs: str | None = None
+    override_key: str = ""
+
+    def agent_file(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """The agent file's data with ``values`` (by dotted key) in its overrides for the task.
+
+        :param values: a trial's values
+        """
+        data = copy.deepcopy(self.agent_data)
+        overrides = dict(data.get("overrides") or {})
+        overrides[self.override_key] = _merge(
+            overrides.get(self.override_key) or {}, nested(values)
+        )
+        data["overrides"] = overrides
+        return data
+
+    def agent(self, values: Mapping[str, Any]) -> AgentConfig:
+        """The agent with ``values``, validated (:class:`ConfigError` otherwise).
+
+        :param values: a trial's values
+        """
+        from cfc_rl.experiment.settings import AgentConfig
+
+        return AgentConfig.from_dict(
+            self.agent_file(values),
+            name=self.agent_name,
+            source=self.agent_source,
+            settings=self.settings,
+        )
+
+    def resolve(self, values: Mapping[str, Any]) -> tuple[AgentConfig, Task]:
+        """The agent with ``values`` and the task, resolved as a run resolves them.
+
+        :param values: a trial's values
+        """
+        from cfc_rl.experiment.train import resolve
+
+        return resolve(self.agent(values), self.task, self.steps)
+
+    @property
+    def budget(self) -> int:
+        return self.steps if self.steps is not None else self.task.train.total_timesteps
+
+
+def make_plan(
+    agent: str | os.PathLike[str],
+    task: str | os.PathLike[str],
+    space: str | os.PathLike[str] | SearchSpace,
+    *,
+    seeds: int = 2,
+    steps: int | None = None,
+    device: str = "cpu",
+    threads: int = 1,
+    runs: str | os.PathLike[str] | None = None,
+    check_model: bool = True,
+) -> TrialPlan:
+    """Read the agent, the task and the space, and check every value the space can give before
+    any trial starts.
+
+    :param agent: the agent file
+    :param task: the task file (or a task id)
+    :param space: the space file, or a loaded space
+    :param seeds: seeds per trial (1000, 1001, ...)
+    :param steps: budget of every run (None: the task file's)
+    :param device: device of the runs
+    :param threads: torch threads of each run
+    :param runs: where the trials' run folders are kept (None: temporary folders)
+    :param check_model: also build the model with each of these values (it catches policy
+        arguments that no schema lists)
+    :raises ConfigError: naming the file and the key or value at fault
+    """
+    from cfc_rl.experiment.settings import load_agent_config
+    from cfc_rl.experiment.tasks import load_task
+    from cfc_rl.experiment.train import resolve
+
+    if seeds < 1:
+        raise ConfigError(f"seeds must be at least 1, got {seeds}")
+    space = space if isinstance(space, SearchSpace) else load_space(space)
+    loaded = load_agent_config(agent)
+    task_cfg = load_task(task)
+    resolve(loaded, task_cfg, steps)  # the agent as it is runs the task (algorithm, settings)
+    data = read_yaml(agent)
+    overrides = data.get("overrides") or {}
+    key = (
+        task_cfg.name
+        if task_cfg.name != task_cfg.id and task_cfg.name in overrides
+        else task_cfg.id
+    )
+    plan = TrialPlan(
+        agent_data=dict(data),
+        agent_name=loaded.name,
+        agent_source=loaded.source,
+        settings=loaded.settings,
+        task=task_cfg,
+        steps=steps,
+        space=space,
+        seeds=tuple(range(SEED_START, SEED_START + seeds)),
+        device=device,
+        threads=threads,
+        runs=None if runs is None else str(runs),
+        override_key=key,
+    )
+    # Each value on its own first, so that an error names its key; then the combinations the
+    # model is built with (each value with the others' lower bounds and first choices).
+    for dimension in space.dimensions:
+        for value in dimension.corners():
+            _check_values_fit(plan, {dimension.key: value}, f"{dimension.key}: {value!r}")
+    for changed, values in space.corners():
+        what = (
+            "the lower bounds and first choices together"
+            if changed is None
+            else f"{changed}: {values[changed]!r} with the other lower bounds and first choices"
+        )
+        _check_values_fit(plan, values, what)
+        if check_model:
+            _check_model(plan, values, what)
+    return plan
+
+
+def _check_values_fit(plan: TrialPlan, values: Mapping[str, Any], what: str) -> None:
+    """Resolve the agent with ``values`` for the task; a :class:`ConfigError` naming the space
+    file and ``what`` otherwise."""
+    try:
+        plan.resolve(values)
+    except (ConfigError, ValueError) as e:
+        message = str(e).removeprefix(f"{plan.agent_source}: ")
+        raise ConfigError(
+            f"{plan.space.source}: {what}: not valid in {plan.agent_source}: {message}"
+        ) from None
+
+
+def _check_model(plan: TrialPlan, values: Mapping[str, Any], what: str) -> None:
+    """Build the model with ``values`` on the task's environments: the policy takes arguments
+    (a cell's) that only its constructor checks."""
+    from cfc_rl.experiment.environments import make_env
+    from cfc_rl.experiment.train import build_model
+
+    agent, task = plan.resolve(values)
+    env = make_env(task, agent, n_envs=task.train.n_envs, seed=0)
+    try:
+        build_model(agent, env, seed=0, device="cpu", budget=task.train.total_timesteps)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise ConfigError(
+            f"{plan.space.source}: {what}: the model of {plan.agent_source} does not build: "
+            f"{type(e).__name__}: {e}"
+        ) from None
+    finally:
+        env.close()
+
+
+# A trial: its seeds side by side, evaluations averaged over seeds.
+
+
+def run_trial(config: Mapping[str, Any], plan: TrialPlan) -> None:
+    """The Ray Tune function trainable: train the plan's seeds with the trial's values and
+    report the mean evaluation return over seeds at each periodic evaluation, then the score.
+
+    :param config: the trial's sampled values (Ray Tune's config)
+    :param plan: everything else (:func:`make_plan`)
+    """
+    from ray import tune as ray_tune
+
+    from cfc_rl.experiment.jobs import Job
+
+    values = plan.space.decode(config)
+    agent, task = plan.resolve(values)
+    trial_id = ray_tune.get_context().get_trial_id() or "trial"
+    if plan.runs is not None:
+        root, temporary = Path(plan.runs) / trial_id, False
+    else:
+        root, temporary = make_scratch("trial"), True
+    jobs = [
+        Job.create(agent, task, seed, root / f"seed_{seed}", plan.device, plan.threads)
+        for seed in plan.seeds
+    ]
+    try:
+        final = train_seeds(jobs, ray_tune.report, budget=task.train.total_timesteps)
+    finally:
+        if temporary:
+            shutil.rmtree(root, ignore_errors=True)
+    # Last: a trial ASHA stops at this report ends here (nothing after it would run).
+    ray_tune.report(final)
+
+
+def train_seeds(
+    jobs: Sequence[Job],
+    report: Callable[[dict[str, Any]], None],
+    budget: int,
+    poll_s: float = 1.0,
+    processes: bool | None = None,
+) -> dict[str, Any]:
+    """Train the jobs (one seed each) in processes of their own, side by side; report the
+    mean return over seeds of each periodic evaluation before the budget once every seed has
+    reached it.
+
+    :param jobs: the trial's jobs
+    :param report: called with ``{"score", "steps", "final": False}`` per evaluation
+    :param budget: the runs' budget (the evaluation at it is left to the final result)
+    :param poll_s: how long to wait for a message before checking that the processes live
+    :param processes: train each seed in a process of its own (None: when there are several)
+    :return: ``{"score": mean final return, "steps": least steps reached, "final": True,
+        "returns": per-seed final returns}``
+    :raises RuntimeError: if a seed's run fails (with its traceback) or its process dies
+    """
+    from cfc_rl.experiment.jobs import run_job
+
+    if not (len(jobs) > 1 if processes is None else processes):
+        records = {}
+        for job in jobs:  # one after the other, here: nothing to average while they run
+
+            def evaluated(steps: int, mean_return: float) -> None:
+                if len(jobs) == 1 and steps < budget:
+                    report({METRIC: mean_return, TIME_ATTR: steps, "final": False})
+
+            records[job.seed] = run_job(job, on_evaluation=evaluated)
+        return _final(jobs, records)
+    context = multiprocessing.get_context("spawn")
+    messages = context.Queue()
+    children = {
+        job.seed: context.Process(
+            target=_train_seed, args=(job, messages), daemon=True, name=f"seed_{job.seed}"
+        )
+        for job in jobs
+    }
+    for process in children.values():
+        process.start()
+    evaluations: dict[int, dict[int, float]] = {}
+    records: dict[int, dict[str, Any]] = {}
+    last_reported = -1
+    silent_with_dead = 0
+    try:
+        while len(records) < len(jobs):
+            try:
+                kind, seed, *payload = messages.get(timeout=poll_s)
+            except queue_module.Empty:
+                dead = [
+                    (s, p.exitcode)
+                    for s, p in children.items()
+                    if s not in records and p.exitcode is not None
+                ]
+                # Once more after seeing one dead: what it sent before exiting may be on its way.
+                silent_with_dead = silent_with_dead + 1 if dead else 0
+                if silent_with_dead >= 2:
+                    seed, code = dead[0]
+                    raise RuntimeError(
+                        f"the process of seed {seed} died (exit code {code})"
+                    ) from None
+                continue
+            silent_with_dead = 0
+            if kind == "failed":
+                raise RuntimeError(f"seed {seed} failed:\n{payload[0]}")
+            if kind == "done":
+                records[seed] = payload[0]
+                continue
+            steps, value = payload
+            evaluations.setdefault(steps, {})[seed] = value
+            for step in sorted(evaluations):
+                if step <= last_reported or len(evaluations[step]) < len(jobs):
+                    continue
+                if step >= budget:
+                    break
+                mean = sum(evaluations[step].values()) / len(jobs)
+                report({METRIC: mean, TIME_ATTR: step, "final": False})
+                last_reported = step
+    finally:
+        for process in children.values():
+            if process.is_alive():
+                process.terminate()
+        for process in children.values():
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        messages.close()
+    return _final(jobs, records)
+
+
+def _final(jobs: Sequence[Job], records: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
+    """The trial's last report: the mean final return over seeds."""
+    returns = [records[job.seed]["final_mean_return"] for job in jobs]
+    return {
+        METRIC: sum(returns) / len(returns),
+        TIME_ATTR: min(records[job.seed]["num_timesteps"] for job in jobs),
+        "final": True,
+        "returns": returns,
+    }
+
+
+def _train_seed(job: Job, messages: Any) -> None:
+    """A seed's process: :func:`~.jobs.run_job`, its evaluations and its end sent to the trial."""
+    from cfc_rl.experiment.jobs import run_job
+
+    _exit_with_parent()
+
+    def evaluated(steps: int, mean_return: float) -> None:
+        messages.put(("evaluation", job.seed, steps, mean_return))
+
+    try:
+        record = run_job(job, on_evaluation=evaluated)
+    except BaseException:
+        messages.put(("failed", job.seed, traceback.format_exc()))
+        return
+    messages.put(("done", job.seed, record))
+
+
+def _exit_with_parent(poll_s: float = 1.0) -> None:
+    """End this process when its parent dies (a trial's actor killed by Ray)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
+# The search.
+
+
+@dataclass
+class SearchOutcome:
+    """What a search found and wrote.
+
+    :param rows: one per trial: ``trial``, the values by dotted key, ``score``, ``steps``,
+        ``status`` ("complete", "pruned" or "error"), ``trial_id``, ``error``
+    :param best: the best complete trial's row (None if no trial completed)
+    :param agent_file: the agent file with the best values (None if no trial completed)
+    :param files: every file written
+    """
+
+    rows: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    agent_file: Path | None
+    files: list[Path] = field(default_factory=list)
+
+
+def search(
+    agent: str | os.PathLike[str],
+    task: str | os.PathLike[str],
+    space: str | os.PathLike[str],
+    *,
+    trials: int = 50,
+    seeds: int = 2,
+    steps: int | None = None,
+    out: str | os.PathLike[str] = "runs/tune",
+    executor: str = "local",
+    address: str | None = None,
+    cpus_per_job: float = 1.0,
+    max_retries: int = 2,
+    storage: str | os.PathLike[str] | None = None,
+    device: str = "cpu",
+    search_seed: int = 0,
+    grace_steps: int | None = None,
+    verbose: int = 0,
+    init_kwargs: Mapping[str, Any] | None = None,
+) -> SearchOutcome:
+    """Search the space with Ray Tune: Optuna's TPE proposes, ASHA stops trials that are behind.
+
+    :param agent: the agent file
+    :param task: the task file (or a task id)
+    :param space: the search-space file (see the module docstring)
+    :param trials: number of trials
+    :param seeds: seeds each trial trains (1000, 1001, ...), side by side
+    :param steps: budget of every run (None: the task file's ``train.total_timesteps``)
+    :param out: the output folder (see the module docstring)
+    :param executor: ``"local"`` (a private Ray on this machine) or ``"ray"`` (the cluster at
+        ``address``)
+    :param address: the Ray cluster (see :func:`~.ray_executor.connect`)
+    :param cpus_per_job: CPUs per run; a trial reserves ``seeds`` times as many (each run
+        keeps one torch thread)
+    :param max_retries: times a trial that fails (its process died, a run raised) starts again
+    :param storage: a folder all nodes share, holding ``out``: the trials' run folders are kept
+        there
+    :param device: device of the runs
+    :param search_seed: seed of the TPE sampler
+    :param grace_steps: ASHA's first rung (default: a ninth of the budget, at least one
+        evaluation interval)
+    :param verbose: Ray Tune's console output (0 silent, 1 a status table now and then)
+    :param init_kwargs: more arguments of ``ray.init`` when this call starts Ray
+    :raises ConfigError: for bad input, before any trial starts
+    :raises RayUnavailable: without Ray
+    """
+    if trials < 1:
+        raise ConfigError(f"trials must be at least 1, got {trials}")
+    check_executor_args(
+        argparse.Namespace(
+            executor=executor,
+            address=address,
+            storage=storage,
+            cpus_per_job=cpus_per_job,
+            max_retries=max_retries,
+        )
+    )
+    out = Path(out).absolute()
+    if storage is not None:
+        out = check_inside_storage(out, storage)
+    keep_runs = executor == "local" or storage is not None
+    plan = make_plan(
+        agent,
+        task,
+        space,
+        seeds=seeds,
+        steps=steps,
+        device=device,
+        runs=str(out / "trials") if keep_runs else None,
+    )
+    import_ray()
+    out.mkdir(parents=True, exist_ok=True)
+    init = dict(init_kwargs or {})
+    connected_here = connect("local" if executor == "local" else address, **init)
+    try:
+        resolved, _ = plan.resolve(plan.space.first())
+        build_on_nodes(extensions_for([{"name": resolved.name, **resolved.as_dict()}]))
+        results, order = _fit(
+            plan, trials, out, cpus_per_job, max_retries, search_seed, grace_steps, verbose
+        )
+    finally:
+        if connected_here:
+            import_ray().shutdown()
+    rows = _rows(plan, results, order)
+    return _write_outcome(plan, rows, out, trials)
+
+
+def _fit(
+    plan: TrialPlan,
+    trials: int,
+    out: Path,
+    cpus_per_job: float,
+    max_retries: int,
+    search_seed: int,
+    grace_steps: int | None,
+    verbose: int,
+) -> Any:
+    """Ray Tune's run: the Tuner, its searcher and scheduler; returns its ResultGrid and the
+    trial ids in the order the trials started."""
+    import optuna
+    import ray
+    from ray import tune as ray_tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial otherwise
+    budget = plan.budget
+    task_eval = plan.task.eval.every_steps
+    grace = grace_steps or max(task_eval, budget // ASHA_REDUCTION ** (ASHA_RUNGS - 1))
+    cpus = len(plan.seeds) * cpus_per_job
+    gpus = 1 if plan.device == "cuda" else 0
+    slots = max(1, int(ray.cluster_resources().get("CPU", 0.0) // cpus))
+    trainable = ray_tune.with_resources(
+        ray_tune.with_parameters(run_trial, plan=plan), {"cpu": cpus, "gpu": gpus}
+    )
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    progress = _progress_callback(trials)
+    tuner = ray_tune.Tuner(
+        trainable,
+        param_space=plan.space.param_space(),
+        tune_config=ray_tune.TuneConfig(
+            metric=METRIC,
+            mode="max",
+            search_alg=OptunaSearch(sampler=optuna.samplers.TPESampler(seed=search_seed)),
+            scheduler=ASHAScheduler(
+                time_attr=TIME_ATTR,
+                max_t=budget,
+                grace_period=min(grace, budget),
+                reduction_factor=ASHA_REDUCTION,
+            ),
+            num_samples=trials,
+            max_concurrent_trials=slots,  # TPE proposes from more finished trials
+        ),
+        run_config=ray_tune.RunConfig(
+            name=f"{plan.agent_name}_{plan.task.name}_{stamp}",
+            storage_path=str(out / "ray_results"),
+            failure_config=ray_tune.FailureConfig(max_failures=max_retries),
+            callbacks=[progress],
+            verbose=verbose,
+        ),
+    )
+    logger.info(
+        "tune: %d trials of %s on %s, %d seed(s) each, %d steps, about %d at once",
+        trials,
+        plan.agent_name,
+        plan.task.name,
+        len(plan.seeds),
+        budget,
+        slots,
+    )
+    return tuner.fit(), progress.order
+
+
+def _progress_callback(total: int) -> Any:
+    """A Ray Tune callback that logs one line per finished trial and notes the order in which
+    the trials start (their ids are random)."""
+    from ray.tune import Callback
+
+    class Progress(Callback):
+        def __init__(self) -> None:
+            self.finished = 0
+            self.order: dict[str, int] = {}
+
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.order.setdefault(trial.trial_id, len(self.order))
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            result = trial.last_result or {}
+            how = "complete" if result.get("final") else "pruned"
+            self._line(trials, trial, f"{how} at {result.get(TIME_ATTR, 0):,} steps, score "
+                       f"{result.get(METRIC, float('nan')):.1f}")  # fmt: skip
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._line(trials, trial, "failed")
+
+        def _line(self, trials: list, trial: Any, what: str) -> None:
+            self.finished += 1
+            running = sum(t.status == "RUNNING" for t in trials if t is not trial)
+            logger.info(
+                "tune: %d/%d finished, %d running; trial %d (%s) %s",
+                self.finished,
+                total,
+                running,
+                self.order.get(trial.trial_id, -1) + 1,
+                trial.trial_id,
+                what,
+            )
+
+    return Progress()
+
+
+def _rows(plan: TrialPlan, results: Any, order: Mapping[str, int]) -> list[dict[str, Any]]:
+    """One row per trial, in the order the trials started."""
+    entries = []
+    for result in results:
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id") or Path(result.path).name
+        config = result.config or {}
+        values = plan.space.decode(config) if all(k in config for k in plan.space.keys) else {}
+        if result.error is not None:
+            status = "error"
+        elif metrics.get("final"):
+            status = "complete"
+        else:
+            status = "pruned"
+        entries.append(
+            {
+                "trial_id": trial_id,
+                **{key: values.get(key) for key in plan.space.keys},
+                "score": metrics.get(METRIC),
+                "steps": metrics.get(TIME_ATTR),
+                "status": status,
+                "error": "" if result.error is None else str(result.error).splitlines()[0],
+            }
+        )
+
+    def started(entry: dict[str, Any]) -> tuple[int, str]:
+        return (order.get(entry["trial_id"], sys.maxsize), str(entry["trial_id"]))
+
+    return [{"trial": n, **entry} for n, entry in enumerate(sorted(entries, key=started), 1)]
+
+
+def _write_outcome(
+    plan: TrialPlan, rows: list[dict[str, Any]], out: Path, trials: int
+) -> SearchOutcome:
+    """The table, the plot and the best agent file."""
+    from cfc_rl.experiment.runs import atomic_write_text
+
+    files = [out / "trials.csv", out / "trials.md", out / "scores.png"]
+    _write_csv(files[0], plan, rows)
+    complete = [r for r in rows if r["status"] == "complete" and r["score"] is not None]
+    best = max(complete, key=lambda r: r[METRIC]) if complete else None
+    atomic_write_text(files[1], trials_markdown(plan, rows, best))
+    _plot(files[2], plan, rows, best)
+    agent_file = None
+    if best is not None:
+        agent_file = _write_agent_file(plan, best, out, trials)
+        files.append(agent_file)
+    return SearchOutcome(rows=rows, best=best, agent_file=agent_file, files=files)
+
+
+def _cell(value: Any) -> str:
+    """A value for a table cell."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, dict)):
+        return yaml.safe_dump(value, default_flow_style=True).strip()
+    return "" if value is None else str(value)
+
+
+def _write_csv(path: Path, plan: TrialPlan, rows: list[dict[str, Any]]) -> None:
+    from cfc_rl.experiment.runs import atomic_write_text
+
+    text = io.StringIO()
+    fields = ["trial", *plan.space.keys, "score", "steps", "status", "trial_id", "error"]
+    writer = csv.DictWriter(text, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(
+            {k: (_cell(v) if isinstance(v, (list, dict)) else v) for k, v in row.items()}
+        )
+    atomic_write_text(path, text.getvalue())
+
+
+def trials_markdown(
+    plan: TrialPlan, rows: list[dict[str, Any]], best: dict[str, Any] | None
+) -> str:
+    """The table of trials as Markdown, best first.
+
+    :param plan: the search's plan
+    :param rows: the trials (:class:`SearchOutcome`)
+    :param best: the best complete trial
+    """
+    seeds = plan.seeds
+    lines = [
+        f"### {plan.agent_name} on {plan.task.name} ({plan.budget:,} steps, {len(rows)} trials)",
+        "",
+        f"Score: the mean over {len(seeds)} seed(s) ({seeds[0]}..{seeds[-1]}) of the final "
+        "return (complete trials), or of the last evaluation reported to ASHA (pruned trials).",
+        "",
+        "| trial | " + " | ".join(plan.space.keys) + " | score | steps | status |",
+        "|---:|" + "---:|" * len(plan.space.keys) + "---:|---:|---|",
+    ]
+
+    def rank(row: dict[str, Any]) -> tuple[int, float]:
+        status = {"complete": 0, "pruned": 1}.get(row["status"], 2)
+        return (status, -(row["score"] if row["score"] is not None else -math.inf))
+
+    for row in sorted(rows, key=rank):
+        mark = " (best)" if best is not None and row["trial"] == best["trial"] else ""
+        cells = [_cell(row[k]) for k in plan.space.keys]
+        steps = f"{row['steps']:,}" if isinstance(row["steps"], int) else _cell(row["steps"])
+        lines.append(
+            f"| {row['trial']}{mark} | " + " | ".join(cells) + f" | {_cell(row['score'])} "
+            f"| {steps} | {row['status']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _plot(
+    path: Path, plan: TrialPlan, rows: list[dict[str, Any]], best: dict[str, Any] | None
+) -> None:
+    """Score against trial: complete and pruned trials, the best so far."""
+    import matplotlib
+
+    from cfc_rl.experiment.runs import atomic_write
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for status, marker, color in (("complete", "o", "C0"), ("pruned", "x", "0.5")):
+        points = [(r["trial"], r[METRIC]) for r in rows if r["status"] == status]
+        points = [(t, s) for t, s in points if s is not None]
+        if points:
+            ax.scatter(*zip(*points, strict=True), marker=marker, color=color, label=status)
+    complete = sorted((r["trial"], r[METRIC]) for r in rows if r["status"] == "complete")
+    if complete:
+        best_so_far, running = [], -math.inf
+        for trial, score in complete:
+            running = max(running, score)
+            best_so_far.append((trial, running))
+        ax.step(*zip(*best_so_far, strict=True), where="post", color="C1", label="best so far")
+    if best is not None:
+        ax.annotate(
+            f"best: trial {best['trial']}, {best[METRIC]:.1f}",
+            (best["trial"], best[METRIC]),
+            xytext=(-6, -12),
+            textcoords="offset points",
+            ha="right",
+            fontsize="small",
+        )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("trial")
+    ax.set_ylabel(f"score (mean return over {len(plan.seeds)} seed(s))")
+    ax.set_title(f"{plan.agent_name} on {plan.task.name}, {plan.budget:,} steps")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
+
+
+def _write_agent_file(plan: TrialPlan, best: dict[str, Any], out: Path, trials: int) -> Path:
+    """The agent file with the best values in its overrides for the task, and a copy of its
+    settings beside it."""
+    from cfc_rl.experiment.runs import atomic_write_text, dump_yaml
+    from cfc_rl.experiment.settings import SETTINGS_FOLDER
+
+    values = {k: best[k] for k in plan.space.keys}
+    path = out / f"{plan.agent_name}_tuned_{plan.task.name}.yaml"
+    header = [
+        f"# {plan.agent_name} tuned on {plan.task.name} ({plan.task.id}) by cfc-rl tune:",
+        f"# the best of {trials} trials (space {plan.space.source}; {len(plan.seeds)} seed(s) "
+        f"from {plan.seeds[0]}, {plan.budget:,} steps),",
+        f"# mean final return {best[METRIC]:.2f} (trial {best['trial']}). The chosen values are "
+        f"in overrides.{plan.override_key};",
+        f"# {SETTINGS_FOLDER}/ beside this file is a copy of the settings it was tuned with.",
+    ]
+    original = Path(plan.agent_source).read_text()
+    if "overrides" not in plan.agent_data:
+        entry = plan.agent_file(values)["overrides"][plan.override_key]
+        tail = {"overrides": {plan.override_key: entry}}
+        body = original.rstrip("\n") + "\n" + dump_yaml(tail)
+    else:  # the overrides change: the file is written anew (without its comments)
+        body = dump_yaml(plan.agent_file(values))
+    atomic_write_text(path, "\n".join(header) + "\n" + body)
+    if plan.settings is not None:
+        target = out / SETTINGS_FOLDER / Path(plan.settings.source).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(plan.settings.source, target)
+    return path
+
+
+# The command.
+
+
+def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``cfc-rl tune``.
+
+    :param parser: the command's parser
+    """
+    parser.add_argument("--agent", required=True, help="agent file, e.g. agents/ppo_cfc.yaml")
+    parser.add_argument("--task", required=True, help="task file, e.g. envs/pendulum_p.yaml")
+    parser.add_argument(
+        "--space", required=True, help="search-space file, e.g. agents/spaces/cfc.yaml"
+    )
+    parser.add_argument("--trials", type=int, default=50, help="number of trials (default 50)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=2,
+        help=f"seeds per trial, from {SEED_START} (default 2); the score is their mean",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="budget of every run (default: the task file's train.total_timesteps)",
+    )
+    parser.add_argument("--out", default="runs/tune", help="output folder (default runs/tune)")
+    parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
+    add_executor_arguments(parser)
+
+
+def tune_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``cfc-rl tune``: run the search, print the table and where the files are.
+
+    :param args: the parsed options of :func:`add_tune_arguments`
+    :param parser: the command's parser (for usage errors)
+    :return: the exit code (1 when no trial completed)
+    """
+    for option, value in (
+        ("--trials", args.trials),
+        ("--seeds", args.seeds),
+        ("--steps", args.steps),
+    ):
+        if value is not None and value < 1:
+            parser.error(f"{option} must be at least 1, got {value}")
+    outcome = search(
+        args.agent,
+        args.task,
+        args.space,
+        trials=args.trials,
+        seeds=args.seeds,
+        steps=args.steps,
+        out=args.out,
+        executor=args.executor,
+        address=args.address,
+        cpus_per_job=args.cpus_per_job,
+        max_retries=args.max_retries,
+        storage=args.storage,
+        device=args.device,
+    )
+    print()
+    print(Path(outcome.files[1]).read_text())
+    print(f"written: {', '.join(str(f) for f in outcome.files)}")
+    if outcome.best is None:
+        print("no trial completed: see the errors above and in trials.csv", file=sys.stderr)
+        return 1
+    print(f"train it with: cfc-rl train --agent {outcome.agent_file} --task {args.task}")
+    return 0

@@ -1,0 +1,436 @@
+"""Past one machine: the Ray executor of compare (same numbers as the local one, a killed
+worker retried, an interrupted grid resumed, run folders packed back or written to shared
+storage, the compiled loops built per node) and the hyperparameter search of ``cfc-rl tune``.
+
+Runs on a Ray started here (2 CPUs, no dashboard) with tiny agents and tasks. Skipped only where
+Ray is not installed (``pip install -e ".[ray]"``); CI installs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cfc_rl.envs import ConfigError
+from cfc_rl.experiment import ray_executor
+from cfc_rl.experiment.compare import compare, plan_jobs
+from cfc_rl.experiment.executors import LocalExecutor
+from cfc_rl.experiment.jobs import Job, run_job
+from cfc_rl.experiment.ray_executor import (
+    RayExecutor,
+    RayUnavailable,
+    add_executor_arguments,
+    executor_from_args,
+    scratch_root,
+)
+from cfc_rl.experiment.runs import RunFolder
+from cfc_rl.experiment.settings import load_agent_config
+from cfc_rl.experiment.train import resolve, train
+from cfc_rl.experiment.tune import (
+    SEED_START,
+    add_tune_arguments,
+    make_plan,
+    search,
+    train_seeds,
+    tune_command,
+)
+
+ray = pytest.importorskip(
+    "ray", reason='Ray is not installed (pip install -e ".[ray]"); CI installs it'
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+MLP = "algo: ppo\npolicy: MlpPolicy\nhyperparams: {n_steps: 64, batch_size: 64, n_epochs: 1}\n"
+CFC = (
+    "algo: recurrent_ppo\npolicy: RecurrentCellPolicy\n"
+    "hyperparams: {n_steps: 64, batch_size: 64, n_epochs: 1}\n"
+    "policy_kwargs: {cell: cfc, hidden_size: 8, backbone_units: 16, net_arch: {pi: [], vf: [8]}}\n"
+)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A Ray on this machine for the module; the workers unpickle this module's job wrappers
+    by value (they cannot import a test module)."""
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield
+    ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _files(folder: Path) -> tuple[Path, Path, Path]:
+    """A tiny PPO-MLP and a tiny CfC agent beside a copy of the settings, and a 256-step
+    CartPole task with an evaluation every 128 steps."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(ROOT / "agents" / "settings", folder / "settings")
+    (folder / "mlp.yaml").write_text(MLP)
+    (folder / "cfc.yaml").write_text(CFC)
+    data = yaml.safe_load((ROOT / "envs" / "cartpole_p.yaml").read_text())
+    data["train"] = {**data["train"], "total_timesteps": 256, "n_envs": 2}
+    data["eval"] = {"episodes": 2, "every_steps": 128, "deterministic": True}
+    (folder / "cartpole_p.yaml").write_text(yaml.safe_dump(data))
+    return folder / "mlp.yaml", folder / "cfc.yaml", folder / "cartpole_p.yaml"
+
+
+# Job wrappers that run on the Ray workers: they note each attempt in a log beside the files.
+
+
+def _note(log: str, job: Job, what: str) -> None:
+    with open(log, "a") as f:
+        f.write(
+            json.dumps({"seed": job.seed, "pid": os.getpid(), "what": what, "dir": job.run_dir})
+        )
+        f.write("\n")
+
+
+def _attempts(log: Path) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def _killed_once(job: Job, log: str, victim: int) -> dict:
+    """Seed ``victim``'s first attempt kills its own process at its first evaluation."""
+    first = job.seed == victim and not any(a["seed"] == victim for a in _attempts(Path(log)))
+    _note(log, job, "start")
+
+    def evaluated(steps: int, mean_return: float) -> None:
+        if first:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return run_job(job, on_evaluation=evaluated)
+
+
+def _failing_if_marked(job: Job, log: str, markers: str) -> dict:
+    """Raises while ``<markers>/fail_seed_<n>`` exists; notes where it trains and what it
+    resumes."""
+    result = RunFolder(Path(job.run_dir)).read_result()
+    _note(log, job, f"resumes {result['num_timesteps']}" if result else "start")
+    if (Path(markers) / f"fail_seed_{job.seed}").exists():
+        raise RuntimeError("marked to fail")
+    return run_job(job)
+
+
+def _recording(tmp_path: Path, **kwargs) -> RayExecutor:
+    """A Ray executor whose jobs note their attempts in ``tmp_path/attempts.jsonl`` and fail
+    while ``tmp_path/fail_seed_<n>`` exists."""
+    runner = functools.partial(
+        _failing_if_marked, log=str(tmp_path / "attempts.jsonl"), markers=str(tmp_path)
+    )
+    return RayExecutor(runner=runner, **kwargs)
+
+
+def _finals(results) -> dict[tuple[str, int], float]:
+    return {(r.job.agent["name"], r.job.seed): r.record["final_mean_return"] for r in results}
+
+
+def test_the_ray_executor_gives_the_numbers_of_the_local_one(local_ray, tmp_path, caplog):
+    mlp, cfc, task = _files(tmp_path / "files")
+    start = time.perf_counter()
+    local = list(
+        LocalExecutor(1).run(plan_jobs([mlp, cfc], [task], seeds=2, out=tmp_path / "local"))
+    )
+    local_s = time.perf_counter() - start
+    caplog.set_level(logging.INFO, logger="cfc_rl")
+    start = time.perf_counter()
+    remote, rows = compare(
+        [mlp, cfc], [task], seeds=2, out=tmp_path / "ray", executor=RayExecutor()
+    )
+    ray_s = time.perf_counter() - start
+    print(f"2 agents x 1 task x 2 seeds: local {local_s:.1f} s, ray {ray_s:.1f} s (with summary)")
+    assert [r.status for r in remote] == ["done"] * 4
+    assert len(_finals(remote)) == 4 and _finals(remote) == _finals(local)
+    assert {(r["agent"], r["seeds"]) for r in rows} == {("mlp", 2), ("cfc", 2)}
+    for result in remote:  # the run folders came back whole, with the same configuration
+        run = RunFolder(Path(result.job.run_dir))
+        assert run.root.is_relative_to(tmp_path / "ray") and run.is_complete(256)
+        assert run.model.exists() and run.evaluations.exists() and run.read_checkpoint()
+        twin = RunFolder(tmp_path / "local" / run.root.relative_to(tmp_path / "ray"))
+        assert run.read_config()["agent"] == twin.read_config()["agent"]
+    assert (tmp_path / "ray" / "summary.md").exists()
+    # The CfC's compiled loops were built (or found) on the node before the jobs started.
+    built = [r.getMessage() for r in caplog.records if "cfc_cpu" in r.getMessage()]
+    assert built and all("ray: node" in line for line in built)
+
+
+def test_a_killed_worker_is_retried_and_the_comparison_completes(local_ray, tmp_path):
+    mlp, _, task = _files(tmp_path / "files")
+    log = tmp_path / "attempts.jsonl"
+    executor = RayExecutor(
+        max_retries=2, runner=functools.partial(_killed_once, log=str(log), victim=1)
+    )
+    results, rows = compare([mlp], [task], seeds=2, out=tmp_path / "out", executor=executor)
+    assert sorted((r.job.seed, r.status) for r in results) == [(0, "done"), (1, "done")]
+    assert rows[0]["seeds"] == 2  # the summary holds every run
+    attempts = _attempts(log)
+    assert [a["seed"] for a in attempts].count(1) == 2  # killed, then retried
+    assert [a["seed"] for a in attempts].count(0) == 1
+    killed = next(a["pid"] for a in attempts if a["seed"] == 1)
+    # the killed attempt's scratch folder was cleared by a later job on the node
+    assert not list(scratch_root().glob(f"job-{killed}-*"))
+
+
+def test_a_killed_worker_beyond_its_retries_is_a_failed_run(local_ray, tmp_path):
+    mlp, _, task = _files(tmp_path / "files")
+    log = tmp_path / "attempts.jsonl"
+    executor = RayExecutor(
+        max_retries=0, runner=functools.partial(_killed_once, log=str(log), victim=0)
+    )
+    results, rows = compare([mlp], [task], seeds=1, out=tmp_path / "out", executor=executor)
+    assert [r.status for r in results] == ["failed"]
+    assert "worker died 1 time(s)" in results[0].error
+    assert rows == []
+
+
+def test_an_interrupted_comparison_trains_only_what_is_missing(local_ray, tmp_path):
+    mlp, _, task = _files(tmp_path / "files")
+    out, marker = tmp_path / "out", tmp_path / "fail_seed_1"
+    marker.touch()
+    first, rows = compare([mlp], [task], seeds=2, out=out, executor=_recording(tmp_path))
+    assert {r.job.seed: r.status for r in first} == {0: "done", 1: "failed"}
+    assert "marked to fail" in next(r.error for r in first if r.job.seed == 1)
+    assert rows[0]["seeds"] == 1  # the summary of what finished
+    done_at = (out / "cartpole_p" / "mlp" / "seed_0" / "result.json").stat().st_mtime_ns
+    # The same command again: only the missing run trains.
+    marker.unlink()
+    second, rows = compare([mlp], [task], seeds=2, out=out, executor=_recording(tmp_path))
+    assert {r.job.seed: r.status for r in second} == {0: "skipped", 1: "done"}
+    assert rows[0]["seeds"] == 2
+    assert (out / "cartpole_p" / "mlp" / "seed_0" / "result.json").stat().st_mtime_ns == done_at
+    seeds = [a["seed"] for a in _attempts(tmp_path / "attempts.jsonl")]
+    assert sorted(seeds) == [0, 1, 1]
+
+
+def test_without_storage_run_folders_travel_packed_both_ways(local_ray, tmp_path):
+    mlp, _, task = _files(tmp_path / "files")
+    out = tmp_path / "out"
+    compare([mlp], [task], seeds=1, steps=128, out=out)  # a run to continue, on the driver
+    results, _ = compare([mlp], [task], seeds=1, steps=256, out=out, executor=_recording(tmp_path))
+    assert [r.status for r in results] == ["done"]
+    (attempt,) = _attempts(tmp_path / "attempts.jsonl")
+    assert attempt["what"] == "resumes 128"  # the partial run went to the worker packed
+    worker_dir = Path(attempt["dir"])
+    assert not worker_dir.is_relative_to(out) and not worker_dir.exists()  # a scratch folder
+    run = RunFolder(out / "cartpole_p" / "mlp" / "seed_0")
+    assert run.read_result()["num_timesteps"] >= 256 and run.read_result()["total_timesteps"] == 256
+    assert run.model.exists() and (run.root / "progress.csv").exists() and run.monitor.is_dir()
+    assert not list(run.root.parent.glob(".seed_0.*"))  # nothing left of the copy
+
+
+def test_with_storage_workers_write_the_run_folders_in_place(local_ray, tmp_path):
+    mlp, _, task = _files(tmp_path / "files")
+    shared, log = tmp_path / "shared", tmp_path / "attempts.jsonl"
+    outside = _recording(tmp_path, storage=shared)
+    with pytest.raises(ConfigError, match="is not inside --storage"):
+        compare([mlp], [task], seeds=1, out=tmp_path / "elsewhere", executor=outside)
+    assert not log.exists()  # nothing started
+    out = shared / "compare"
+    executor = _recording(tmp_path, storage=shared)
+    results, rows = compare([mlp], [task], seeds=1, out=out, executor=executor)
+    assert [r.status for r in results] == ["done"] and rows[0]["seeds"] == 1
+    (attempt,) = _attempts(log)
+    assert Path(attempt["dir"]) == (out / "cartpole_p" / "mlp" / "seed_0").resolve()
+
+
+def test_the_executor_options(tmp_path):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=str(tmp_path / "out"))
+    parser.add_argument("-j", "--jobs", type=int, default=2)
+    add_executor_arguments(parser)
+    args = parser.parse_args([])
+    assert (args.executor, args.address, args.cpus_per_job, args.max_retries, args.storage) == (
+        "local",
+        None,
+        1.0,
+        2,
+        None,
+    )
+    local = executor_from_args(args)
+    assert isinstance(local, LocalExecutor) and local.jobs == 2
+    args = parser.parse_args(
+        ["--executor", "ray", "--address", "auto", "--cpus-per-job", "2", "--max-retries", "5"]
+    )
+    executor = executor_from_args(args)
+    assert isinstance(executor, RayExecutor)
+    assert (executor.address, executor.cpus_per_job, executor.max_retries) == ("auto", 2.0, 5)
+    with pytest.raises(ConfigError, match="--address is an option of the Ray executor"):
+        executor_from_args(parser.parse_args(["--address", "auto"]))
+    with pytest.raises(ConfigError, match="--max-retries must be 0 or more"):
+        executor_from_args(parser.parse_args(["--executor", "ray", "--max-retries", "-1"]))
+    with pytest.raises(ConfigError, match="is not inside --storage"):
+        executor_from_args(
+            parser.parse_args(["--executor", "ray", "--storage", str(tmp_path / "s")])
+        )
+
+
+def test_without_ray_the_ray_executor_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    parser = argparse.ArgumentParser()
+    add_executor_arguments(parser)
+    with pytest.raises(RayUnavailable) as error:
+        executor_from_args(parser.parse_args(["--executor", "ray"]))
+    message = str(error.value)
+    assert 'pip install -e ".[ray]"' in message and "\n" not in message
+    assert isinstance(error.value, ConfigError)  # cfc-rl prints it as one line, exit code 2
+    mlp, _, task = _files(tmp_path / "files")
+    space = tmp_path / "space.yaml"
+    space.write_text("hyperparams.learning_rate: {loguniform: [1.0e-4, 1.0e-3]}\n")
+    with pytest.raises(RayUnavailable, match=r'pip install -e "\.\[ray\]"'):
+        search(mlp, task, space, trials=1, out=tmp_path / "tune")
+    # and both modules import without it
+    code = (
+        "import sys; sys.modules['ray'] = None; "
+        "import cfc_rl.experiment.ray_executor, cfc_rl.experiment.tune"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_each_node_builds_the_loops_of_the_grids_cells(local_ray):
+    from cfc_rl.nn import cpu_extensions
+
+    if not cpu_extensions.enabled():
+        pytest.skip(f"switched off with {cpu_extensions.ENV_SWITCH}=0")
+    answers = ray_executor.build_on_nodes(["cfc_cpu"])
+    assert len(answers) == len(ray_executor.alive_nodes(ray))
+    for answer in answers.values():
+        assert answer["error"] == "" and [r[0] for r in answer["reports"]] == ["cfc_cpu"]
+    agent = yaml.safe_load(CFC) | {"name": "cfc"}
+    assert ray_executor.extensions_for([agent, {"name": "mlp", **yaml.safe_load(MLP)}]) == [
+        "cfc_cpu"
+    ]
+
+
+# cfc-rl tune
+
+
+def test_the_seeds_of_a_trial_report_the_mean_of_each_evaluation(tmp_path):
+    mlp, _, task = _files(tmp_path / "files")
+    agent, task_cfg = resolve(mlp, task)
+    jobs = [Job.create(agent, task_cfg, s, tmp_path / f"seed_{s}") for s in (1000, 1001)]
+    reports = []
+    final = train_seeds(jobs, reports.append, budget=256)
+    alone = [
+        RunFolder(tmp_path / f"seed_{s}").read_result()["final_mean_return"] for s in (1000, 1001)
+    ]
+    assert final["final"] and final["score"] == pytest.approx(sum(alone) / 2)
+    assert final["steps"] >= 256
+    (report,) = reports  # the evaluation at 128 (the one at the budget is the final score)
+    evaluations = []
+    for s in (1000, 1001):
+        with open(tmp_path / f"seed_{s}" / "evaluations.csv") as f:
+            evaluations.append(float(f.read().splitlines()[1].split(",")[1]))
+    assert report == {"score": pytest.approx(sum(evaluations) / 2), "steps": 128, "final": False}
+
+
+def test_tune_writes_the_best_agent_file_the_table_and_the_plot(local_ray, tmp_path, capsys):
+    mlp, _, task = _files(tmp_path / "files")
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        textwrap.dedent(
+            """\
+            hyperparams.learning_rate: {loguniform: [1.0e-4, 3.0e-3]}
+            hyperparams.n_epochs: {randint: [1, 3]}
+            policy_kwargs.net_arch: {choice: [[16], [32, 32]]}
+            """
+        )
+    )
+    parser = argparse.ArgumentParser()
+    add_tune_arguments(parser)
+    out = tmp_path / "tune"
+    args = parser.parse_args(
+        ["--agent", str(mlp), "--task", str(task), "--space", str(space), "--trials", "4",
+         "--seeds", "1", "--out", str(out), "--executor", "ray"]
+    )  # fmt: skip
+    assert tune_command(args, parser) == 0
+    printed = capsys.readouterr().out
+    assert "| trial |" in printed and "train it with: cfc-rl train --agent" in printed
+    for name in ("trials.csv", "trials.md", "scores.png", "mlp_tuned_cartpole_p.yaml"):
+        assert (out / name).stat().st_size > 0, name
+    with open(out / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["trial"]) for r in rows] == [1, 2, 3, 4]
+    assert {r["status"] for r in rows} <= {"complete", "pruned"}
+    complete = [r for r in rows if r["status"] == "complete"]
+    best = max(complete, key=lambda r: float(r["score"]))
+    assert all(int(r["steps"]) >= 256 for r in complete)
+    assert "(best)" in (out / "trials.md").read_text()
+    # The written agent file holds the best trial's values and trains with cfc-rl train.
+    written = out / "mlp_tuned_cartpole_p.yaml"
+    agent, _ = resolve(load_agent_config(written), task)
+    assert agent.hyperparams["learning_rate"] == pytest.approx(
+        float(best["hyperparams.learning_rate"])
+    )
+    assert agent.hyperparams["n_epochs"] == int(best["hyperparams.n_epochs"])
+    assert str(agent.policy_kwargs["net_arch"]).replace(" ", "") == best[
+        "policy_kwargs.net_arch"
+    ].replace(" ", "")
+    assert agent.hyperparams["gamma"] == 0.98  # the settings still apply (the copy beside it)
+    run = train(written, task, steps=128, out=tmp_path / "runs")
+    assert run.is_complete(128)
+    assert yaml.safe_load(written.read_text())["overrides"]["cfc_rl/CartPole-P-v1"]
+    # --executor ray without --storage: the trials trained in scratch folders of the workers
+    assert not (out / "trials").exists() and f"({SEED_START}..{SEED_START})" in printed
+
+
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        ("hyperparams.learning_rat: {loguniform: [1.0e-4, 1.0e-3]}", "unknown key"),
+        ("policy_kwargs.net_arch: {choice: [[16], [0]]}", r"policy_kwargs.net_arch: \[0\]"),
+        ("hyperparams.learning_rate: {loguniform: [1.0e-3, 1.0e-4]}", "is empty"),
+        ("hyperparams.n_epochs: {randint: [4, 4]}", "is empty"),
+        ("hyperparams.n_steps: {choice: []}", "choices is empty"),
+        ("hyperparams.n_steps: {uniform: [32, 64]}", "must be an integer"),
+        ("hyperparams.n_steps: {between: [32, 64]}", "unknown kind 'between'"),
+        ("hyperparams.a.b: {choice: [1]}", "is not a path into an agent file"),
+    ],
+)
+def test_bad_input_to_tune_is_an_error_before_any_trial(tmp_path, space, message):
+    mlp, _, task = _files(tmp_path / "files")
+    (tmp_path / "space.yaml").write_text(space + "\n")
+    with pytest.raises(ConfigError, match=message):
+        search(mlp, task, tmp_path / "space.yaml", trials=2, out=tmp_path / "tune")
+    assert not (tmp_path / "tune").exists()  # nothing started
+
+
+def test_tune_rejects_an_agent_that_cannot_run_the_task(tmp_path):
+    _, _, task = _files(tmp_path / "files")
+    space = tmp_path / "space.yaml"
+    space.write_text("hyperparams.learning_rate: {loguniform: [1.0e-4, 1.0e-3]}\n")
+    with pytest.raises(ConfigError, match="needs continuous actions"):
+        make_plan(ROOT / "agents" / "sac_mlp.yaml", task, space)
+
+
+def test_the_example_spaces_fit_their_agents_and_have_the_same_size():
+    shapes = {}
+    for family, agent in [("cfc", "ppo_cfc"), ("ltc", "ppo_ltc"), ("lstm", "ppo_lstm"),
+                          ("gru", "ppo_gru"), ("mlp", "ppo_mlp")]:  # fmt: skip
+        plan = make_plan(
+            ROOT / "agents" / f"{agent}.yaml",
+            ROOT / "envs" / "pendulum_p.yaml",
+            ROOT / "agents" / "spaces" / f"{family}.yaml",
+        )
+        shapes[family] = [(d.kind, len(d.corners())) for d in plan.space.dimensions]
+    assert len({tuple(shape) for shape in shapes.values()}) == 1, shapes
