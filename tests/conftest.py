@@ -19,6 +19,18 @@ def mujoco_log_outside_the_repo(tmp_path_factory: pytest.TempPathFactory):
         yield
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: the same numbers on every machine, and fair to the
+    other test jobs (a module opts in with ``pytestmark = pytest.mark.usefixtures(...)``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _built_extension(name: str) -> ModuleType:
     """The compiled loops ``csrc/<name>.cpp``, built into the machine's cache the first time
     (cpu_extensions.cache_dir()). A failed build fails the tests (a compiler error raises; a

@@ -26,12 +26,7 @@ from cfc_rl.experiment.train import build_model, final_step_count, resolve, trai
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _files(folder: Path, agent: str = "algo: ppo\npolicy: MlpPolicy\n", steps: int = 256):

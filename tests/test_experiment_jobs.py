@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from cfc_rl.experiment import cli
@@ -22,12 +21,7 @@ from cfc_rl.nn import cpu_extensions
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _files(folder: Path) -> tuple[Path, Path]:

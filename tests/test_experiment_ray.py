@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from cfc_rl.envs import ConfigError
@@ -74,12 +73,7 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _files(folder: Path) -> tuple[Path, Path, Path]:

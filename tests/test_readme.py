@@ -9,7 +9,6 @@ import shlex
 from pathlib import Path
 
 import pytest
-import torch
 from stable_baselines3.common.callbacks import EvalCallback, StopTrainingOnRewardThreshold
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import VecNormalize
@@ -24,12 +23,7 @@ RECURRENT_PPO = next(code for code in PYTHON if "RecurrentPPO(RecurrentCellPolic
 REDUCED = {"model.learn(50_000)": "model.learn(512)", ".learn(10_000)": ".learn(300)"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # same numbers on every machine, and fair to other test jobs
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_the_readme_opens_with_the_two_commands() -> None:

@@ -32,7 +32,14 @@ from cfc_rl.experiment.executors import Executor, JobResult, LocalExecutor
 from cfc_rl.experiment.jobs import Job
 from cfc_rl.experiment.runs import RunFolder, atomic_write, atomic_write_text
 
-__all__ = ["aggregate", "compare", "interval_estimates", "plan_jobs", "summary_markdown"]
+__all__ = [
+    "aggregate",
+    "compare",
+    "interval_columns",
+    "interval_estimates",
+    "plan_jobs",
+    "summary_markdown",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -130,20 +137,14 @@ def aggregate(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
     rows = []
     for (task, budget, agent), folders in sorted(runs.items()):
         results = [f.read_result() for f in folders]
-        finals = np.array([[r["final_mean_return"]] for r in results])  # (seeds, 1 task)
-        (iqm, iqm_lo, iqm_hi), (mean, mean_lo, mean_hi) = interval_estimates(finals)
+        finals = [r["final_mean_return"] for r in results]
         rows.append(
             {
                 "task": task,
                 "agent": agent,
                 "seeds": len(results),
                 "steps": budget,
-                "iqm": iqm,
-                "iqm_ci_low": iqm_lo,
-                "iqm_ci_high": iqm_hi,
-                "mean": mean,
-                "mean_ci_low": mean_lo,
-                "mean_ci_high": mean_hi,
+                **interval_columns(finals),
                 "wall_clock_s": float(np.mean([r["wall_clock_s"] for r in results])),
                 "steps_per_s": float(np.mean([r["steps_per_s"] for r in results])),
                 "params": results[0]["params"],
@@ -160,6 +161,22 @@ def aggregate(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
         }
         _plot_curves(out / f"curves_{task}.png", task, curves)
     return rows
+
+
+def interval_columns(scores: Sequence[float]) -> dict[str, float]:
+    """The IQM and the mean of runs' scores with their 95% stratified-bootstrap intervals, as
+    the columns of a summary table."""
+    (iqm, iqm_lo, iqm_hi), (mean, mean_lo, mean_hi) = interval_estimates(
+        np.asarray(scores, dtype=float)[:, None]
+    )
+    return {
+        "iqm": iqm,
+        "iqm_ci_low": iqm_lo,
+        "iqm_ci_high": iqm_hi,
+        "mean": mean,
+        "mean_ci_low": mean_lo,
+        "mean_ci_high": mean_hi,
+    }
 
 
 def interval_estimates(

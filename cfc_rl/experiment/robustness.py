@@ -19,10 +19,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from cfc_rl.envs import ConfigError
-from cfc_rl.experiment.compare import interval_estimates
+from cfc_rl.experiment.compare import interval_columns
 from cfc_rl.experiment.evaluate import CONDITIONS, evaluate_run
 from cfc_rl.experiment.runs import RunFolder, atomic_write, atomic_write_text
 
@@ -98,21 +96,13 @@ def _aggregate(evaluations: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups.setdefault(key, []).append(row["mean_return"])
     rows = []
     for (condition, level, agent), returns in groups.items():
-        (iqm, iqm_lo, iqm_hi), (mean, mean_lo, mean_hi) = interval_estimates(
-            np.array(returns)[:, None]
-        )
         rows.append(
             {
                 "condition": condition,
                 "level": level,
                 "agent": agent,
                 "runs": len(returns),
-                "iqm": iqm,
-                "iqm_ci_low": iqm_lo,
-                "iqm_ci_high": iqm_hi,
-                "mean": mean,
-                "mean_ci_low": mean_lo,
-                "mean_ci_high": mean_hi,
+                **interval_columns(returns),
             }
         )
     return rows
