@@ -1,4 +1,4 @@
-"""The ``cfc-rl`` command: ``cfc-rl {train,evaluate,compare,tune,robustness,list,bench,build}``.
+"""The ``cfc-rl`` command: ``cfc-rl {train,evaluate,export,compare,tune,...}``.
 
 One argparse subcommand per step, each a thin layer over one function of
 :mod:`cfc_rl.experiment`; ``scripts/train.py``, ``scripts/evaluate.py`` and
@@ -324,6 +324,18 @@ def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _add_export(parser: argparse.ArgumentParser) -> None:
+    from cfc_rl.experiment.export import add_export_arguments
+
+    add_export_arguments(parser)
+
+
+def _export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from cfc_rl.experiment.export import export_command
+
+    return export_command(args, parser)
+
+
 def _add_tune(parser: argparse.ArgumentParser) -> None:
     from cfc_rl.experiment.tune import add_tune_arguments
 
@@ -445,6 +457,11 @@ COMMANDS: dict[
     "train": ("train an agent on a task", _add_train, _train),
     "evaluate": ("evaluate a trained run", _add_evaluate, _evaluate),
     "compare": ("train agents x tasks x seeds and summarise them", _add_compare, _compare),
+    "export": (
+        "export a trained policy (with its state) to ONNX or TorchScript",
+        _add_export,
+        _export,
+    ),
     "tune": ("search hyperparameters with Ray Tune (Optuna TPE + ASHA)", _add_tune, _tune),
     "robustness": (
         "evaluate runs as a condition (noise, control period...) moves away from training",

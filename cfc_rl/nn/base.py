@@ -66,23 +66,54 @@ Fast paths: a cell with a hand-written kernel for whole sequences overrides
 does not apply, and takes a ``fast: bool = True`` flag (False: always the driver, which
 second derivatives need). The kernel must give the driver's numbers: the tests compare the
 two, outputs and gradients, in float64 with resets and per-sample Δt.
+
+Tracing and export: a fast path is opaque to a tracer (a compiled loop is a call it cannot see
+into, a reset position read with ``.tolist()`` is baked into the graph), so that it would
+record wrong operations, silently. Whenever :func:`tracing` is true (``torch.jit.trace``,
+``torch.compile``, ``torch.export``, both ONNX exporters, fx tracing) every fast path must
+take the shared driver instead, which records ordinary ATen operations and gives the eager
+numbers; a cell with a fast path tests ``tracing()`` where it tests ``fast``. The cells cannot
+be compiled with ``torch.jit.script`` (the driver is Python over a protocol TorchScript does
+not type): it refuses with an error that points to trace and export.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx import _symbolic_trace
 
 if TYPE_CHECKING:
     from cfc_rl.nn.registry import CellSpec
 
 Timespans = Tensor | float | None
 StepInputs = Tensor | tuple[Tensor, ...]
+
+
+def tracing() -> bool:
+    """Whether a tracer or exporter is recording this call rather than running it: then every
+    fast path of :mod:`cfc_rl.nn` (compiled C++ loops, the fused CfC kernel, the LTC's compiled
+    synapses, the segment loop of LSTM/GRU) takes the shared per-step driver, whose ordinary
+    ATen operations trace correctly and give the eager numbers.
+
+    True under ``torch.jit.trace`` (so under the TorchScript-based ONNX exporter,
+    ``torch.onnx.export(..., dynamo=False)``, which traces), under ``torch.compile`` and
+    ``torch.export`` (so under the ONNX exporter built on it, ``dynamo=True``; dynamo folds
+    this to a constant) and under fx tracing (``torch.fx.symbolic_trace``, ``make_fx``). It
+    costs about a microsecond a call; ``torch.onnx.is_in_onnx_export()`` costs several and
+    adds nothing (both exporters trace with the tools above), so it is not asked.
+    """
+    return (
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or getattr(_symbolic_trace, "_is_fx_tracing_flag", False)
+    )
 
 
 class MemoryCell(nn.Module):
@@ -168,6 +199,15 @@ class RecurrentModule(nn.Module, ABC):
     def mixed_memory(self) -> bool:
         return self.memory is not None
 
+    def __prepare_scriptable__(self) -> RecurrentModule:
+        # torch.jit.script calls this on every module it compiles (submodules included).
+        raise RuntimeError(
+            f"{type(self).__name__} cannot be compiled with torch.jit.script (its time loop is "
+            "Python over a per-step protocol); use torch.jit.trace, torch.export.export or "
+            "torch.onnx.export instead, which record the plain ATen path (see "
+            "cfc_rl.nn.base.tracing), or cfc_rl.experiment.export for a trained policy"
+        )
+
     def initial_state(
         self,
         batch_size: int,
@@ -210,6 +250,22 @@ class RecurrentModule(nn.Module, ABC):
         :raises ValueError: for inputs of the wrong shape or dtype, and for a negative,
             infinite or NaN timespan (naming the value and where it is)
         """
+        if torch.jit.is_tracing():
+            # Sizes are traced values there, and each comparison of the checks below warns that
+            # it becomes a constant of the trace: true of every shape check, so not worth a
+            # warning (a trace is valid for the shapes it was recorded with).
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                checked = self._checked_inputs(x, state, timespans, resets)
+        else:
+            checked = self._checked_inputs(x, state, timespans, resets)
+        return self._sequence(*checked)
+
+    def _checked_inputs(
+        self, x: Tensor, state: Tensor | None, timespans: Timespans, resets: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """The inputs of :meth:`forward` checked and in the form of :meth:`_sequence`: a state
+        (zeros when None), ``(B, T)`` timespans of x's dtype, boolean resets or None."""
         name = type(self).__name__
         if x.dim() != 3 or x.shape[2] != self.input_size or x.shape[0] == 0 or x.shape[1] == 0:
             raise ValueError(
@@ -228,7 +284,8 @@ class RecurrentModule(nn.Module, ABC):
             raise ValueError(f"{name} got a state of dtype {state.dtype} for x of {x.dtype}")
         # Tensors (and arrays) keep their autograd history; a number means every step.
         given = timespans
-        timespans = torch.as_tensor(1.0 if given is None else given)
+        if not isinstance(given, Tensor):  # (as_tensor of a tensor would warn under jit.trace)
+            timespans = torch.as_tensor(1.0 if given is None else given)
         timespans = timespans.to(device=x.device, dtype=x.dtype)
         if timespans.dim() != 0 and timespans.shape != (batch, steps):
             raise ValueError(
@@ -240,14 +297,17 @@ class RecurrentModule(nn.Module, ABC):
         if timespans.dim() == 0:
             timespans = timespans.expand(batch, steps)
         if resets is not None:
-            resets = torch.as_tensor(resets, device=x.device)
+            if isinstance(resets, Tensor):
+                resets = resets.to(device=x.device)
+            else:
+                resets = torch.as_tensor(resets, device=x.device)
             if resets.shape != (batch, steps):
                 raise ValueError(
                     f"{name} expected resets of shape ({batch}, {steps}), got {tuple(resets.shape)}"
                 )
             # Episode-start flags often come as 0./1. floats (SB3): above one half is a reset.
             resets = resets if resets.dtype == torch.bool else resets > 0.5
-        return self._sequence(x, state, timespans, resets)
+        return x, state, timespans, resets
 
     # The per-step protocol -------------------------------------------------------------------
 
@@ -286,7 +346,8 @@ class RecurrentModule(nn.Module, ABC):
         """Run over checked inputs: x (B,T,I), state (B,S), timespans (B,T), resets (B,T)|None.
 
         The shared driver by default; cells with a kernel for whole sequences override this
-        and call :meth:`step_sequence` where the kernel does not apply."""
+        and call :meth:`step_sequence` where the kernel does not apply, and always while
+        :func:`tracing`."""
         return self.step_sequence(x, state, timespans, resets)
 
     def step_sequence(
@@ -340,10 +401,13 @@ def check_timespans(name: str, timespans: Tensor | float) -> None:
 
     The check costs one reduction (``aminmax``, about 10 µs on a CPU) and reading its two
     numbers per call, before the time loop, on a detached tensor: autograd is left alone. It
-    is skipped while ``torch.jit.trace`` or ``torch.compile`` (and ``torch.export``) trace the
-    module: reading a tensor's value there bakes one branch into the trace and warns (jit),
-    breaks the graph in two (dynamo) or fails on a data-dependent branch (``fullgraph=True``,
-    export).
+    is skipped while a tracer records the module (:func:`tracing`: ``torch.jit.trace``,
+    ``torch.compile``, ``torch.export``, the ONNX exporters, fx): reading a tensor's value
+    there bakes one branch into the trace and warns (jit), breaks the graph in two (dynamo),
+    fails on a data-dependent branch (``fullgraph=True``, export) or on a value that does not
+    exist (fake tensors, fx proxies). The traced graph then holds no check: validate Δt where
+    the exported module is run. A Python number is checked in every case (it is a constant of
+    the trace, not an input).
 
     :param name: the cell's name, for the message
     :param timespans: a number, or a tensor of elapsed times (any shape; ``(B, T)`` in the
@@ -351,7 +415,7 @@ def check_timespans(name: str, timespans: Tensor | float) -> None:
     :raises ValueError: for a negative, infinite or NaN value
     """
     if isinstance(timespans, Tensor):
-        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        if tracing():
             return
         # aminmax propagates NaN, which then fails both comparisons; -inf fails the first and
         # +inf the second. (Element-wise comparisons and .all() cost several times as much.)

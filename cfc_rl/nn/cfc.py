@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cfc_rl.nn.base import RecurrentModule
+from cfc_rl.nn.base import RecurrentModule, tracing
 from cfc_rl.nn.cfc_fused import FUSED_ACTIVATIONS, cfc_sequence, compiled_loops
 from cfc_rl.nn.wirings import Wiring
 
@@ -190,7 +190,8 @@ class CfC(RecurrentModule):
         fused ATen loops elsewhere): same numbers, several times faster; False differentiates
         through autograd over the shared per-step driver, which second derivatives need. The
         kernel covers an unwired CfC with a one-layer backbone (:attr:`kernel_applies`); every
-        other configuration runs the driver either way.
+        other configuration runs the driver either way, and so does every configuration while
+        a tracer or exporter records it (:func:`~cfc_rl.nn.base.tracing`).
     """
 
     cpu_kernels = ("cfc_cpu",)
@@ -343,7 +344,9 @@ class CfC(RecurrentModule):
         # kernel's extra memory traffic costs more than it saves (measured on 2 CPU cores,
         # forward + backward, B256 T64 H128: kernel 150 ms, autograd 123 ms); its compiled CPU
         # loops are the faster at every size measured (B256 T64 H128: 153 ms against 165 ms).
-        if not (self.fast and self._kernel_applies):
+        # A tracer cannot see into the kernel (an autograd Function around compiled loops): it
+        # would record their result as a constant. It records the driver's operations instead.
+        if not (self.fast and self._kernel_applies) or tracing():
             return self.step_sequence(x, state, timespans, resets)
         per_step = x.shape[0] * self._fused_step_size
         if (

@@ -41,6 +41,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
 from cfc_rl.nn import cpu_extensions
+from cfc_rl.nn.base import tracing
 
 # name -> (inner scale a, outer scale c, base function g)
 _ACTIVATIONS: dict[str, tuple[float, float, str]] = {
@@ -600,7 +601,16 @@ def cfc_sequence(
         cell's input projection (forget-gate offset included), initial cell state and
         recurrent weight
     :return: the state after every step ``(B, T, H)`` and the final cell state (or None)
+    :raises RuntimeError: while a tracer or exporter records the call
+        (:func:`~cfc_rl.nn.base.tracing`): it cannot see into the kernel and would record its
+        result as a constant; :class:`~cfc_rl.nn.CfC` takes the shared driver then
     """
+    if tracing():
+        raise RuntimeError(
+            "the fused CfC kernel cannot be traced or exported (the tracer would record its "
+            "result as a constant); call the CfC module, which records its per-step driver "
+            "while tracing"
+        )
     keep = (~resets).to(xw.dtype) if resets is not None else None
     xm, c0, w_memory = memory if memory is not None else (None, None, None)
     tensors = (

@@ -19,7 +19,8 @@ state, so they are evaluated for all time steps before the time loop
 The synapse reductions, most of an LTC's time, run on the CPU in the compiled loops of
 ``csrc/ltc_cpu.cpp``: one pass over the parameters per sample instead of several over a
 (B, N, N) tensor, and a hand-written backward pass. Elsewhere (CUDA, no C++ compiler,
-``fast=False``) they run as ATen operations: the same numbers.
+``fast=False``, and while a tracer records the module) they run as ATen operations: the same
+numbers.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
 from cfc_rl.nn import cpu_extensions
-from cfc_rl.nn.base import RecurrentModule
+from cfc_rl.nn.base import RecurrentModule, tracing
 from cfc_rl.nn.wirings import FullyConnected, Wiring
 
 
@@ -161,6 +162,8 @@ class LTC(RecurrentModule):
         differentiates through autograd over the shared per-step driver, which second
         derivatives need. For the LTC the kernel is the synapse sum (``csrc/ltc_cpu.cpp``,
         float32 and float64 CPU tensors); the time loop is the shared driver either way.
+        While a tracer or exporter records the LTC (:func:`~cfc_rl.nn.base.tracing`) the
+        synapses are ATen operations whatever ``fast`` says.
     """
 
     cpu_kernels = ("ltc_cpu",)
@@ -294,8 +297,9 @@ class LTC(RecurrentModule):
 
     def _extension(self, x: Tensor) -> ModuleType | None:
         """The compiled synapse loops for this call, or None for the ATen operations (mixed
-        dtypes are left to ATen's type promotion)."""
-        if self.fast and x.dtype == self.sigma.dtype:
+        dtypes are left to ATen's type promotion; a tracer records ATen operations, as it
+        cannot see into the compiled loops)."""
+        if self.fast and x.dtype == self.sigma.dtype and not tracing():
             return compiled_loops(x.device, x.dtype)
         return None
 

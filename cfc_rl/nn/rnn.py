@@ -2,7 +2,8 @@
 
 Both run ``torch.nn``'s fused implementation (cuDNN on GPU) by default, and also implement the
 per-step protocol (:meth:`step` through ``torch.lstm_cell`` / ``torch.gru_cell`` with the same
-weights), so that the shared driver runs them too (``fast=False``).
+weights), so that the shared driver runs them too (``fast=False``, and always while a tracer or
+exporter records them: :func:`~cfc_rl.nn.base.tracing`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from abc import abstractmethod
 import torch
 from torch import Tensor, nn
 
-from cfc_rl.nn.base import MemoryCell, RecurrentModule
+from cfc_rl.nn.base import MemoryCell, RecurrentModule, tracing
 
 __all__ = ["GRU", "LSTM", "MemoryCell"]  # MemoryCell lives in base.py; importable here too
 
@@ -55,7 +56,9 @@ class _TorchRNN(RecurrentModule):
     def _sequence(
         self, x: Tensor, state: Tensor, timespans: Tensor, resets: Tensor | None
     ) -> tuple[Tensor, Tensor]:
-        if not self.fast:
+        # Traced, the segment loop would bake this call's reset positions (read with .tolist())
+        # into the graph; the driver's per-step masks trace for any resets.
+        if not self.fast or tracing():
             return self.step_sequence(x, state, timespans, resets)
         if resets is None:
             starts = [0]
