@@ -192,9 +192,8 @@ def test_the_kernels_run_eagerly_and_are_left_out_while_tracing(monkeypatch) -> 
         return wrapper
 
     monkeypatch.setattr(cfc_module, "cfc_sequence", counting("cfc", cfc_module.cfc_sequence))
-    monkeypatch.setattr(
-        ltc_module, "_compiled_synapses", counting("ltc", ltc_module._compiled_synapses)
-    )
+    for kernel in ("_compiled_synapses", "_fused_sequence"):
+        monkeypatch.setattr(ltc_module, kernel, counting("ltc", getattr(ltc_module, kernel)))
     cfc, ltc = build("cfc"), build("ltc")
     with torch.no_grad():
         cfc(*inputs(cfc, 1))
@@ -203,8 +202,9 @@ def test_the_kernels_run_eagerly_and_are_left_out_while_tracing(monkeypatch) -> 
         torch.export.export(cfc, inputs(cfc, 1), strict=False)
         torch.export.export(ltc, inputs(ltc, 1), strict=False)
     assert eager["cfc"] == 1
+    # the sensory synapses, then the whole sequence of the fused solver
     assert eager["ltc"] == (0 if ltc_module.compiled_loops(torch.device("cpu"), torch.float32)
-                            is None else 1 + T * 3)  # fmt: skip
+                            is None else 2)  # fmt: skip
     assert calls == eager  # nothing more while exporting
 
 

@@ -16,11 +16,12 @@ state, so they are evaluated for all time steps before the time loop
 (:meth:`LTC.prepare_inputs`); the time loop itself is the shared per-step driver of
 :class:`~cfc_rl.nn.base.RecurrentModule`.
 
-The synapse reductions, most of an LTC's time, run on the CPU in the compiled loops of
-``csrc/ltc_cpu.cpp``: one pass over the parameters per sample instead of several over a
-(B, N, N) tensor, and a hand-written backward pass. Elsewhere (CUDA, no C++ compiler,
-``fast=False``, and while a tracer records the module) they run as ATen operations: the same
-numbers.
+On the CPU the compiled loops of ``csrc/ltc_cpu.cpp`` do most of the work: the synapse sums
+in one pass over the parameters per sample instead of several over a (B, N, N) tensor, only
+over the synapses a wiring has (an NCP has about an eighth of the N² pairs), and with the
+"fused" solver (no mixed memory) the whole sequence in one call with a hand-written backward
+pass through time. Elsewhere (CUDA, no C++ compiler, ``fast=False``, and while a tracer
+records the module) the same numbers come from ATen operations over the shared driver.
 """
 
 from __future__ import annotations
@@ -37,17 +38,49 @@ from cfc_rl.nn import cpu_extensions
 from cfc_rl.nn.base import RecurrentModule, tracing
 from cfc_rl.nn.wirings import FullyConnected, Wiring
 
+# Column ranges are rounded out to multiples of this many columns (one AVX2 vector of float):
+# a loop over whole vectors needs no scalar remainder, which costs more than the padding.
+_RANGE_ALIGNMENT = 8
+
+
+class _Ranges(NamedTuple):
+    """For each row j of a wiring's ``(M, N)`` synapse matrix, the columns ``[lo_j, hi_j)``
+    that hold all its synapses, for the compiled loops to skip the others; both empty for a
+    dense matrix."""
+
+    lo: Tensor  # (M,) int64
+    hi: Tensor  # (M,) int64
+
+
+def column_ranges(mask: Tensor, alignment: int = _RANGE_ALIGNMENT) -> _Ranges:
+    """The column range of every row of a wiring mask (its synapses are the non-zero entries),
+    rounded out to multiples of ``alignment`` columns; empty ranges for a dense mask."""
+    present = mask.detach().cpu() != 0
+    m, n = present.shape
+    if bool(present.all()):
+        empty = torch.zeros(0, dtype=torch.long)
+        return _Ranges(empty, empty)
+    columns = torch.arange(n).expand(m, n)
+    lo = torch.where(present, columns, n).amin(dim=1)
+    hi = torch.where(present, columns + 1, 0).amax(dim=1)
+    lo = torch.minimum(lo, hi)  # a row without synapses: an empty range
+    lo = lo // alignment * alignment
+    hi = torch.clamp((hi + alignment - 1) // alignment * alignment, max=n)
+    return _Ranges(lo.contiguous(), hi.contiguous())
+
 
 class _Constants(NamedTuple):
     """The state-independent quantities of one forward call (positive where they must be)."""
 
+    sigma: Tensor  # the synapses' slopes
     w: Tensor  # synaptic weights, masked by the wiring
     w_erev: Tensor  # w times the reversal potentials
     offset: Tensor  # -σ·μ, so that σ·(v - μ) is one fused multiply-add
     cm: Tensor  # membrane capacitance
     gleak: Tensor  # leak conductance
     leak: Tensor  # gleak · vleak
-    extension: ModuleType | None  # the compiled synapse loops, or None for ATen operations
+    extension: ModuleType | None  # the compiled loops, or None for ATen operations
+    ranges: _Ranges | None  # the recurrent synapses' column ranges, for the compiled loops
 
 
 SOLVERS = ("fused", "euler", "rk4")
@@ -73,15 +106,28 @@ def compiled_loops(device: torch.device, dtype: torch.dtype) -> ModuleType | Non
     return cpu_extensions.load_for("ltc_cpu", device, dtype)
 
 
+_NO_SECOND_DERIVATIVE = (
+    "the compiled LTC loops have no second derivative (double backward, gradient penalties); "
+    "build the LTC with fast=False (or set {switch}=0 before the first call) to differentiate "
+    "through autograd"
+)
+
+
+def _check_first_derivative() -> None:
+    if torch.is_grad_enabled():  # create_graph=True: a second derivative is wanted
+        raise RuntimeError(_NO_SECOND_DERIVATIVE.format(switch=cpu_extensions.ENV_SWITCH))
+
+
 class _Synapses(torch.autograd.Function):
     """``(Σ_j a_ji·w_erev_ji, Σ_j a_ji·w_ji)``, ``a_ji = sigmoid(σ_ji·v_j + offset_ji)``, for
-    ``v (B, M)`` and ``(M, N)`` parameters, through the compiled loops: nothing of size
-    (B, M, N) is kept, the backward pass recomputes the sigmoid."""
+    ``v (B, M)`` and ``(M, N)`` parameters, through the compiled loops (over each row's column
+    range): nothing of size (B, M, N) is kept, the backward pass recomputes the sigmoid."""
 
     @staticmethod
     def forward(
         ctx: FunctionCtx,
         extension: ModuleType,
+        ranges: _Ranges,
         v: Tensor,
         sigma: Tensor,
         offset: Tensor,
@@ -89,35 +135,121 @@ class _Synapses(torch.autograd.Function):
         w_erev: Tensor,
     ) -> tuple[Tensor, Tensor]:
         ctx.save_for_backward(v, sigma, offset, w, w_erev)
-        ctx.extension = extension
-        num, den = extension.forward(v, sigma, offset, w, w_erev)
+        ctx.extension, ctx.ranges = extension, ranges
+        num, den = extension.forward(v, sigma, offset, w, w_erev, *ranges)
         return num, den
 
     @staticmethod
     def backward(ctx: Any, grad_num: Tensor, grad_den: Tensor) -> tuple[Any, ...]:
-        if torch.is_grad_enabled():  # create_graph=True: a second derivative is wanted
-            raise RuntimeError(
-                "the compiled LTC synapses have no second derivative (double backward, "
-                "gradient penalties); build the LTC with fast=False (or set "
-                f"{cpu_extensions.ENV_SWITCH}=0 before the first call) to differentiate "
-                "through autograd"
-            )
+        _check_first_derivative()
         grads = ctx.extension.backward(
-            grad_num.contiguous(), grad_den.contiguous(), *ctx.saved_tensors
+            grad_num.contiguous(), grad_den.contiguous(), *ctx.saved_tensors, *ctx.ranges
         )
-        return None, *grads
+        return None, None, *grads
 
 
 def _compiled_synapses(
-    extension: ModuleType, v: Tensor, sigma: Tensor, offset: Tensor, w: Tensor, w_erev: Tensor
+    extension: ModuleType,
+    ranges: _Ranges,
+    v: Tensor,
+    sigma: Tensor,
+    offset: Tensor,
+    w: Tensor,
+    w_erev: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """The sums of :class:`_Synapses`, with a graph only where a gradient can flow."""
     # v may be a view with any strides (the caller's state before the first step).
     args = (v.contiguous(), sigma, offset, w, w_erev)
     if torch.is_grad_enabled() and any(arg.requires_grad for arg in args):
-        return _Synapses.apply(extension, *args)
-    num, den = extension.forward(*args)  # rollouts: no graph, nothing kept
-    return num, den
+        return _Synapses.apply(extension, ranges, *args)
+    num, den = extension.forward(*args, *ranges)
+    return num, den  # rollouts: no graph, nothing kept
+
+
+class _FusedSequence(torch.autograd.Function):
+    """The "fused" solver over a whole sequence in the compiled loops: the states after every
+    step ``hs (B, T, N)`` from the sensory sums ``num_s, den_s (B, T, N)``, the initial state,
+    the unfold lengths ``delta = Δt / unfolds (B, T)``, the keep masks of the resets (0 where
+    the state resets before the step; empty for none), the recurrent synapses' parameters and
+    column ranges, and the neurons' cm, gleak and leak = gleak · vleak."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        extension: ModuleType,
+        ranges: _Ranges,
+        unfolds: int,
+        epsilon: float,
+        *tensors: Tensor,  # num_s den_s v0 delta keep sigma offset w w_erev cm gleak leak
+    ) -> Tensor:
+        hs, *saved = extension.sequence_forward(
+            *_kernel_arguments(tensors, ranges), epsilon, unfolds, True
+        )
+        ctx.save_for_backward(*saved, *tensors)
+        ctx.extension, ctx.ranges, ctx.unfolds, ctx.epsilon = extension, ranges, unfolds, epsilon
+        return hs
+
+    @staticmethod
+    def backward(ctx: Any, grad_hs: Tensor) -> tuple[Any, ...]:
+        _check_first_derivative()
+        vs, nums, dens, *tensors = ctx.saved_tensors
+        num_s, den_s, _, delta, keep, *parameters = _kernel_arguments(tensors, ctx.ranges)
+        grads = ctx.extension.sequence_backward(
+            grad_hs.contiguous(), vs, nums, dens, num_s, den_s, delta, keep, *parameters,
+            ctx.epsilon, ctx.unfolds,
+        )  # fmt: skip
+        grad_num_s, grad_den_s, grad_v0, grad_delta, *grad_parameters = grads
+        # no gradient for the keep masks
+        return (
+            None,
+            None,
+            None,
+            None,
+            grad_num_s,
+            grad_den_s,
+            grad_v0,
+            grad_delta,
+            None,
+            *grad_parameters,
+        )
+
+
+def _kernel_arguments(tensors: tuple[Tensor, ...], ranges: _Ranges) -> tuple[Tensor, ...]:
+    """The sequence kernels' argument order: the column ranges after the synapse parameters."""
+    return (*tensors[:9], *ranges, *tensors[9:])
+
+
+def _fused_sequence(
+    extension: ModuleType,
+    unfolds: int,
+    epsilon: float,
+    num_s: Tensor,
+    den_s: Tensor,
+    v0: Tensor,
+    delta: Tensor,
+    keep: Tensor,
+    p: _Constants,
+) -> Tensor:
+    """The states after every step, with a graph only where a gradient can flow."""
+    assert p.ranges is not None
+    tensors = (
+        num_s,
+        den_s,
+        v0.contiguous(),
+        delta,
+        keep,
+        p.sigma,
+        p.offset,
+        p.w,
+        p.w_erev,
+        p.cm,
+        p.gleak,
+        p.leak,
+    )
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _FusedSequence.apply(extension, p.ranges, unfolds, epsilon, *tensors)
+    arguments = _kernel_arguments(tensors, p.ranges)
+    return extension.sequence_forward(*arguments, epsilon, unfolds, False)[0]  # nothing kept
 
 
 class LTC(RecurrentModule):
@@ -242,6 +374,7 @@ class LTC(RecurrentModule):
             nn.Parameter(torch.zeros(self.motor_size)) if output_mapping == "affine" else None
         )
         self.configure_state(self.units, self.motor_size, mixed_memory=mixed_memory)
+        self._column_ranges: dict[str, tuple[tuple[int, int], _Ranges]] = {}
 
     def _positive(self, param: Tensor) -> Tensor:
         return F.softplus(param) if self.implicit_param_constraints else param
@@ -257,8 +390,10 @@ class LTC(RecurrentModule):
         self, v: Tensor, num_s: Tensor, den_s: Tensor, p: _Constants
     ) -> tuple[Tensor, Tensor]:
         """``Σ_j a_ji E_ji`` and ``Σ_j a_ji`` plus the sensory terms, a = w·σ(σ(v_j − μ))."""
-        if p.extension is not None:
-            num, den = _compiled_synapses(p.extension, v, self.sigma, p.offset, p.w, p.w_erev)
+        if p.extension is not None and p.ranges is not None:
+            num, den = _compiled_synapses(
+                p.extension, p.ranges, v, p.sigma, p.offset, p.w, p.w_erev
+            )
             return num + num_s, den + den_s
         # σ·(v_j − μ_ji) as one fused multiply-add and an in-place sigmoid: two passes over the
         # (B, N, N) tensor instead of three, the largest cost of an LTC step.
@@ -315,10 +450,11 @@ class LTC(RecurrentModule):
             inputs = inputs + self.input_b
         extension = self._extension(x)
         sensory = self._positive(self.sensory_w) * self.sensory_sparsity_mask
-        if extension is not None:  # the B·T steps as one batch of the recurrent synapses' loops
+        if extension is not None:  # the B·T steps as one batch of the synapse loops
             batch, steps = x.shape[:2]
             sensory_num, sensory_den = _compiled_synapses(
                 extension,
+                self._ranges("sensory_sparsity_mask"),
                 inputs.reshape(batch * steps, -1),
                 self.sensory_sigma,
                 -(self.sensory_sigma * self.sensory_mu),
@@ -335,15 +471,52 @@ class LTC(RecurrentModule):
     def step_constants(self, x: Tensor) -> _Constants:
         w = self._positive(self.w) * self.sparsity_mask
         gleak = self._positive(self.gleak)
+        w_erev = w * self.erev
+        offset = -(self.sigma * self.mu)
+        extension = self._extension(x)
         return _Constants(
+            sigma=self.sigma,
             w=w,
-            w_erev=w * self.erev,
-            offset=-(self.sigma * self.mu),
+            w_erev=w_erev,
+            offset=offset,
             cm=self._positive(self.cm),
             gleak=gleak,
             leak=gleak * self.vleak,
-            extension=self._extension(x),
+            extension=extension,
+            ranges=None if extension is None else self._ranges("sparsity_mask"),
         )
+
+    def _ranges(self, mask_name: str) -> _Ranges:
+        """The column ranges of a wiring mask, recomputed only when the mask changes (a
+        ``load_state_dict`` copies into it, which bumps its version counter)."""
+        mask = getattr(self, mask_name)
+        key = (mask.data_ptr(), mask._version)
+        cached = self._column_ranges.get(mask_name)
+        if cached is None or cached[0] != key:
+            cached = (key, column_ranges(mask))
+            self._column_ranges[mask_name] = cached
+        return cached[1]
+
+    def _sequence(
+        self, x: Tensor, state: Tensor, timespans: Tensor, resets: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        # The "fused" solver runs whole sequences in the compiled loops (the same numbers as
+        # the driver, without ode_unfolds · T steps of autograd bookkeeping); the explicit
+        # solvers and mixed memory take the driver, whose synapse sums are compiled too.
+        extension = self._extension(x)
+        if extension is None or self.solver != "fused" or self.memory is not None:
+            return self.step_sequence(x, state, timespans, resets)
+        num_s, den_s = self.prepare_inputs(x)
+        constants = self.step_constants(x)
+        keep = x.new_empty(0) if resets is None else (~resets).to(x.dtype)
+        delta = timespans / self.ode_unfolds
+        hs = _fused_sequence(
+            extension, self.ode_unfolds, self.epsilon, num_s, den_s, state, delta, keep, constants
+        )
+        y = self.readout(hs)
+        if self.proj is not None:
+            y = self.proj(y)
+        return y, hs[:, -1].clone()  # not a view: the caller may edit either in place
 
     def step(
         self, x_t: tuple[Tensor, Tensor], h: Tensor, dt_t: Tensor, constants: _Constants
