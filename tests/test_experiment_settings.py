@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gymnasium as gym
 import pytest
 import yaml
+from sb3_contrib import RecurrentPPO
 
 from cfc_rl.envs import ConfigError
 from cfc_rl.experiment.settings import (
@@ -18,6 +20,7 @@ from cfc_rl.experiment.settings import (
 )
 from cfc_rl.experiment.tasks import load_task
 from cfc_rl.experiment.train import resolve
+from cfc_rl.sb3 import RecurrentCellPolicy
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT_FILES = sorted((ROOT / "agents").glob("*.yaml"))
@@ -179,6 +182,19 @@ GOOD = {
         ({"policy_kwargs": {"cell": "cfc", "activation_fn": "swish"}}, r"activation_fn must be"),
         ({"policy_kwargs": {"cell": "cfc", "net_arch": [64, "x"]}}, r"net_arch must be a list"),
         (
+            {"policy_kwargs": {"cell": "ltc", "hidden_size": {"wiring": "autoncp", "unit": 8}}},
+            r"policy_kwargs.hidden_size: wiring autoncp: .*unexpected keyword argument 'unit'",
+        ),
+        (
+            {"policy_kwargs": {"cell": "ltc", "hidden_size": {"wiring": "ncps", "units": 8}}},
+            r"policy_kwargs.hidden_size: a wiring needs wiring: one of fully_connected, ncp, "
+            r"autoncp",
+        ),
+        (
+            {"policy_kwargs": {"cell": "ltc", "hidden_size": "64"}},
+            r"policy_kwargs.hidden_size must be an integer or a wiring",
+        ),
+        (
             {"policy_kwargs": {"cell": "cfc", "backbone_unitz": 32}},
             r"unknown key policy_kwargs.backbone_unitz; RecurrentCellPolicy with cell cfc "
             r"accepts .*backbone_units",
@@ -217,6 +233,28 @@ def test_bad_agent_files_name_the_file_and_the_key(tmp_path: Path, change, messa
     with pytest.raises(ConfigError, match=message) as error:
         load_agent_config(path)
     assert str(error.value).startswith(f"{path}: ")
+
+
+def test_a_wiring_in_an_agent_file_builds_the_wired_cells() -> None:
+    """``hidden_size: {wiring: autoncp, ...}``: the actor and critic cells each get that
+    circuit (the same one: the wiring's seed fixes it)."""
+    agent = load_agent_config(ROOT / "agents" / "ppo_ltc_ncp.yaml")
+    task = load_task(ROOT / "envs" / "pendulum_p.yaml")
+    resolved = resolve_agent(agent, task)
+    assert resolved.policy_kwargs["hidden_size"] == {
+        "wiring": "autoncp",
+        "units": 64,
+        "output_size": 16,
+    }
+    model = RecurrentPPO(
+        RecurrentCellPolicy, gym.make(task.id), n_steps=8, policy_kwargs=resolved.policy_kwargs
+    )
+    actor, critic = model.policy.lstm_actor.cell, model.policy.lstm_critic.cell
+    assert actor.wiring is not critic.wiring
+    assert type(actor.wiring).__name__ == "AutoNCP" and actor.units == 64
+    assert actor.output_size == 16 and actor.ode_unfolds == 3
+    assert (actor.sparsity_mask == critic.sparsity_mask).all()
+    assert actor.sparsity_mask.count_nonzero() < 64 * 64 / 4
 
 
 def test_the_accepted_hyperparameters_listed_are_public_ones(tmp_path: Path) -> None:

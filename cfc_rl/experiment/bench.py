@@ -89,7 +89,21 @@ SHAPES: dict[str, Shape] = {
 
 BASELINE = "torch_lstm"
 NCPS_CANDIDATES = ("ncps_cfc", "ncps_ltc")
-LABELS = {BASELINE: "torch.nn.LSTM", "ncps_cfc": "ncps CfC", "ncps_ltc": "ncps LTC"}
+# Cells beyond their default settings: an LTC wired as the LTC papers use it (a sparse NCP
+# circuit of the same neurons, a quarter of them motor neurons).
+VARIANTS: dict[str, Callable[[Shape], nn.Module]] = {
+    "ltc_ncp": lambda shape: make_cell(
+        "ltc",
+        shape.inputs,
+        {"wiring": "autoncp", "units": shape.hidden, "output_size": shape.hidden // 4},
+    ),
+}
+LABELS = {
+    BASELINE: "torch.nn.LSTM",
+    "ncps_cfc": "ncps CfC",
+    "ncps_ltc": "ncps LTC",
+    "ltc_ncp": "ltc, AutoNCP(H, H/4)",
+}
 
 # Targets of the performance issue. cfc / LSTM: shape -> (target <=, ncps CfC / LSTM measured
 # in the issue on a 2-core CPU, 1 thread, or None).
@@ -99,6 +113,8 @@ CFC_RATIO_TARGETS: dict[str, tuple[float, float | None]] = {
     "S3": (1.0, 0.98),
     "S4": (1.5, None),
 }
+# ltc / LSTM: shape -> target <= (the LTC speed issue; its machine: a 2-core AMD Zen 5).
+LTC_RATIO_TARGETS: dict[str, float] = {"S1": 12.0, "S2": 20.0}
 # Speed-ups of our cell over the ncps one (ncps time / our time): (ours, ncps) -> shape -> >=.
 SPEEDUPS: dict[tuple[str, str], dict[str, float]] = {
     ("cfc", "ncps_cfc"): {"S1": 3.0, "S2": 3.0},
@@ -110,13 +126,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; ``--quick`` swaps in settings for a ~30 s smoke run."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
-    candidates = list(CELLS) + list(NCPS_CANDIDATES)
+    candidates = list(CELLS) + list(VARIANTS) + list(NCPS_CANDIDATES)
     parser.add_argument(
         "--cells",
         nargs="+",
         choices=candidates,
         default=candidates,
-        help="cells of cfc_rl.nn.CELLS and the ncps references (torch.nn.LSTM is always timed)",
+        help="cells of cfc_rl.nn.CELLS, variants (ltc_ncp) and the ncps references "
+        "(torch.nn.LSTM is always timed)",
     )
     parser.add_argument("--repeats", type=int, default=21, help="timed rounds (median over them)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
@@ -177,6 +194,8 @@ def build_module(name: str, shape: Shape) -> nn.Module:
         return ncps_torch.CfC(shape.inputs, shape.hidden)
     if name == "ncps_ltc":
         return ncps_torch.LTC(shape.inputs, shape.hidden)
+    if name in VARIANTS:
+        return VARIANTS[name](shape)
     return make_cell(name, shape.inputs, shape.hidden)
 
 
@@ -458,6 +477,14 @@ def results_tables(
             issue = "-" if ncps_figure is None else f"ncps CfC {ncps_figure:.2f}x"
             target_rows.append(
                 [f"cfc / LSTM, {shape.name}", fmt_ratio(measured), f"<= {target:.1f}x", issue, met]
+            )
+    for shape in shapes:
+        if "ltc" in names and shape.name in LTC_RATIO_TARGETS:
+            target = LTC_RATIO_TARGETS[shape.name]
+            measured = ratio(results[shape.name]["ltc"], lstm[shape.name])
+            met = "-" if measured is None else ("yes" if measured <= target else "no")
+            target_rows.append(
+                [f"ltc / LSTM, {shape.name}", fmt_ratio(measured), f"<= {target:.1f}x", "-", met]
             )
     for (ours, reference), targets in SPEEDUPS.items():
         for shape in shapes:

@@ -50,7 +50,7 @@ from cfc_rl.envs import TASKS, ConfigError, WrapperSettings
 from cfc_rl.envs.config import parse_section, read_yaml
 from cfc_rl.experiment.algorithms import ALGORITHMS, algorithm, cell_arguments
 from cfc_rl.experiment.tasks import Task
-from cfc_rl.nn import CELLS
+from cfc_rl.nn import CELLS, make_wiring
 
 __all__ = [
     "ACTIVATIONS",
@@ -175,6 +175,18 @@ def _check_cell_kwargs(name: str, value: Any, with_cell: bool = True) -> dict[st
     value = dict(value)
     if with_cell and "cell" in value and value["cell"] not in CELLS:
         raise ValueError(f"{name}.cell must be one of {', '.join(CELLS)}, got {value['cell']!r}")
+    units = value.get("hidden_size")
+    if isinstance(units, Mapping):  # a wiring, {wiring: autoncp, units: 64, output_size: 16}
+        try:
+            make_wiring(units)
+        except ValueError as error:
+            raise ValueError(f"{name}.hidden_size: {error}") from None
+        value["hidden_size"] = dict(units)
+    elif units is not None and (not isinstance(units, int) or isinstance(units, bool)):
+        raise ValueError(
+            f"{name}.hidden_size must be an integer or a wiring ({{wiring: autoncp, units: 64, "
+            f"output_size: 16}}), got {units!r}"
+        )
     return value
 
 
@@ -187,10 +199,9 @@ def _check_policy_kwargs(data: Any, where: str) -> dict[str, Any]:
         )
     if "net_arch" in checked:
         checked["net_arch"] = _check_net_arch(f"{where}.net_arch", checked["net_arch"])
-    for key in ("hidden_size", "lstm_hidden_size"):
-        value = checked.get(key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-            raise ValueError(f"{where}.{key} must be an integer, got {value!r}")
+    value = checked.get("lstm_hidden_size")
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ValueError(f"{where}.lstm_hidden_size must be an integer, got {value!r}")
     for key in ("ortho_init", "use_sde", "enable_critic_cell", "enable_critic_lstm"):
         if key in checked and not isinstance(checked[key], bool):
             raise ValueError(f"{where}.{key} must be true or false, got {checked[key]!r}")

@@ -56,12 +56,26 @@ SETTINGS: dict[str, Any] = {
 N_ENVS = 4
 NET = {"ortho_init": False, "activation_fn": nn.ReLU, "net_arch": {"pi": [64], "vf": [64]}}
 
+LTC_NCP = {"wiring": "autoncp", "units": 64, "output_size": 16}
+
 # name -> (algorithm, policy, extra policy kwargs)
 POLICIES: dict[str, tuple[type, Any, dict[str, Any]]] = {
     "lstm_sb3": (RecurrentPPO, "MlpLstmPolicy", {"lstm_hidden_size": 64}),
     "cfc": (RecurrentPPO, RecurrentCellPolicy, {"cell": "cfc", "hidden_size": 64}),
     "lstm": (RecurrentPPO, RecurrentCellPolicy, {"cell": "lstm", "hidden_size": 64}),
     "ltc": (RecurrentPPO, RecurrentCellPolicy, {"cell": "ltc", "hidden_size": 64}),
+    # The cheaper LTC settings: a sparse NCP circuit of the same 64 neurons, fewer unfolds.
+    "ltc_ncp": (RecurrentPPO, RecurrentCellPolicy, {"cell": "ltc", "hidden_size": LTC_NCP}),
+    "ltc_u2": (
+        RecurrentPPO,
+        RecurrentCellPolicy,
+        {"cell": "ltc", "hidden_size": 64, "ode_unfolds": 2},
+    ),
+    "ltc_ncp_u2": (
+        RecurrentPPO,
+        RecurrentCellPolicy,
+        {"cell": "ltc", "hidden_size": LTC_NCP, "ode_unfolds": 2},
+    ),
     "mlp": (PPO, "MlpPolicy", {}),
 }
 BASELINE = "lstm_sb3"
@@ -202,4 +216,8 @@ def _label(name: str) -> str:
         return fixed[name]
     if name.startswith("sac_"):
         return f"SAC + SequenceExtractor({name.split('_')[1]}, 8 frames)"
+    if name.startswith("ltc_"):
+        extra = POLICIES[name][2]
+        wiring = "AutoNCP(64, 16)" if isinstance(extra["hidden_size"], dict) else "dense 64"
+        return f"RecurrentCellPolicy(ltc, {wiring}, {extra.get('ode_unfolds', 6)} unfolds)"
     return f"RecurrentCellPolicy({name})"

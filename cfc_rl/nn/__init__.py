@@ -13,7 +13,7 @@ from cfc_rl.nn.ltc import LTC
 from cfc_rl.nn.ncps_compat import from_ncps
 from cfc_rl.nn.registry import CELLS, CellSpec, cell_spec, make_cell
 from cfc_rl.nn.rnn import GRU, LSTM
-from cfc_rl.nn.wirings import NCP, AutoNCP, FullyConnected, Wiring
+from cfc_rl.nn.wirings import NCP, WIRINGS, AutoNCP, FullyConnected, Wiring, make_wiring
 
 __all__ = [
     "CELLS",
@@ -22,6 +22,7 @@ __all__ = [
     "LSTM",
     "LTC",
     "NCP",
+    "WIRINGS",
     "AutoNCP",
     "CellSpec",
     "CfC",
@@ -34,5 +35,6 @@ __all__ = [
     "cell_spec",
     "from_ncps",
     "make_cell",
+    "make_wiring",
     "time_input",
 ]

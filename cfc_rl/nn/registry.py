@@ -8,6 +8,7 @@ needs one line in :data:`CELLS`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,7 @@ from cfc_rl.nn.cfc import CfC
 from cfc_rl.nn.ctrnn import CTRNN
 from cfc_rl.nn.ltc import LTC
 from cfc_rl.nn.rnn import GRU, LSTM
+from cfc_rl.nn.wirings import make_wiring
 
 
 @dataclass(frozen=True)
@@ -58,9 +60,13 @@ def make_cell(name: str, input_size: int, hidden_size: Any, **kwargs: Any) -> Re
     :param name: one of ``CELLS``: "cfc", "cfc_nogate", "cfs" (pure CfC), "cfc_mm" (mixed
         memory), "ltc", "lstm", "gru", "ctrnn" (plain continuous-time RNN)
     :param input_size: number of input features
-    :param hidden_size: number of hidden units (for CfC and LTC also a Wiring)
+    :param hidden_size: number of hidden units (for CfC and LTC also a Wiring, or a mapping
+        that :func:`~cfc_rl.nn.wirings.make_wiring` turns into a new one:
+        ``{"wiring": "autoncp", "units": 64, "output_size": 16}``)
     :param kwargs: passed to the cell's constructor (e.g. ``backbone_units`` for CfC,
         ``solver`` for LTC)
     :raises ValueError: for an unknown name, listing the known ones
     """
+    if isinstance(hidden_size, Mapping):
+        hidden_size = make_wiring(hidden_size)
     return cell_spec(name).build(input_size, hidden_size, **kwargs)

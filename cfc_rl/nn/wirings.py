@@ -10,6 +10,9 @@ gets the same circuit here from ``AutoNCP(32, 4, seed=7)``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 
 
@@ -287,3 +290,29 @@ class AutoNCP(NCP):
             seed=seed,
         )
         self.sparsity_level = sparsity_level
+
+
+WIRINGS: dict[str, type[Wiring]] = {
+    "fully_connected": FullyConnected,
+    "ncp": NCP,
+    "autoncp": AutoNCP,
+}
+
+
+def make_wiring(spec: Mapping[str, Any]) -> Wiring:
+    """A wiring from plain data, as agent files write it in place of a unit count::
+
+        hidden_size: {wiring: autoncp, units: 64, output_size: 16}
+
+    ``wiring`` names the class (:data:`WIRINGS`), the other keys are its arguments.
+
+    :raises ValueError: for an unknown name or arguments the class does not take
+    """
+    arguments = dict(spec)
+    kind = arguments.pop("wiring", None)
+    if kind not in WIRINGS:
+        raise ValueError(f"a wiring needs wiring: one of {', '.join(WIRINGS)}; got {dict(spec)!r}")
+    try:
+        return WIRINGS[kind](**arguments)
+    except TypeError as error:  # a missing or unknown argument
+        raise ValueError(f"wiring {kind}: {error}") from None
