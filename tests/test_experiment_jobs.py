@@ -70,9 +70,15 @@ def test_the_algorithm_registry_resolves_policies_and_checks_actions() -> None:
 
     from cfc_rl.sb3 import RecurrentCellPolicy
 
-    assert set(ALGORITHMS) == {"ppo", "recurrent_ppo", "sac"}
+    assert set(ALGORITHMS) == {"ppo", "recurrent_ppo", "sac", "recurrent_sac"}
     assert algorithm("recurrent_ppo").cls.__name__ == "RecurrentPPO"
     assert algorithm("sac").off_policy and not algorithm("ppo").off_policy
+    assert algorithm("recurrent_sac").off_policy and algorithm("recurrent_sac").continuous_only
+    # the policies that run a cell of cfc_rl.nn, by their constructor's `cell`
+    assert algorithm("recurrent_sac").takes_cell("MlpPolicy")
+    assert algorithm("recurrent_ppo").takes_cell("RecurrentCellPolicy")
+    assert not algorithm("recurrent_ppo").takes_cell("MlpLstmPolicy")
+    assert not algorithm("sac").takes_cell("MlpPolicy")
     box = spaces.Box(-1, 1, (2,))
     assert algorithm("recurrent_ppo").policy_for("RecurrentCellPolicy", box) is RecurrentCellPolicy
     assert algorithm("ppo").policy_for("MlpPolicy", spaces.Dict({"obs": box})) == (

@@ -27,7 +27,8 @@ AGENT_FILES = sorted((ROOT / "agents").glob("*.yaml"))
 TASK_FILES = sorted((ROOT / "envs").glob("*.yaml"))
 REQUIRED_AGENTS = {
     "ppo_cfc", "ppo_cfc_nogate", "ppo_cfs", "ppo_cfc_mm", "ppo_ltc", "ppo_gru", "ppo_lstm",
-    "ppo_mlp", "ppo_framestack", "sac_cfc", "sac_lstm", "sac_mlp",
+    "ppo_mlp", "ppo_framestack", "sac_cfc", "sac_lstm", "sac_mlp", "sac_rec_cfc", "sac_rec_ltc",
+    "sac_rec_lstm", "sac_rec_gru",
 }  # fmt: skip
 
 
@@ -45,8 +46,8 @@ def test_every_shipped_agent_resolves_for_every_task_its_algorithm_can_run(path:
     assert agent.settings is not None and agent.settings.algo == agent.algo
     for task_path in TASK_FILES:
         task = load_task(task_path)
-        if agent.algo == "sac" and task.id == "cfc_rl/CartPole-P-v1":  # discrete actions
-            with pytest.raises(ConfigError, match="no sac settings for task cartpole_p"):
+        if agent.algo in ("sac", "recurrent_sac") and task.id == "cfc_rl/CartPole-P-v1":
+            with pytest.raises(ConfigError, match=f"no {agent.algo} settings for task cartpole_p"):
                 resolve_agent(agent, task)
             continue
         resolved = resolve_agent(agent, task)
@@ -59,7 +60,7 @@ def test_settings_files_validate_and_cover_every_shipped_task(path: Path) -> Non
     settings = load_settings(path, path.stem)
     for task_path in TASK_FILES:
         task = load_task(task_path)
-        if path.stem == "sac" and task.id == "cfc_rl/CartPole-P-v1":
+        if path.stem in ("sac", "recurrent_sac") and task.id == "cfc_rl/CartPole-P-v1":
             assert settings.for_task(task) is None
         else:
             assert settings.for_task(task) is not None, task_path
@@ -170,7 +171,7 @@ GOOD = {
     ("change", "message"),
     [
         ({"learning_rat": 0.1}, r"unknown key learning_rat; expected one of algo"),
-        ({"algo": "dqn"}, r"algo must be one of ppo, recurrent_ppo, sac, got 'dqn'"),
+        ({"algo": "dqn"}, r"algo must be one of ppo, recurrent_ppo, sac, recurrent_sac, got 'dqn'"),
         ({"policy": "CnnPolicy"}, r"policy must be one of RecurrentCellPolicy, MlpLstmPolicy"),
         ({"hyperparams": {"n_step": 32}}, r"unknown key hyperparams.n_step; recurrent_ppo"),
         ({"hyperparams": {"n_steps": "32"}}, r"hyperparams.n_steps must be an integer, got '32'"),

@@ -37,6 +37,7 @@ PPO = "hyperparams: {n_steps: 64, batch_size: 64, n_epochs: 1}\n"
 MLP = "policy: MlpPolicy\npolicy_kwargs: {net_arch: [8], ortho_init: false}\n"
 SAC_MLP = "policy: MlpPolicy\npolicy_kwargs: {net_arch: [8]}\n"
 SAC = "n_envs: 1\nhyperparams: {learning_starts: 64, batch_size: 32}\n"
+REC_SAC = "hyperparams: {learning_starts: 64, batch_size: 4, sequence_length: 4, burn_in: 2}\n"
 TINY_CELL = {"ltc": ", ode_unfolds: 2", "lstm": "", "gru": "", "ctrnn": ""}
 
 
@@ -78,6 +79,17 @@ AGENTS: dict[str, tuple[str, str]] = {
         "features_extractor: {cell: gru, hidden_size: 8}\npolicy_kwargs: {net_arch: [8]}\n" + SAC,
         "pendulum_p",
     ),
+    # RecurrentSAC: the actor's cell carries the state; Δt read, and a fixed period.
+    "sac_rec": (
+        "algo: recurrent_sac\npolicy: MlpPolicy\nn_envs: 1\n"
+        "policy_kwargs: {cell: cfc, hidden_size: 8, backbone_units: 8, net_arch: [8]}\n" + REC_SAC,
+        "pendulum_p_irregular",
+    ),
+    "sac_rec_lstm": (
+        "algo: recurrent_sac\npolicy: MlpPolicy\nn_envs: 1\n"
+        "policy_kwargs: {cell: lstm, hidden_size: 8, net_arch: [8]}\n" + REC_SAC,
+        "pendulum_p",
+    ),
     # MuJoCo observations are float64: the window keeps them so (a float64 state).
     "sac_window_mujoco": (
         "algo: sac\npolicy: MlpPolicy\nwrappers: {history: 2}\n"
@@ -90,7 +102,7 @@ AGENTS: dict[str, tuple[str, str]] = {
 # test_nn_tracing.py) with the slow tests.
 ONNX_KINDS = (
     "cfc", "gru", "mlp_lstm", "ppo_mlp", "ppo_stack", "sac_mlp", "sac_window", "sac_window_fixed",
-    "sac_window_mujoco",
+    "sac_window_mujoco", "sac_rec",
 )  # fmt: skip
 ONNX_CASES = [
     pytest.param(name, marks=() if name in ONNX_KINDS else pytest.mark.slow) for name in AGENTS
@@ -203,8 +215,13 @@ def drive(run: Path, result: dict[str, Any], n_envs: int = 2) -> dict[str, float
             obs, state=predicted_state, episode_start=starts, deterministic=True
         )
         record("action", action, predicted)
-        if "cell" in part_names:
-            record("state", _part(result, state, "cell"), predicted_state[0][0])
+        if "cell" in part_names:  # RecurrentPPO's (h, c) per layer; RecurrentSAC's flat state
+            cell_state = predicted_state[0][0] if isinstance(predicted_state, tuple) else None
+            record(
+                "state",
+                _part(result, state, "cell"),
+                predicted_state if cell_state is None else cell_state,
+            )
         if "lstm_h" in part_names:
             record("state", _part(result, state, "lstm_h"), predicted_state[0].swapaxes(0, 1))
             record("state", _part(result, state, "lstm_c"), predicted_state[1].swapaxes(0, 1))

@@ -20,7 +20,11 @@ BLOCKS = re.findall(r"```(\w+)\n(.*?)```", README, flags=re.DOTALL)
 PYTHON = [code for language, code in BLOCKS if language == "python"]
 RECURRENT_PPO = next(code for code in PYTHON if "RecurrentPPO(RecurrentCellPolicy" in code)
 # Training budgets in the snippets -> what a test affords; the rest runs as written.
-REDUCED = {"model.learn(50_000)": "model.learn(512)", ".learn(10_000)": ".learn(300)"}
+REDUCED = {
+    "model.learn(50_000)": "model.learn(512)",
+    ".learn(10_000)": ".learn(300)",
+    "model.learn(1_000)": "model.learn(300)",
+}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

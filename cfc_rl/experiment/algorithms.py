@@ -61,6 +61,11 @@ class Algorithm:
             return RecurrentCellPolicy
         return self.cls.policy_aliases[policy]
 
+    def takes_cell(self, policy: str) -> bool:
+        """Whether the policy runs a cell of :mod:`cfc_rl.nn` named by ``policy_kwargs.cell``
+        (RecurrentCellPolicy, RecurrentSAC's policy)."""
+        return "cell" in _parameters(self.policy_class(policy))
+
     def policy_kwargs_accepted(self, policy: str, cell: str | None = None) -> tuple[list[str], str]:
         """The keyword arguments a policy takes (with ``cell``: also its cell's), and how to
         name that policy in a message."""
@@ -112,6 +117,14 @@ ALGORITHMS: dict[str, Algorithm] = {
         ),
         Algorithm(
             "sac", "stable_baselines3", "SAC", ("MlpPolicy",), off_policy=True, continuous_only=True
+        ),
+        Algorithm(
+            "recurrent_sac",
+            "cfc_rl.sb3",
+            "RecurrentSAC",
+            ("MlpPolicy",),
+            off_policy=True,
+            continuous_only=True,
         ),
     )
 }

@@ -139,6 +139,8 @@ def _torch_parts() -> SimpleNamespace:
     from gymnasium import spaces
     from torch import nn
 
+    from cfc_rl.nn import time_input
+
     class _Normalizer(nn.Module):
         """VecNormalize's frozen ``clip((x - mean) / sqrt(var + eps), -clip, clip)`` in float64,
         then float32, as VecNormalize computes it in numpy."""
@@ -335,6 +337,37 @@ def _torch_parts() -> SimpleNamespace:
             features = _features(self.extractor, self.space, self.normalize_images, observation)
             return torch.tanh(self.mu(self.latent_pi(features))), []
 
+    class _RecurrentSacActor(_Actor):
+        """:class:`~cfc_rl.sb3.RecurrentSAC`'s actor: features (Δt split off), the actor cell
+        (its state reset where an episode starts), ``latent_pi``, ``mu``; the deterministic
+        action is ``tanh(mu)``, as SAC's."""
+
+        def __init__(self, policy: Any) -> None:
+            actor = policy.actor
+            super().__init__(actor)
+            self.actor = actor
+            cell = actor.cell
+            layout = "[h | c] (mixed memory)" if getattr(cell, "mixed_memory", False) else "h"
+            what = f"the actor's {type(cell).__name__} state, {layout}"
+            if type(cell).__name__ == "LSTM":
+                what = "the actor's LSTM state, [h | c]"
+            self.state_parts = [("cell", (actor.state_size,), what)]
+
+        def forward(
+            self, observation: Any, start: Tensor, state: list[Tensor]
+        ) -> tuple[Tensor, list[Tensor]]:
+            actor = self.actor
+            features = _features(
+                actor.features_extractor, self.space, self.normalize_images, observation
+            )
+            x, dt = actor.split_time(features)
+            dt = None if dt is None else dt[:, None]
+            x, timespans = time_input(actor.cell, x.unsqueeze(1), dt)
+            resets = start[:, None] > 0.5
+            y, new_state = actor.cell(x, state[0], timespans=timespans, resets=resets)
+            mean, _ = actor.distribution_params(y[:, 0])
+            return torch.tanh(mean), [new_state]
+
     class _ActionMap(nn.Module):
         """The deterministic output to an action, as ``BasePolicy.predict`` maps it: ``argmax``
         (Discrete); for a Box, ``tanh`` first where the distribution squashes its mode but the
@@ -470,6 +503,7 @@ def _torch_parts() -> SimpleNamespace:
         _CellActor=_CellActor,
         _LstmActor=_LstmActor,
         _SacActor=_SacActor,
+        _RecurrentSacActor=_RecurrentSacActor,
         _ActionMap=_ActionMap,
         ExportedPolicy=ExportedPolicy,
         _WithDt=_WithDt,
@@ -514,18 +548,21 @@ def _actor_of(model: Any) -> tuple[Any, str]:
     from stable_baselines3.common.policies import ActorCriticPolicy
     from stable_baselines3.sac.policies import SACPolicy
 
+    from cfc_rl.sb3 import RecurrentSACPolicy
     from cfc_rl.sb3.recurrent import PolicyCell
 
     parts = _torch_parts()
     policy = model.policy
     name = type(policy).__name__
+    if isinstance(policy, RecurrentSACPolicy):  # a SACPolicy too: checked first
+        return parts._RecurrentSacActor(policy), "sac"
     if isinstance(policy, SACPolicy):
         return parts._SacActor(policy), "sac"
     if not isinstance(policy, ActorCriticPolicy):
         raise ExportError(
             f"cannot export a {type(model).__name__} policy {name}: the exporter knows "
-            "RecurrentPPO (RecurrentCellPolicy, MlpLstmPolicy), PPO (MlpPolicy) and SAC "
-            "(MlpPolicy)"
+            "RecurrentPPO (RecurrentCellPolicy, MlpLstmPolicy), PPO (MlpPolicy), SAC "
+            "(MlpPolicy) and RecurrentSAC"
         )
     distribution = policy.action_dist
     if isinstance(distribution, CategoricalDistribution):

@@ -8,13 +8,14 @@ says only what differs: its algorithm, policy, cell, and what it changes on ever
 An agent run on a task that has no settings entry (and no ``overrides`` for it) is an error
 that says so, never another task's settings. Schema of an agent file::
 
-    algo: recurrent_ppo            # ppo | recurrent_ppo | sac (cfc_rl.experiment.algorithms)
+    algo: recurrent_ppo            # ppo | recurrent_ppo | sac | recurrent_sac
+                                   # (cfc_rl.experiment.algorithms)
     policy: RecurrentCellPolicy    # RecurrentCellPolicy | MlpLstmPolicy | MlpPolicy
                                    # (Dict observations switch to the MultiInput... variant)
     hyperparams: {}                # keyword arguments of the algorithm, on top of the settings
     policy_kwargs:                 # keyword arguments of the policy, on top of the settings
-      cell: cfc                    # RecurrentCellPolicy: any name of cfc_rl.nn.CELLS
-      hidden_size: 64
+      cell: cfc                    # RecurrentCellPolicy, recurrent_sac: any name of CELLS
+      hidden_size: 64              # or a wiring: {wiring: autoncp, units: 64, output_size: 16}
       activation_fn: relu          # relu | tanh | elu | leaky_relu | gelu | silu
       net_arch: {pi: [], vf: [64]}
     features_extractor: null       # {cell: cfc, hidden_size: 64, ...}: SequenceExtractor
@@ -310,7 +311,7 @@ class AgentConfig:
         """The names of the cells of :mod:`cfc_rl.nn` the agent runs (its policy's, its
         features extractor's)."""
         names = []
-        if self.policy == "RecurrentCellPolicy":
+        if ALGORITHMS[self.algo].takes_cell(self.policy):
             names.append(self.policy_kwargs["cell"])
         if self.features_extractor is not None:
             names.append(self.features_extractor.get("cell", "cfc"))  # SequenceExtractor's
@@ -447,7 +448,7 @@ def _validate(data: Mapping[str, Any], source: str, where: str) -> dict[str, Any
         values["features_extractor"] = extractor
     except ValueError as e:
         raise ConfigError(f"{source}: {e}") from None
-    if policy == "RecurrentCellPolicy" and "cell" not in values["policy_kwargs"]:
+    if ALGORITHMS[algo].takes_cell(policy) and "cell" not in values["policy_kwargs"]:
         raise ConfigError(f"{source}: missing key {where}policy_kwargs.cell (a cell name)")
     _check_known_arguments(values, source, where)
     wrappers = data.get("wrappers") or {}
@@ -464,7 +465,7 @@ def _check_known_arguments(values: Mapping[str, Any], source: str, where: str) -
     constructor of a half-made run."""
     algo = algorithm(values["algo"])
     policy_kwargs = values["policy_kwargs"]
-    cell = policy_kwargs.get("cell") if values["policy"] == "RecurrentCellPolicy" else None
+    cell = policy_kwargs.get("cell") if algo.takes_cell(values["policy"]) else None
     accepted, described = algo.policy_kwargs_accepted(values["policy"], cell)
     unknown = [k for k in policy_kwargs if k not in accepted]
     if unknown:

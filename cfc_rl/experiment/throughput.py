@@ -11,9 +11,11 @@ as a ratio to ``MlpLstmPolicy`` measured in the same process, interleaved round 
 
 With ``--algo sac`` it measures SAC instead (RL Zoo's Pendulum-v1 settings, one env, after the
 random warm-up steps): the memoryless MLP against SAC with a cell over an 8-frame window of
-observations (:class:`~cfc_rl.sb3.SequenceExtractor` on ``history=8``), each ratio to the MLP:
-the price of memory in an off-policy algorithm, where every gradient step runs the cell over
-the window for 256 samples, three times (actor and two critics).
+observations (:class:`~cfc_rl.sb3.SequenceExtractor` on ``history=8``) and against
+:class:`~cfc_rl.sb3.RecurrentSAC` (the state carried through the episode; ``sac_rec_<cell>``),
+each ratio to the MLP: the price of memory in an off-policy algorithm, where every gradient
+step runs the cells of the actor and both critics (and the target critics) over a window for
+each of 256 samples, or over 32 sequences of 8 + 32 + 1 steps.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from torch import nn
 import cfc_rl.envs  # noqa: F401  (registers the task ids)
 from cfc_rl.experiment.bench import machine_description
 from cfc_rl.experiment.runs import atomic_write_text
-from cfc_rl.sb3 import RecurrentCellPolicy, SequenceExtractor
+from cfc_rl.sb3 import RecurrentCellPolicy, RecurrentSAC, SequenceExtractor
 
 TASK = "cfc_rl/Pendulum-P-v1"
 # RL Zoo's ppo_lstm hyperparameters for PendulumNoVel-v1.
@@ -92,6 +94,22 @@ SAC_POLICIES: dict[str, dict[str, Any]] = {
         }
         for cell in ("cfc", "lstm", "gru", "ltc")
     },
+    # RecurrentSAC (agents/sac_rec_*.yaml): the state carried through the episode, sequences
+    # of 32 after a burn-in of 8, 32 a batch, [64, 64] after each cell.
+    **{
+        f"sac_rec_{cell}": {
+            "cell": cell,
+            "hidden_size": 64,
+            **({"backbone_units": 64} if cell == "cfc" else {}),
+        }
+        for cell in ("cfc", "lstm", "gru", "ltc")
+    },
+}
+REC_SAC_SETTINGS: dict[str, Any] = {
+    **SAC_SETTINGS,
+    "batch_size": 32,
+    "sequence_length": 32,
+    "burn_in": 8,
 }
 SAC_BASELINE = "sac_mlp"
 
@@ -99,10 +117,19 @@ SAC_BASELINE = "sac_mlp"
 def sac_steps_per_second(name: str, steps: int, device: str, seed: int) -> float:
     """SAC env steps per second after the random warm-up (``learning_starts``)."""
     policy_kwargs = SAC_POLICIES[name]
-    env_kwargs = {"history": SAC_HISTORY} if policy_kwargs else {}
-    env = make_vec_env(TASK, n_envs=1, seed=seed, env_kwargs=env_kwargs)
-    policy = "MultiInputPolicy" if policy_kwargs else "MlpPolicy"
-    model = SAC(policy, env, seed=seed, device=device, policy_kwargs=policy_kwargs, **SAC_SETTINGS)
+    if name.startswith("sac_rec_"):
+        env = make_vec_env(TASK, n_envs=1, seed=seed)
+        model: SAC = RecurrentSAC(
+            "MlpPolicy", env, seed=seed, device=device, policy_kwargs=policy_kwargs,
+            **REC_SAC_SETTINGS,
+        )  # fmt: skip
+    else:
+        env_kwargs = {"history": SAC_HISTORY} if policy_kwargs else {}
+        env = make_vec_env(TASK, n_envs=1, seed=seed, env_kwargs=env_kwargs)
+        policy = "MultiInputPolicy" if policy_kwargs else "MlpPolicy"
+        model = SAC(
+            policy, env, seed=seed, device=device, policy_kwargs=policy_kwargs, **SAC_SETTINGS
+        )
     model.learn(model.learning_starts)
     start = time.perf_counter()
     model.learn(steps, reset_num_timesteps=False)
@@ -181,7 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     command = shlex.join(["python", "scripts/bench_ppo_throughput.py", *(argv or sys.argv[1:])])
     settings = (
         f"RL Zoo sac Pendulum-v1 ({SAC_SETTINGS}), one env, windows of {SAC_HISTORY} frames, "
-        "hidden 64, after the random warm-up steps"
+        f"hidden 64; RecurrentSAC: {REC_SAC_SETTINGS}, [64, 64] after each cell, CfC with a "
+        "64-unit backbone; after the random warm-up steps"
         if sac
         else f"RL Zoo ppo_lstm PendulumNoVel ({N_ENVS} envs, {SETTINGS}), hidden 64, "
         "CfC with its default 128-unit backbone"
@@ -214,6 +242,8 @@ def _label(name: str) -> str:
     }
     if name in fixed:
         return fixed[name]
+    if name.startswith("sac_rec_"):
+        return f"RecurrentSAC({name.split('_')[2]}, sequences of 32 after 8 burn-in)"
     if name.startswith("sac_"):
         return f"SAC + SequenceExtractor({name.split('_')[1]}, 8 frames)"
     if name.startswith("ltc_"):
