@@ -105,17 +105,8 @@ inline double sigmoid_of_sum(double x) {
 }
 
 // Σ x[k]·y[k] and Σ x[k] over k < n. GCC does not reorder a floating-point sum by itself (no
-// -ffast-math), so the partial sums of one cache line's lanes are spelled out, and those it
-// vectorises; the remainder goes into the lanes too, and the lanes are added pairwise. A
-// sequential total over the lanes would be a chain of dependent additions as long as the lanes,
-// which costs more than the vector part for the short rows of the LTC's backward pass.
-template <typename T, int64_t kLanes>
-T add_lanes(T (&lanes)[kLanes]) {
-  for (int64_t width = kLanes / 2; width >= 1; width /= 2)
-    for (int64_t l = 0; l < width; ++l) lanes[l] += lanes[l + width];
-  return lanes[0];
-}
-
+// -ffast-math), so the partial sums of one vector register's lanes are spelled out, and those
+// it vectorises.
 template <typename T>
 T dot(const T* __restrict x, const T* __restrict y, int64_t n) {
   constexpr int64_t kLanes = 64 / sizeof(T);
@@ -123,8 +114,10 @@ T dot(const T* __restrict x, const T* __restrict y, int64_t n) {
   int64_t k = 0;
   for (; k + kLanes <= n; k += kLanes)
     for (int64_t l = 0; l < kLanes; ++l) lanes[l] += x[k + l] * y[k + l];
-  for (int64_t l = 0; k < n; ++k, ++l) lanes[l] += x[k] * y[k];
-  return add_lanes(lanes);
+  T total = T(0);
+  for (; k < n; ++k) total += x[k] * y[k];
+  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
 }
 
 template <typename T>
@@ -134,8 +127,10 @@ T sum(const T* __restrict x, int64_t n) {
   int64_t k = 0;
   for (; k + kLanes <= n; k += kLanes)
     for (int64_t l = 0; l < kLanes; ++l) lanes[l] += x[k + l];
-  for (int64_t l = 0; k < n; ++k, ++l) lanes[l] += x[k];
-  return add_lanes(lanes);
+  T total = T(0);
+  for (; k < n; ++k) total += x[k];
+  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
 }
 
 }  // namespace cfc_rl
