@@ -5,8 +5,8 @@
 #   device:  run(command="bash scripts/device_check.sh run", carry=[".whl"], timeout_s=540)
 #
 # "run" installs the wheels into /tmp/site (the GPU image has torch but not gymnasium, SB3,
-# sb3-contrib or ncps, and cannot fetch), runs the CUDA tests (RecurrentPPO end to end on the
-# GPU, save/load), and writes the GPU tables: cells against cuDNN's LSTM, and RecurrentPPO
+# sb3-contrib or ncps, and cannot fetch), runs the CUDA tests (RecurrentPPO and RecurrentSAC end
+# to end on the GPU, save/load), and writes the GPU tables: cells against cuDNN's LSTM, and RecurrentPPO
 # throughput, to $OUT (results/ when unset). DEVICE=cpu runs the same steps on the CPU, and
 # "run --quick" shortens the benchmarks, to check the script itself where there is no GPU.
 set -euo pipefail
@@ -28,7 +28,8 @@ case "${1:-}" in
       --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
     python3 -c "import torch; print('torch', torch.__version__, 'cuda:', torch.cuda.is_available() and torch.cuda.get_device_name())"
-    python3 -m pytest -q -p no:cacheprovider -rs tests/test_sb3_recurrent.py -k cuda 2>&1 \
+    python3 -m pytest -q -p no:cacheprovider -rs tests/test_sb3_recurrent.py \
+      tests/test_sb3_recurrent_sac.py -k cuda 2>&1 \
       | tee "$out/device_tests_$device.log"
     python3 scripts/bench_cells.py --device "$device" "${bench[@]}" --out "$out/bench_cells_$device.md" \
       | tail -32
