@@ -338,6 +338,26 @@ SequenceShapes check_sequence(const char* where, const at::Tensor& num_s, const 
   return sh;
 }
 
+// The per-step and per-neuron inputs of the update both sequence passes read.
+template <typename T>
+struct Neurons {
+  const T* delta;  // (B, T) unfold lengths Δt / unfolds
+  const T* keep;   // (B, T) 0 where the state resets before the step; null: no resets
+  const T* cm;     // (N,) each
+  const T* gleak;
+  const T* leak;
+  T epsilon;
+
+  Neurons(const at::Tensor& delta_t, const at::Tensor& keep_t, const at::Tensor& cm_t,
+          const at::Tensor& gleak_t, const at::Tensor& leak_t, double eps)
+      : delta(delta_t.data_ptr<T>()),
+        keep(keep_t.numel() > 0 ? keep_t.data_ptr<T>() : nullptr),
+        cm(cm_t.data_ptr<T>()),
+        gleak(gleak_t.data_ptr<T>()),
+        leak(leak_t.data_ptr<T>()),
+        epsilon(static_cast<T>(eps)) {}
+};
+
 }  // namespace
 
 // The fused solver over a whole sequence: hs (B, T, N), the state after every step, and with
@@ -367,12 +387,7 @@ std::vector<at::Tensor> ltc_sequence_forward(
     const T_* num_s_p = num_s.data_ptr<T_>();
     const T_* den_s_p = den_s.data_ptr<T_>();
     const T_* v0_p = v0.data_ptr<T_>();
-    const T_* delta_p = delta.data_ptr<T_>();
-    const T_* keep_p = keep.numel() > 0 ? keep.data_ptr<T_>() : nullptr;
-    const T_* cm_p = cm.data_ptr<T_>();
-    const T_* gleak_p = gleak.data_ptr<T_>();
-    const T_* leak_p = leak.data_ptr<T_>();
-    const T_ eps = static_cast<T_>(epsilon);
+    const Neurons<T_> cell(delta, keep, cm, gleak, leak, epsilon);
     T_* hs_p = hs.data_ptr<T_>();
     T_* vs_p = save ? vs.data_ptr<T_>() : nullptr;
     T_* nums_p = save ? nums.data_ptr<T_>() : nullptr;
@@ -387,11 +402,11 @@ std::vector<at::Tensor> ltc_sequence_forward(
         std::copy(v0_p + b * N, v0_p + (b + 1) * N, v);
         for (int64_t t = 0; t < T; ++t) {
           const int64_t bt = b * T + t;
-          if (keep_p != nullptr) {
-            const T_ k = keep_p[bt];
+          if (cell.keep != nullptr) {
+            const T_ k = cell.keep[bt];
             for (int64_t i = 0; i < N; ++i) v[i] *= k;
           }
-          const T_ d = delta_p[bt];
+          const T_ d = cell.delta[bt];
           const T_* ns = num_s_p + bt * N;
           const T_* ds = den_s_p + bt * N;
           for (int64_t u = 0; u < U; ++u) {
@@ -407,8 +422,8 @@ std::vector<at::Tensor> ltc_sequence_forward(
               std::copy(den, den + N, dens_p + at_);
             }
             for (int64_t i = 0; i < N; ++i) {
-              v[i] = (cm_p[i] * v[i] + d * (leak_p[i] + num[i])) /
-                     (cm_p[i] + d * (gleak_p[i] + den[i] + eps));
+              v[i] = (cell.cm[i] * v[i] + d * (cell.leak[i] + num[i])) /
+                     (cell.cm[i] + d * (cell.gleak[i] + den[i] + cell.epsilon));
             }
           }
           std::copy(v, v + N, hs_p + bt * N);
@@ -457,12 +472,7 @@ std::vector<at::Tensor> ltc_sequence_backward(
     const T_* vs_p = vs.data_ptr<T_>();
     const T_* nums_p = nums.data_ptr<T_>();
     const T_* dens_p = dens.data_ptr<T_>();
-    const T_* delta_p = delta.data_ptr<T_>();
-    const T_* keep_p = keep.numel() > 0 ? keep.data_ptr<T_>() : nullptr;
-    const T_* cm_p = cm.data_ptr<T_>();
-    const T_* gleak_p = gleak.data_ptr<T_>();
-    const T_* leak_p = leak.data_ptr<T_>();
-    const T_ eps = static_cast<T_>(epsilon);
+    const Neurons<T_> cell(delta, keep, cm, gleak, leak, epsilon);
     T_* grad_num_s_p = grad_num_s.data_ptr<T_>();
     T_* grad_den_s_p = grad_den_s.data_ptr<T_>();
     T_* grad_v_p = grad_v.data_ptr<T_>();
@@ -487,16 +497,16 @@ std::vector<at::Tensor> ltc_sequence_backward(
         const T_* v_before = vs_p + at_;
         // v_after = P / D with P = cm·v + δ·(leak + num), D = cm + δ·(gleak + den + ε).
         for (int64_t b = 0; b < B; ++b) {
-          const T_ d = delta_p[b * T + t];
+          const T_ d = cell.delta[b * T + t];
           const int64_t row = b * N;
           const int64_t bt = (b * T + t) * N;
           // No sum inside the loop: GCC vectorises no floating-point reduction by itself.
           for (int64_t i = 0; i < N; ++i) {
             const T_ v_i = v_before[row + i];
-            const T_ drive = leak_p[i] + nums_p[at_ + row + i];
-            const T_ conductance = gleak_p[i] + dens_p[at_ + row + i] + eps;
-            const T_ denominator = cm_p[i] + d * conductance;
-            const T_ v_after = (cm_p[i] * v_i + d * drive) / denominator;
+            const T_ drive = cell.leak[i] + nums_p[at_ + row + i];
+            const T_ conductance = cell.gleak[i] + dens_p[at_ + row + i] + cell.epsilon;
+            const T_ denominator = cell.cm[i] + d * conductance;
+            const T_ v_after = (cell.cm[i] * v_i + d * drive) / denominator;
             const T_ grad_p = grad_v_p[row + i] / denominator;
             const T_ grad_denominator = -grad_p * v_after;
             grad_cm[i] += grad_p * v_i + grad_denominator;
@@ -507,16 +517,16 @@ std::vector<at::Tensor> ltc_sequence_backward(
             grad_den[row + i] = grad_denominator * d;
             grad_num_s_p[bt + i] += grad_num[row + i];
             grad_den_s_p[bt + i] += grad_den[row + i];
-            grad_v_p[row + i] = grad_p * cm_p[i];  // the direct path; the synapses' is added
+            grad_v_p[row + i] = grad_p * cell.cm[i];  // the direct path; the synapses' is added
           }
           grad_delta_p[b * T + t] += sum(grad_d_terms, N);
         }
         synapses_backward<T_>(s, B, v_before, grad_num, grad_den, grad_v_synapses, g);
         for (int64_t k = 0; k < B * N; ++k) grad_v_p[k] += grad_v_synapses[k];
       }
-      if (keep_p != nullptr) {
+      if (cell.keep != nullptr) {
         for (int64_t b = 0; b < B; ++b) {
-          const T_ k = keep_p[b * T + t];
+          const T_ k = cell.keep[b * T + t];
           for (int64_t i = 0; i < N; ++i) grad_v_p[b * N + i] *= k;
         }
       }
