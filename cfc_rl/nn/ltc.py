@@ -289,13 +289,13 @@ class LTC(RecurrentModule):
     :param implicit_param_constraints: keep w, sensory_w, cm and gleak positive with a
         softplus at run time (True, as ncps's LTC); with False they are used as they are and
         :meth:`apply_weight_constraints` must be called after each optimiser step
-    :param fast: run the hand-written kernels where they apply (compiled C++ loops on the
-        CPU, fused ATen loops elsewhere): same numbers, several times faster; False
-        differentiates through autograd over the shared per-step driver, which second
-        derivatives need. For the LTC the kernel is the synapse sum (``csrc/ltc_cpu.cpp``,
-        float32 and float64 CPU tensors); the time loop is the shared driver either way.
-        While a tracer or exporter records the LTC (:func:`~cfc_rl.nn.base.tracing`) the
-        synapses are ATen operations whatever ``fast`` says.
+    :param fast: run the compiled C++ loops where they apply (``csrc/ltc_cpu.cpp``, float32
+        and float64 CPU tensors): whole sequences of the "fused" solver without mixed memory,
+        the synapse sums per unfold otherwise (the shared per-step driver runs the steps);
+        same numbers, several times faster, and a wiring's absent synapses skipped. False
+        (and CUDA) differentiates through autograd over the shared driver's ATen operations,
+        which second derivatives need. While a tracer or exporter records the LTC
+        (:func:`~cfc_rl.nn.base.tracing`) it runs the ATen driver whatever ``fast`` says.
     """
 
     cpu_kernels = ("ltc_cpu",)

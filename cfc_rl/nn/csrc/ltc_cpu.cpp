@@ -436,7 +436,7 @@ std::vector<at::Tensor> ltc_sequence_forward(
 
 // The backward pass of ltc_sequence_forward from dL/dhs (B, T, N) and what it saved:
 // (grad_num_s, grad_den_s (B, T, N), grad_v0 (B, N), grad_delta (B, T), grad_sigma,
-// grad_offset, grad_w, grad_w_erev (packed), grad_cm, grad_gleak, grad_leak (N)).
+// grad_offset, grad_w, grad_w_erev ((N, N) each), grad_cm, grad_gleak, grad_leak (N)).
 std::vector<at::Tensor> ltc_sequence_backward(
     const at::Tensor& grad_hs, const at::Tensor& vs, const at::Tensor& nums,
     const at::Tensor& dens, const at::Tensor& num_s, const at::Tensor& den_s,
