@@ -230,6 +230,14 @@ def _torch_parts() -> SimpleNamespace:
 
         return extractor(preprocess_obs(obs, space, normalize_images=normalize_images))
 
+    def _cell_state_part(cell: Any) -> tuple[str, tuple[int, ...], str]:
+        """The exported state part of an actor's cell: its flat state, described."""
+        layout = "[h | c] (mixed memory)" if getattr(cell, "mixed_memory", False) else "h"
+        what = f"the actor's {type(cell).__name__} state, {layout}"
+        if type(cell).__name__ == "LSTM":
+            what = "the actor's LSTM state, [h | c]"
+        return ("cell", (cell.state_size,), what)
+
     class _Actor(nn.Module):
         """The policy's deterministic output before the action mapping, and its own state."""
 
@@ -272,12 +280,7 @@ def _torch_parts() -> SimpleNamespace:
             self.cell = policy.lstm_actor
             self.policy_net = policy.mlp_extractor.policy_net
             self.action_net = policy.action_net
-            cell = self.cell.cell
-            layout = "[h | c] (mixed memory)" if getattr(cell, "mixed_memory", False) else "h"
-            what = f"the actor's {type(cell).__name__} state, {layout}"
-            if type(cell).__name__ == "LSTM":
-                what = "the actor's LSTM state, [h | c]"
-            self.state_parts = [("cell", (self.cell.hidden_size,), what)]
+            self.state_parts = [_cell_state_part(self.cell.cell)]
 
         def forward(
             self, observation: Any, start: Tensor, state: list[Tensor]
@@ -346,12 +349,7 @@ def _torch_parts() -> SimpleNamespace:
             actor = policy.actor
             super().__init__(actor)
             self.actor = actor
-            cell = actor.cell
-            layout = "[h | c] (mixed memory)" if getattr(cell, "mixed_memory", False) else "h"
-            what = f"the actor's {type(cell).__name__} state, {layout}"
-            if type(cell).__name__ == "LSTM":
-                what = "the actor's LSTM state, [h | c]"
-            self.state_parts = [("cell", (actor.state_size,), what)]
+            self.state_parts = [_cell_state_part(actor.cell)]
 
         def forward(
             self, observation: Any, start: Tensor, state: list[Tensor]
