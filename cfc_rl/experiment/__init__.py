@@ -7,7 +7,9 @@
 - :mod:`~cfc_rl.experiment.train`: one agent, one task, one seed -> a run folder (train, resume)
 - :mod:`~cfc_rl.experiment.jobs`: a run as plain data and :func:`~.jobs.run_job`;
   :mod:`~cfc_rl.experiment.executors`: where jobs run
-- :mod:`~cfc_rl.experiment.compare`: agents x tasks x seeds, with rliable statistics;
+- :mod:`~cfc_rl.experiment.compare`: agents x tasks x seeds, with the bootstrap intervals of
+  :mod:`~cfc_rl.experiment.statistics`; :mod:`~cfc_rl.experiment.benchmark`: the benchmark
+  study, a grid of runs that accumulate in the repository, and its report;
   :mod:`~cfc_rl.experiment.ray_executor`: its jobs on a Ray cluster;
   :mod:`~cfc_rl.experiment.tune`: hyperparameter search with Ray Tune and Optuna
 - :mod:`~cfc_rl.experiment.robustness`: evaluation as a condition moves away from training

@@ -324,6 +324,88 @@ def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _add_benchmark(parser: argparse.ArgumentParser) -> None:
+    from cfc_rl.experiment.ray_executor import add_executor_arguments
+
+    steps = parser.add_subparsers(dest="benchmark_command", required=True, metavar="STEP")
+    grid_help = "the grid file (default results/benchmark/grid.yaml)"
+    run = steps.add_parser(
+        "run",
+        help="train the grid's runs that are not complete, then write the report",
+        description="Train the grid's runs that are not complete (all of them, or the tiers, "
+        "tasks, agents and seeds chosen), then write the report.",
+    )
+    run.add_argument("--grid", default="results/benchmark/grid.yaml", help=grid_help)
+    run.add_argument("--tiers", nargs="+", help="only these tiers")
+    run.add_argument("--tasks", nargs="+", help="only these tasks (task file names)")
+    run.add_argument("--agents", nargs="+", help="only these agents (agent file names)")
+    run.add_argument("--seeds", nargs="+", type=seed_int, help="only these seeds")
+    run.add_argument("-j", "--jobs", type=positive_int, default=1, help="runs at once (default 1)")
+    run.add_argument("--device", default="cpu", choices=DEVICES)
+    run.add_argument(
+        "--dry-run", action="store_true", help="list the runs it would train, and stop"
+    )
+    add_executor_arguments(run)
+    report = steps.add_parser(
+        "report",
+        help="aggregate the grid's complete runs into tables and plots",
+        description="Aggregate the grid's complete runs into README.md, the CSV tables and the "
+        "plots.",
+    )
+    report.add_argument("--grid", default="results/benchmark/grid.yaml", help=grid_help)
+    report.add_argument("--out", help="folder of the report (default: the grid's folder)")
+
+
+def _benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from cfc_rl.experiment.benchmark import load_grid, plan, report, run_benchmark, stale_runs
+
+    grid = load_grid(args.grid)
+    if args.benchmark_command == "report":
+        report(grid, args.out)
+        print(f"written: {Path(args.out) if args.out else grid.path.parent}/README.md")
+        return 0
+    from cfc_rl.experiment.ray_executor import executor_from_args
+
+    args.out = str(grid.runs)  # with --storage, the run folders must lie inside it
+    jobs = plan(
+        grid,
+        tiers=args.tiers,
+        tasks=args.tasks,
+        agents=args.agents,
+        seeds=args.seeds,
+        device=args.device,
+    )
+    if args.dry_run:
+        todo = [job for job in jobs if not job.is_complete()]
+        for job in todo:
+            print(f"{job.budget:>9,} steps  {job.run_dir}")
+        for line in stale_runs(jobs):
+            print(f"stale: {line}")
+        print(f"{len(todo)} of {len(jobs)} runs to train")
+        return 0
+
+    def show(result) -> None:
+        print(f"{result.status:8s} {result.seconds:7.1f} s  {result.job.run_dir}", flush=True)
+        if result.error:
+            print(result.error, file=sys.stderr)
+
+    try:
+        results = run_benchmark(grid, jobs, executor_from_args(args), on_result=show)
+    except KeyboardInterrupt as e:  # the runs in training saved checkpoints
+        what = str(e) or "interrupted"
+        print(f"\n{what}; continue with: {shlex.join(['cfc-rl', *args.argv])}", file=sys.stderr)
+        return 130
+    print(f"written: {grid.path.parent}/README.md")
+    failed = [r for r in results if r.status == "failed"]
+    if failed:
+        print(
+            f"{len(failed)} run(s) failed; run the same command again to retry them",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def _add_export(parser: argparse.ArgumentParser) -> None:
     from cfc_rl.experiment.export import add_export_arguments
 
@@ -457,6 +539,11 @@ COMMANDS: dict[
     "train": ("train an agent on a task", _add_train, _train),
     "evaluate": ("evaluate a trained run", _add_evaluate, _evaluate),
     "compare": ("train agents x tasks x seeds and summarise them", _add_compare, _compare),
+    "benchmark": (
+        "the benchmark study: train its grid's missing runs, aggregate the committed ones",
+        _add_benchmark,
+        _benchmark,
+    ),
     "export": (
         "export a trained policy (with its state) to ONNX or TorchScript",
         _add_export,

@@ -7,7 +7,7 @@ rest on an :class:`Executor`, and writes to the output folder:
 
 - ``summary.csv`` and ``summary.md``: per task and agent, the interquartile mean (IQM) and the
   mean of the final returns over seeds, each with a 95% stratified-bootstrap confidence interval
-  (rliable, Agarwal et al. 2021), plus wall-clock time, environment steps per second and the
+  (rliable's definitions, Agarwal et al. 2021: :mod:`.statistics`), plus wall-clock time, environment steps per second and the
   number of parameters;
 - ``curves_<task>.png``: IQM return against environment steps during training, one line per
   agent, with the 95% confidence band.
@@ -31,6 +31,7 @@ import numpy as np
 from cfc_rl.experiment.executors import Executor, JobResult, LocalExecutor
 from cfc_rl.experiment.jobs import Job
 from cfc_rl.experiment.runs import RunFolder, atomic_write, atomic_write_text
+from cfc_rl.experiment.statistics import BOOTSTRAP_REPS, curve_intervals, iqm_and_mean_intervals
 
 __all__ = [
     "aggregate",
@@ -38,12 +39,13 @@ __all__ = [
     "interval_columns",
     "interval_estimates",
     "plan_jobs",
+    "plot_curves",
+    "run_jobs",
     "summary_markdown",
 ]
 
 logger = logging.getLogger(__name__)
 
-BOOTSTRAP_REPS = 10_000  # rliable's bootstrap resamples for the final-return intervals
 CURVE_BOOTSTRAP_REPS = 1_000  # per evaluation point of the learning curves (cheaper)
 
 
@@ -98,26 +100,43 @@ def compare(
     :param on_result: called with each job's result as it finishes (progress display)
     :return: the job results (skipped ones included) and the summary rows
     """
+    jobs = plan_jobs(agents, tasks, seeds=seeds, steps=steps, out=out, device=device)
+    results = run_jobs(jobs, executor, on_result)
+    rows = aggregate(out)
+    return results, rows
+
+
+def run_jobs(
+    jobs: Sequence[Job],
+    executor: Executor | None = None,
+    on_result: Callable[[JobResult], None] | None = None,
+) -> list[JobResult]:
+    """Train the jobs that are not complete yet (a partial run continues from its checkpoint).
+
+    :param jobs: the jobs, e.g. from :func:`plan_jobs`
+    :param executor: where they run (default: :class:`LocalExecutor` with one job)
+    :param on_result: called with each job's result as it finishes, skipped ones included
+    :return: the job results, skipped ones included
+    """
     from cfc_rl.experiment.train import compile_cells, configs_from_record
 
-    jobs, results = [], []
-    for job in plan_jobs(agents, tasks, seeds=seeds, steps=steps, out=out, device=device):
+    todo, results = [], []
+    for job in jobs:
         if job.is_complete():
             results.append(JobResult(job, "skipped"))
             if on_result:
                 on_result(results[-1])
         else:
-            jobs.append(job)
-    logger.info("%d runs to train, %d already complete", len(jobs), len(results))
+            todo.append(job)
+    logger.info("%d runs to train, %d already complete", len(todo), len(results))
     # Once here, before the jobs fan out: no job waits on another's build or counts its time.
-    for job in jobs:
+    for job in todo:
         compile_cells(configs_from_record({"agent": job.agent, "task": job.task})[0])
-    for result in (executor or LocalExecutor()).run(jobs):
+    for result in (executor or LocalExecutor()).run(todo):
         results.append(result)
         if on_result:
             on_result(result)
-    rows = aggregate(out)
-    return results, rows
+    return results
 
 
 def aggregate(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -159,7 +178,7 @@ def aggregate(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
             for (t, budget, agent), folders in runs.items()
             if t == task
         }
-        _plot_curves(out / f"curves_{task}.png", task, curves)
+        plot_curves(out / f"curves_{task}.png", task, curves)
     return rows
 
 
@@ -183,24 +202,7 @@ def interval_estimates(
     scores: np.ndarray, reps: int = BOOTSTRAP_REPS
 ) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
     """IQM and mean of ``scores`` (runs, tasks), each with its 95% stratified-bootstrap CI."""
-    from rliable import library as rly
-    from rliable import metrics
-
-    def iqm_and_mean(x: np.ndarray) -> np.ndarray:
-        return np.array([metrics.aggregate_iqm(x), metrics.aggregate_mean(x)])
-
-    # rliable draws from numpy's global generator: seed it for repeatable intervals.
-    state = np.random.get_state()
-    np.random.seed(0)
-    try:
-        points, intervals = rly.get_interval_estimates({"x": scores}, iqm_and_mean, reps=reps)
-    finally:
-        np.random.set_state(state)
-    point, ci = points["x"], intervals["x"]
-    return (
-        (float(point[0]), float(ci[0, 0]), float(ci[1, 0])),
-        (float(point[1]), float(ci[0, 1]), float(ci[1, 1])),
-    )
+    return iqm_and_mean_intervals(scores, reps)
 
 
 def summary_markdown(rows: list[dict[str, Any]]) -> str:
@@ -240,24 +242,33 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, text.getvalue())
 
 
-def _plot_curves(path: Path, task: str, runs: dict[str, list[RunFolder]]) -> None:
-    """IQM evaluation return against steps, one line per agent, with 95% bootstrap bands; no
-    file where no run has evaluated yet (an empty plot says nothing)."""
+def plot_curves(
+    path: Path, task: str, runs: dict[str, list[RunFolder]], against: str = "steps"
+) -> None:
+    """IQM evaluation return, one line per agent, with 95% bootstrap bands; no file where no
+    run has evaluated yet (an empty plot says nothing).
+
+    :param against: the x axis: ``"steps"`` (environment steps) or ``"time"`` (training
+        wall-clock time: each evaluation's step count over its run's steps/s, so evaluations
+        do not count and a run's throughput is taken as constant)
+    """
+    if against not in ("steps", "time"):
+        raise ValueError(f"against must be 'steps' or 'time', not {against!r}")
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
-    from rliable import library as rly
-    from rliable import metrics
 
     fig, ax = plt.subplots(figsize=(6, 4))
     plotted = False
     for agent, folders in sorted(runs.items()):
-        curves = []
+        curves, seconds_per_step = [], []
         for folder in folders:
             if folder.evaluations.exists():
                 with np.load(folder.evaluations) as data:
                     curves.append((data["timesteps"], data["results"].mean(axis=1)))
+                result = folder.read_result()
+                seconds_per_step.append(1.0 / result["steps_per_s"] if result else np.nan)
         if not curves:
             continue
         # Seeds evaluate at the same step counts; keep the points they all have.
@@ -266,24 +277,14 @@ def _plot_curves(path: Path, task: str, runs: dict[str, list[RunFolder]]) -> Non
             continue
         steps = curves[0][0][:n]
         scores = np.stack([r[:n] for _, r in curves])  # (seeds, points)
+        # Seeds of one agent run at about one speed: their mean places the points in time.
+        x = steps if against == "steps" else steps * np.nanmean(seconds_per_step)
 
-        def iqm_per_point(x: np.ndarray) -> np.ndarray:
-            return np.array([metrics.aggregate_iqm(x[:, [i]]) for i in range(x.shape[1])])
-
-        state = np.random.get_state()
-        np.random.seed(0)
-        try:
-            points, intervals = rly.get_interval_estimates(
-                {agent: scores}, iqm_per_point, reps=CURVE_BOOTSTRAP_REPS
-            )
-        finally:
-            np.random.set_state(state)
-        (line,) = ax.plot(steps, points[agent], label=f"{agent} ({len(curves)} seeds)")
+        point, low, high = curve_intervals(scores, CURVE_BOOTSTRAP_REPS)
+        (line,) = ax.plot(x, point, label=f"{agent} ({len(curves)} seeds)")
         plotted = True
-        ax.fill_between(
-            steps, intervals[agent][0], intervals[agent][1], alpha=0.2, color=line.get_color()
-        )
-    ax.set_xlabel("environment steps")
+        ax.fill_between(x, low, high, alpha=0.2, color=line.get_color())
+    ax.set_xlabel("environment steps" if against == "steps" else "training time (s)")
     ax.set_ylabel("evaluation return (IQM, 95% CI)")
     ax.set_title(task)
     ax.grid(alpha=0.3)

@@ -1,0 +1,791 @@
+"""The benchmark study: a grid of tasks x agents x seeds whose runs accumulate in the repository,
+and the one command that turns them into the report.
+
+The grid is a YAML file (``results/benchmark/grid.yaml``)::
+
+    runs: runs                      # the run folders, relative to this file
+    zero: ppo_mlp                   # normalisation: this agent's mean return on a task is 0 ...
+    focus: [ppo_cfc]                # agents whose probability of improvement is reported
+    agent_sets:                     # named lists of agent files
+      ppo: [agents/ppo_cfc.yaml, agents/ppo_mlp.yaml]
+    tiers:
+      classic:
+        seeds: 5                    # seeds 0..4 (or a list of seeds)
+        tasks:
+          - {task: envs/pendulum_p.yaml, steps: 100000, agents: [ppo, agents/sac_mlp.yaml]}
+
+``agents`` of a task names agent sets or agent files. :func:`run_benchmark` trains the grid's
+runs that are not complete into ``<runs>/<task>/<agent>/seed_<n>`` (the layout of ``cfc-rl
+compare``), so a study grows across machines: the repository keeps each run's small files
+(``config.yaml``, ``result.json``, ``evaluations.*``), and a run whose ``result.json`` is
+committed is never trained again. A complete run trained with other settings than the agent
+file now gives is an error, not a silent mix.
+
+:func:`report` reads only those small files and writes, beside the grid:
+
+- ``README.md``: per tier, the aggregate over tasks of normalised scores (IQM and mean with 95%
+  stratified-bootstrap intervals, rliable), the probability that each focus agent improves on
+  every other agent with its verdict (wins: the interval lies above 0.5; loses: below; ties:
+  it holds 0.5), and per task the final returns, wall clock, steps/s and parameters;
+- ``summary.csv``, ``aggregate.csv``, ``improvement.csv``: the same numbers, unrounded;
+- ``curves_<task>.png`` and ``curves_time_<task>.png``: IQM return against environment steps
+  and against training time; ``profiles_<tier>.png``: performance profiles.
+
+Normalisation, per task: ``(return - zero) / (best - zero)`` where ``zero`` is the mean final
+return of the tier's ``zero`` agent and ``best`` the highest mean final return of any agent on
+the task; so the memoryless agent scores 0 and the best agent 1. A task without a run of the
+zero agent is left out of the aggregates (the report says so).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from cfc_rl.envs import ConfigError
+from cfc_rl.envs.config import read_yaml
+from cfc_rl.experiment.compare import interval_columns, plan_jobs, plot_curves
+from cfc_rl.experiment.executors import Executor, JobResult
+from cfc_rl.experiment.jobs import Job
+from cfc_rl.experiment.runs import RunError, RunFolder, atomic_write, atomic_write_text, dump_yaml
+from cfc_rl.experiment.statistics import iqm_and_mean_intervals, probability_of_improvement_interval
+
+__all__ = [
+    "Grid",
+    "GridTask",
+    "Tier",
+    "load_grid",
+    "plan",
+    "report",
+    "run_benchmark",
+]
+
+logger = logging.getLogger(__name__)
+
+GRID_KEYS = ("runs", "zero", "focus", "agent_sets", "tiers")
+TIER_KEYS = ("seeds", "tasks", "zero", "focus")
+TASK_KEYS = ("task", "steps", "agents")
+
+
+@dataclass(frozen=True)
+class GridTask:
+    """One task of a tier: its file, its budget and the agent files that run on it."""
+
+    task: str
+    name: str
+    steps: int
+    agents: tuple[str, ...]
+
+    @property
+    def agent_names(self) -> tuple[str, ...]:
+        return tuple(Path(a).stem for a in self.agents)
+
+
+@dataclass(frozen=True)
+class Tier:
+    """A group of tasks run with the same seeds, aggregated together; ``zero`` and ``focus``
+    are the grid's unless the tier names its own."""
+
+    name: str
+    seeds: tuple[int, ...]
+    tasks: tuple[GridTask, ...]
+    zero: str
+    focus: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A parsed grid file (see the module docstring)."""
+
+    path: Path
+    runs: Path
+    tiers: tuple[Tier, ...]
+
+    def tier(self, name: str) -> Tier:
+        for tier in self.tiers:
+            if tier.name == name:
+                return tier
+        raise ConfigError(
+            f"{self.path}: no tier {name!r}; tiers: {', '.join(t.name for t in self.tiers)}"
+        )
+
+
+def load_grid(path: str | os.PathLike[str]) -> Grid:
+    """Read and check a grid file: every task and agent file must exist and the agents' names
+    (file stems) must be unique.
+
+    :raises ConfigError: naming the file and the key
+    """
+    path = Path(path)
+    data = read_yaml(path)
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: expected a mapping with keys {', '.join(GRID_KEYS)}")
+    _check_keys(path, "", data, GRID_KEYS, required=("tiers",))
+    sets = data.get("agent_sets") or {}
+    if not isinstance(sets, Mapping) or not all(
+        isinstance(v, list) and all(isinstance(a, str) for a in v) for v in sets.values()
+    ):
+        raise ConfigError(f"{path}: agent_sets must map names to lists of agent files")
+    tiers_data = data["tiers"]
+    if not isinstance(tiers_data, Mapping) or not tiers_data:
+        raise ConfigError(f"{path}: tiers must be a non-empty mapping of tier name to tier")
+    stems: dict[str, str] = {}
+    pairs: dict[tuple[str, str], str] = {}
+    tiers = []
+    for tier_name, tier_data in tiers_data.items():
+        where = f"tiers.{tier_name}."
+        if not isinstance(tier_data, Mapping):
+            raise ConfigError(f"{path}: {where[:-1]} must be a mapping")
+        _check_keys(path, where, tier_data, TIER_KEYS, required=("seeds", "tasks"))
+        seeds = _seeds(path, where + "seeds", tier_data["seeds"])
+        tasks_data = tier_data["tasks"]
+        if not isinstance(tasks_data, list) or not tasks_data:
+            raise ConfigError(f"{path}: {where}tasks must be a non-empty list")
+        tasks = []
+        for i, entry in enumerate(tasks_data):
+            at = f"{where}tasks[{i}]."
+            if not isinstance(entry, Mapping):
+                raise ConfigError(f"{path}: {at[:-1]} must be a mapping")
+            _check_keys(path, at, entry, TASK_KEYS, required=TASK_KEYS)
+            task_file = entry["task"]
+            if not isinstance(task_file, str) or not Path(task_file).is_file():
+                raise ConfigError(f"{path}: {at}task: no task file {task_file!r}")
+            steps = entry["steps"]
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+                raise ConfigError(f"{path}: {at}steps must be a positive integer, not {steps!r}")
+            agents: list[str] = []
+            if not isinstance(entry["agents"], list) or not entry["agents"]:
+                raise ConfigError(f"{path}: {at}agents must be a non-empty list")
+            for name in entry["agents"]:
+                files = sets.get(name, [name])
+                for agent_file in files:
+                    if not Path(agent_file).is_file():
+                        what = "agent set or agent file" if name not in sets else "agent file"
+                        raise ConfigError(f"{path}: {at}agents: no {what} {agent_file!r}")
+                    stem = Path(agent_file).stem
+                    if stems.setdefault(stem, agent_file) != agent_file:
+                        raise ConfigError(
+                            f"{path}: {at}agents: {agent_file} and {stems[stem]} have the same "
+                            f"name {stem!r}; run folders are named by agent file"
+                        )
+                    if agent_file not in agents:
+                        agents.append(agent_file)
+            tasks.append(GridTask(task_file, Path(task_file).stem, steps, tuple(agents)))
+        for grid_task in tasks:
+            for agent in grid_task.agent_names:
+                # One run folder per (task, agent, seed): a second budget would overwrite it.
+                if (grid_task.name, agent) in pairs:
+                    raise ConfigError(
+                        f"{path}: {where}tasks: {agent} on {grid_task.name} appears twice in the "
+                        f"grid (also in tier {pairs[(grid_task.name, agent)]})"
+                    )
+                pairs[(grid_task.name, agent)] = str(tier_name)
+        zero = tier_data.get("zero", data.get("zero"))
+        focus = tier_data.get("focus", data.get("focus")) or []
+        focus = [focus] if isinstance(focus, str) else focus
+        tier_agents = {a for t in tasks for a in t.agent_names}
+        if zero is None:
+            raise ConfigError(f"{path}: {where}zero is missing (and the grid has no zero)")
+        for name in [zero, *focus]:
+            if name not in tier_agents:
+                raise ConfigError(
+                    f"{path}: {where[:-1]}: {name!r} (zero or focus) is not an agent of the tier"
+                )
+        tiers.append(Tier(str(tier_name), seeds, tuple(tasks), str(zero), tuple(focus)))
+    runs = path.parent / str(data.get("runs", "runs"))
+    return Grid(path, runs, tuple(tiers))
+
+
+def _check_keys(
+    path: Path, where: str, data: Mapping[str, Any], known: Sequence[str], required: Sequence[str]
+) -> None:
+    unknown = sorted(set(map(str, data)) - set(known))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {where}{unknown[0]}; known: {', '.join(known)}")
+    for key in required:
+        if key not in data:
+            raise ConfigError(f"{path}: {where}{key} is missing")
+
+
+def _seeds(path: Path, where: str, value: Any) -> tuple[int, ...]:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return tuple(range(value))
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value)
+        and len(set(value)) == len(value)
+    ):
+        return tuple(value)
+    raise ConfigError(
+        f"{path}: {where} must be a number of seeds or a list of distinct seeds, not {value!r}"
+    )
+
+
+def plan(
+    grid: Grid,
+    *,
+    tiers: Sequence[str] | None = None,
+    tasks: Sequence[str] | None = None,
+    agents: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    device: str = "cpu",
+) -> list[Job]:
+    """The grid's jobs, or the part of it that the filters select (names of tiers, tasks and
+    agents; seeds).
+
+    :raises ConfigError: for a filter that selects nothing the grid has, naming it
+    """
+    chosen = [grid.tier(name) for name in tiers] if tiers else list(grid.tiers)
+    every_task = {t.name for tier in chosen for t in tier.tasks}
+    every_agent = {a for tier in chosen for t in tier.tasks for a in t.agent_names}
+    for kind, wanted, known in (("task", tasks, every_task), ("agent", agents, every_agent)):
+        for name in wanted or ():
+            if name not in known:
+                raise ConfigError(
+                    f"{grid.path}: no {kind} {name!r} in the chosen tiers; "
+                    f"{kind}s: {', '.join(sorted(known))}"
+                )
+    jobs = []
+    for tier in chosen:
+        tier_seeds = [s for s in tier.seeds if seeds is None or s in seeds]
+        for grid_task in tier.tasks:
+            if tasks and grid_task.name not in tasks:
+                continue
+            files = [
+                f
+                for f, n in zip(grid_task.agents, grid_task.agent_names, strict=True)
+                if not agents or n in agents
+            ]
+            if not files or not tier_seeds:
+                continue
+            jobs += plan_jobs(
+                files,
+                [grid_task.task],
+                seeds=tier_seeds,
+                steps=grid_task.steps,
+                out=grid.runs,
+                device=device,
+            )
+    return jobs
+
+
+def stale_runs(jobs: Sequence[Job]) -> list[str]:
+    """The jobs whose run folder holds a complete run trained with other settings than the
+    job's (the agent or task file changed since): one line each, naming the first difference."""
+    lines = []
+    for job in jobs:
+        if not job.is_complete():
+            continue
+        config = RunFolder(Path(job.run_dir)).read_config()
+        for part in ("agent", "task"):
+            now = yaml.safe_load(dump_yaml(getattr(job, part)))
+            difference = _first_difference(config.get(part), now)
+            if difference:
+                lines.append(f"{job.run_dir}: {part}.{difference}")
+                break
+    return lines
+
+
+def _first_difference(old: Any, new: Any, where: str = "") -> str | None:
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        for key in sorted(set(old) | set(new), key=str):
+            found = _first_difference(old.get(key), new.get(key), f"{where}{key}.")
+            if found:
+                return found
+        return None
+    if old != new:
+        return f"{where[:-1]} was {old!r}, is now {new!r}"
+    return None
+
+
+def run_benchmark(
+    grid: Grid,
+    jobs: Sequence[Job],
+    executor: Executor | None = None,
+    on_result: Callable[[JobResult], None] | None = None,
+) -> list[JobResult]:
+    """Train the jobs that are not complete, then write the report.
+
+    :raises RunError: if a complete run was trained with settings the files no longer give
+        (before anything trains)
+    """
+    from cfc_rl.experiment.compare import run_jobs
+
+    stale = stale_runs(jobs)
+    if stale:
+        raise RunError(
+            f"{len(stale)} complete run(s) were trained with other settings than the agent and "
+            f"task files give now; delete them to train them again, or restore the files: "
+            + "; ".join(stale[:3])
+            + (" ..." if len(stale) > 3 else "")
+        )
+    results = run_jobs(jobs, executor, on_result)
+    report(grid)
+    return results
+
+
+# --- the report ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Cell:
+    """The complete runs of one agent on one task at the tier's budget."""
+
+    task: str
+    agent: str
+    steps: int
+    folders: list[RunFolder]
+    results: list[dict[str, Any]]
+
+    @property
+    def finals(self) -> np.ndarray:
+        return np.array([r["final_mean_return"] for r in self.results], dtype=float)
+
+
+def _collect(grid: Grid, tier: Tier) -> dict[tuple[str, str], _Cell]:
+    """Every (task, agent) of the tier with at least one complete run at the task's budget;
+    every seed folder counts (seeds beyond the tier's extend the study)."""
+    cells = {}
+    for grid_task in tier.tasks:
+        for agent in grid_task.agent_names:
+            folders, results, settings = [], [], None
+            for folder in sorted(
+                (grid.runs / grid_task.name / agent).glob("seed_*"),
+                key=lambda p: int(p.name.removeprefix("seed_")),
+            ):
+                run = RunFolder(folder)
+                result = run.read_result()
+                if result is None or result["total_timesteps"] != grid_task.steps:
+                    continue
+                config = run.read_config()
+                these = {"agent": config.get("agent"), "task": config.get("task")}
+                if settings is None:
+                    settings = (folder, these)
+                else:
+                    difference = _first_difference(settings[1], these)
+                    if difference:
+                        raise RunError(
+                            f"{folder} and {settings[0]} were trained with different settings "
+                            f"({difference}); one cell of the benchmark pools runs of one "
+                            f"configuration only"
+                        )
+                folders.append(run)
+                results.append(result)
+            if folders:
+                cells[(grid_task.name, agent)] = _Cell(
+                    grid_task.name, agent, grid_task.steps, folders, results
+                )
+    return cells
+
+
+def _normalisers(
+    grid: Grid, tier: Tier, cells: Mapping[tuple[str, str], _Cell]
+) -> dict[str, tuple[float, float]]:
+    """Per task with a run of the zero agent and a best agent above it: (zero, best)."""
+    out = {}
+    for grid_task in tier.tasks:
+        task_cells = [c for (t, _), c in cells.items() if t == grid_task.name]
+        zero_cell = cells.get((grid_task.name, tier.zero))
+        if zero_cell is None:
+            continue
+        zero = float(zero_cell.finals.mean())
+        best = max(float(c.finals.mean()) for c in task_cells)
+        if best > zero:
+            out[grid_task.name] = (zero, best)
+    return out
+
+
+def _score_matrix(cells: Sequence[_Cell], normalise: Mapping[str, tuple[float, float]] | None):
+    """(runs, tasks): each task's first ``n`` runs, ``n`` the fewest any task has (rliable's
+    stratified bootstrap wants the same number of runs per task)."""
+    n = min(len(c.results) for c in cells)
+    columns = []
+    for cell in cells:
+        scores = cell.finals[:n]
+        if normalise is not None:
+            zero, best = normalise[cell.task]
+            scores = (scores - zero) / (best - zero)
+        columns.append(scores)
+    return np.stack(columns, axis=1)
+
+
+def _seeded(function: Callable[[], Any]) -> Any:
+    # rliable's performance profiles draw from numpy's global generator: seeded, so the report
+    # is repeatable.
+    state = np.random.get_state()
+    np.random.seed(0)
+    try:
+        return function()
+    finally:
+        np.random.set_state(state)
+
+
+def _aggregates(
+    tier: Tier, cells: Mapping[tuple[str, str], _Cell], normalise: Mapping[str, tuple[float, float]]
+) -> list[dict[str, Any]]:
+    """Per group of agents that ran on the same normalisable tasks: each agent's IQM and mean
+    normalised score across those tasks, with 95% stratified-bootstrap intervals."""
+    by_tasks: dict[tuple[str, ...], list[str]] = {}
+    agents = dict.fromkeys(a for t in tier.tasks for a in t.agent_names)
+    for agent in agents:
+        tasks = tuple(
+            t.name for t in tier.tasks if (t.name, agent) in cells and t.name in normalise
+        )
+        if tasks:
+            by_tasks.setdefault(tasks, []).append(agent)
+    # Agents on more tasks also appear in the groups of fewer tasks they cover, so that every
+    # group compares all the agents that ran on its tasks.
+    rows = []
+    for tasks in sorted(by_tasks, key=lambda ts: (-len(ts), ts)):
+        members = [a for a in agents if all((t, a) in cells for t in tasks)]
+        scores = {a: _score_matrix([cells[(t, a)] for t in tasks], normalise) for a in members}
+
+        for agent in members:
+            (iqm, iqm_low, iqm_high), (mean, mean_low, mean_high) = iqm_and_mean_intervals(
+                scores[agent]
+            )
+            rows.append(
+                {
+                    "tier": tier.name,
+                    "tasks": " ".join(tasks),
+                    "agent": agent,
+                    "runs_per_task": scores[agent].shape[0],
+                    "iqm": iqm,
+                    "iqm_ci_low": iqm_low,
+                    "iqm_ci_high": iqm_high,
+                    "mean": mean,
+                    "mean_ci_low": mean_low,
+                    "mean_ci_high": mean_high,
+                }
+            )
+    return rows
+
+
+def verdict(low: float, high: float) -> str:
+    """``wins`` when the probability of improvement's interval lies above 0.5, ``loses`` when
+    below, ``ties`` when it holds 0.5."""
+    if low > 0.5:
+        return "wins"
+    if high < 0.5:
+        return "loses"
+    return "ties"
+
+
+def _improvements(
+    grid: Grid, tier: Tier, cells: Mapping[tuple[str, str], _Cell]
+) -> list[dict[str, Any]]:
+    """For each focus agent and each other agent: the probability that a run of the focus agent
+    returns more than one of the other's, per task and over all the tasks both ran on (rliable,
+    95% stratified-bootstrap intervals)."""
+    rows = []
+    agents = dict.fromkeys(a for t in tier.tasks for a in t.agent_names)
+    for focus in tier.focus:
+        for other in agents:
+            if other == focus:
+                continue
+            shared = [
+                t.name for t in tier.tasks if (t.name, focus) in cells and (t.name, other) in cells
+            ]
+            if not shared:
+                continue
+            for scope in [*([[t] for t in shared] if len(shared) > 1 else []), shared]:
+                x = _score_matrix([cells[(t, focus)] for t in scope], None)
+                y = _score_matrix([cells[(t, other)] for t in scope], None)
+                p, low, high = probability_of_improvement_interval(x, y)
+                rows.append(
+                    {
+                        "tier": tier.name,
+                        "focus": focus,
+                        "other": other,
+                        "tasks": scope[0] if scope is not shared else "all",
+                        "n_tasks": len(scope),
+                        "probability": p,
+                        "ci_low": low,
+                        "ci_high": high,
+                        "verdict": verdict(low, high),
+                    }
+                )
+    return rows
+
+
+def report(grid: Grid, out: str | os.PathLike[str] | None = None) -> str:
+    """Aggregate the grid's complete runs into the report files (see the module docstring).
+
+    :param out: the folder of the report (default: the grid file's folder)
+    :return: the report's Markdown (``README.md``)
+    :raises RunError: if runs of one cell were trained with different settings
+    """
+    out = Path(out) if out is not None else grid.path.parent
+    summary_rows: list[dict[str, Any]] = []
+    aggregate_rows: list[dict[str, Any]] = []
+    improvement_rows: list[dict[str, Any]] = []
+    sections = []
+    for tier in grid.tiers:
+        cells = _collect(grid, tier)
+        normalise = _normalisers(grid, tier, cells)
+        tier_summary = []
+        for grid_task in tier.tasks:
+            for agent in grid_task.agent_names:
+                cell = cells.get((grid_task.name, agent))
+                if cell is None:
+                    continue
+                results = cell.results
+                row = {
+                    "tier": tier.name,
+                    "task": grid_task.name,
+                    "agent": agent,
+                    "seeds": len(results),
+                    "steps": grid_task.steps,
+                    **interval_columns(cell.finals),
+                    "normalised_mean": (
+                        (float(cell.finals.mean()) - normalise[grid_task.name][0])
+                        / (normalise[grid_task.name][1] - normalise[grid_task.name][0])
+                        if grid_task.name in normalise
+                        else float("nan")
+                    ),
+                    "wall_clock_s": float(np.mean([r["wall_clock_s"] for r in results])),
+                    "steps_per_s": float(np.mean([r["steps_per_s"] for r in results])),
+                    "params": int(results[0]["params"]),
+                }
+                tier_summary.append(row)
+        tier_aggregates = _aggregates(tier, cells, normalise) if normalise else []
+        tier_improvements = _improvements(grid, tier, cells)
+        summary_rows += tier_summary
+        aggregate_rows += tier_aggregates
+        improvement_rows += tier_improvements
+        sections.append(
+            _tier_markdown(
+                grid, tier, cells, normalise, tier_summary, tier_aggregates, tier_improvements
+            )
+        )
+        for grid_task in tier.tasks:
+            runs = {a: c.folders for (t, a), c in cells.items() if t == grid_task.name}
+            plot_curves(out / f"curves_{grid_task.name}.png", grid_task.name, runs)
+            plot_curves(
+                out / f"curves_time_{grid_task.name}.png", grid_task.name, runs, against="time"
+            )
+        _plot_profiles(out / f"profiles_{tier.name}.png", tier, cells, normalise)
+    _write_csv(out / "summary.csv", summary_rows)
+    _write_csv(out / "aggregate.csv", aggregate_rows)
+    _write_csv(out / "improvement.csv", improvement_rows)
+    text = _markdown(grid, sections)
+    atomic_write_text(out / "README.md", text)
+    return text
+
+
+def _markdown(grid: Grid, sections: list[str]) -> str:
+    return "\n".join(
+        [
+            "# Benchmark report",
+            "",
+            "Written by `cfc-rl benchmark report` from the run files under "
+            f"`{grid.runs.relative_to(grid.path.parent)}/`; do not edit it by hand. The grid is "
+            f"`{grid.path.name}`, the protocol (tuning, seeds, budgets) `PROTOCOL.md`.",
+            "",
+            "Final return: the mean over a run's final evaluation episodes. Per task and agent: "
+            "the interquartile mean (IQM) and the mean over seeds with 95% stratified-bootstrap "
+            "confidence intervals (rliable); with fewer than 4 seeds the IQM equals the mean. "
+            "Normalised score: the tier's memoryless agent (its zero) = 0, the best agent on the "
+            "task = 1. Probability of improvement: that a run of the tier's focus agent ends "
+            "above a run of the other agent, with its verdict: wins (the 95% interval lies above "
+            "0.5), ties (it holds 0.5), loses (below). Wall clock and steps/s come from the "
+            "machines the runs were made on (each run's config.yaml and result.json).",
+            "",
+            *sections,
+        ]
+    )
+
+
+def _tier_markdown(
+    grid: Grid,
+    tier: Tier,
+    cells: Mapping[tuple[str, str], _Cell],
+    normalise: Mapping[str, tuple[float, float]],
+    summary: list[dict[str, Any]],
+    aggregates: list[dict[str, Any]],
+    improvements: list[dict[str, Any]],
+) -> str:
+    planned = sum(len(t.agents) for t in tier.tasks) * len(tier.seeds)
+    done = sum(
+        1
+        for t in tier.tasks
+        for a in t.agent_names
+        for c in [cells.get((t.name, a))]
+        if c is not None
+        for r in c.results
+        if r["seed"] in tier.seeds
+    )
+    missing = [
+        f"{t.name}/{a} ({len(cells[(t.name, a)].results) if (t.name, a) in cells else 0}"
+        f"/{len(tier.seeds)})"
+        for t in tier.tasks
+        for a in t.agent_names
+        if (t.name, a) not in cells
+        or sum(r["seed"] in tier.seeds for r in cells[(t.name, a)].results) < len(tier.seeds)
+    ]
+    lines = [
+        f"## Tier {tier.name}",
+        "",
+        f"Seeds {_seed_text(tier.seeds)}; {done} of {planned} planned runs complete. "
+        f"Zero of the normalised score: {tier.zero}.",
+    ]
+    if missing:
+        lines.append(f"Incomplete (runs done / planned): {', '.join(missing)}.")
+    left_out = [t.name for t in tier.tasks if t.name not in normalise]
+    if left_out:
+        lines.append(
+            f"Not in the aggregates (no run of {tier.zero}, or no agent above it): "
+            f"{', '.join(left_out)}."
+        )
+    lines.append("")
+    if aggregates:
+        lines += ["### Across tasks: normalised score", ""]
+        for tasks in dict.fromkeys(r["tasks"] for r in aggregates):
+            rows = sorted((r for r in aggregates if r["tasks"] == tasks), key=lambda r: -r["iqm"])
+            lines += [
+                f"Tasks: {', '.join(tasks.split())}.",
+                "",
+                "| agent | runs per task | IQM [95% CI] | mean [95% CI] |",
+                "|---|---:|---:|---:|",
+            ]
+            lines += [
+                f"| {r['agent']} | {r['runs_per_task']} "
+                f"| {r['iqm']:.2f} [{r['iqm_ci_low']:.2f}, {r['iqm_ci_high']:.2f}] "
+                f"| {r['mean']:.2f} [{r['mean_ci_low']:.2f}, {r['mean_ci_high']:.2f}] |"
+                for r in rows
+            ]
+            lines.append("")
+        lines += [f"![performance profiles](profiles_{tier.name}.png)", ""]
+    for focus in tier.focus:
+        rows = [r for r in improvements if r["focus"] == focus]
+        if not rows:
+            continue
+        scopes = list(dict.fromkeys(r["tasks"] for r in rows))
+        lines += [
+            f"### Does {focus} improve on the others?",
+            "",
+            "Probability of improvement [95% CI], verdict.",
+            "",
+            "| against | " + " | ".join(scopes) + " |",
+            "|---|" + "---:|" * len(scopes),
+        ]
+        for other in dict.fromkeys(r["other"] for r in rows):
+            by_scope = {r["tasks"]: r for r in rows if r["other"] == other}
+            cells_text = [
+                f"{by_scope[s]['probability']:.2f} [{by_scope[s]['ci_low']:.2f}, "
+                f"{by_scope[s]['ci_high']:.2f}] {by_scope[s]['verdict']}"
+                if s in by_scope
+                else ""
+                for s in scopes
+            ]
+            lines.append(f"| {other} | " + " | ".join(cells_text) + " |")
+        lines.append("")
+        overall = {w: [r["other"] for r in rows if r["tasks"] == "all" and r["verdict"] == w]
+                   for w in ("wins", "ties", "loses")}  # fmt: skip
+        said = [f"{word} against {', '.join(others)}" for word, others in overall.items() if others]
+        lines.append(f"- Over the tasks both ran: {focus} {'; '.join(said)}.")
+        per_task = []
+        for word in ("wins", "ties", "loses"):
+            others: dict[str, list[str]] = {}
+            for r in rows:
+                if r["tasks"] != "all" and r["verdict"] == word:
+                    others.setdefault(r["other"], []).append(r["tasks"])
+            if others:
+                named = ", ".join(f"{o} ({', '.join(ts)})" for o, ts in others.items())
+                per_task.append(f"{word} against {named}")
+        if per_task:
+            lines.append(f"- Per task: {focus} {'; '.join(per_task)}.")
+        lines.append("")
+    for grid_task in tier.tasks:
+        rows = sorted((r for r in summary if r["task"] == grid_task.name), key=lambda r: -r["iqm"])
+        lines += [f"### {grid_task.name} ({grid_task.steps:,} steps)", ""]
+        if not rows:
+            lines += ["No complete run yet.", ""]
+            continue
+        lines += [
+            "| agent | seeds | IQM [95% CI] | mean [95% CI] | normalised | wall clock | steps/s "
+            "| params |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {r['agent']} | {r['seeds']} "
+            f"| {r['iqm']:.1f} [{r['iqm_ci_low']:.1f}, {r['iqm_ci_high']:.1f}] "
+            f"| {r['mean']:.1f} [{r['mean_ci_low']:.1f}, {r['mean_ci_high']:.1f}] "
+            f"| {'' if np.isnan(r['normalised_mean']) else format(r['normalised_mean'], '.2f')} "
+            f"| {r['wall_clock_s']:.0f} s | {r['steps_per_s']:.0f} | {r['params']:,} |"
+            for r in rows
+        ]
+        lines += [
+            "",
+            f"![{grid_task.name} against steps](curves_{grid_task.name}.png) "
+            f"![{grid_task.name} against time](curves_time_{grid_task.name}.png)",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def _seed_text(seeds: Sequence[int]) -> str:
+    if list(seeds) == list(range(seeds[0], seeds[0] + len(seeds))) and len(seeds) > 2:
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ", ".join(map(str, seeds))
+
+
+def _plot_profiles(
+    path: Path,
+    tier: Tier,
+    cells: Mapping[tuple[str, str], _Cell],
+    normalise: Mapping[str, tuple[float, float]],
+) -> None:
+    """Performance profiles (the fraction of runs above each normalised score) of the agents
+    that ran on all of the tier's normalisable tasks; no file when there are none."""
+    tasks = [t.name for t in tier.tasks if t.name in normalise]
+    agents = [
+        a
+        for a in dict.fromkeys(a for t in tier.tasks for a in t.agent_names)
+        if tasks and all((t, a) in cells for t in tasks)
+    ]
+    if not agents:
+        path.unlink(missing_ok=True)
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from rliable import library as rly
+
+    scores = {a: _score_matrix([cells[(t, a)] for t in tasks], normalise) for a in agents}
+    taus = np.linspace(min(0.0, min(float(s.min()) for s in scores.values())), 1.0, 101)
+    profiles, intervals = _seeded(lambda: rly.create_performance_profile(scores, taus, reps=1_000))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for agent in agents:
+        (line,) = ax.plot(taus, profiles[agent], label=agent)
+        ax.fill_between(
+            taus, intervals[agent][0], intervals[agent][1], alpha=0.15, color=line.get_color()
+        )
+    ax.set_xlabel("normalised score τ")
+    ax.set_ylabel("fraction of runs with score > τ")
+    ax.set_title(f"{tier.name}: {', '.join(tasks)}", fontsize="small")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    text = io.StringIO()
+    fields = list(rows[0]) if rows else ["tier"]
+    writer = csv.DictWriter(text, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, text.getvalue())

@@ -1,0 +1,322 @@
+"""The benchmark study: its grid file, the runs it plans, the report it writes from run files, and
+the published report, which must be exactly what the committed runs give."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from cfc_rl.envs import ConfigError
+from cfc_rl.experiment import cli
+from cfc_rl.experiment.benchmark import load_grid, plan, report, stale_runs, verdict
+from cfc_rl.experiment.runs import RunError, RunFolder, dump_yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PUBLISHED = ROOT / "results" / "benchmark"
+
+# Made-up final returns per (task, agent), 4 seeds each: on cartpole_p ppo_cfc is best, on
+# pendulum_p ppo_gru is; ppo_mlp (no memory) is worst on both.
+FINALS = {
+    ("cartpole_p", "ppo_mlp"): [100.0, 110.0, 120.0, 130.0],
+    ("cartpole_p", "ppo_gru"): [300.0, 310.0, 320.0, 330.0],
+    ("cartpole_p", "ppo_cfc"): [500.0, 500.0, 500.0, 500.0],
+    ("pendulum_p", "ppo_mlp"): [-1200.0, -1100.0, -1000.0, -900.0],
+    ("pendulum_p", "ppo_gru"): [-300.0, -250.0, -200.0, -150.0],
+    ("pendulum_p", "ppo_cfc"): [-700.0, -650.0, -600.0, -550.0],
+}
+
+
+def write_grid(folder: Path, **changes) -> Path:
+    data = {
+        "runs": "runs",
+        "agent_sets": {
+            "ppo": [str(ROOT / "agents" / f"{a}.yaml") for a in ("ppo_cfc", "ppo_gru", "ppo_mlp")]
+        },
+        "tiers": {
+            "classic": {
+                "seeds": 4,
+                "zero": "ppo_mlp",
+                "focus": "ppo_cfc",
+                "tasks": [
+                    {
+                        "task": str(ROOT / "envs" / "cartpole_p.yaml"),
+                        "steps": 1000,
+                        "agents": ["ppo"],
+                    },
+                    {
+                        "task": str(ROOT / "envs" / "pendulum_p.yaml"),
+                        "steps": 2000,
+                        "agents": ["ppo"],
+                    },
+                ],
+            }
+        },
+    }
+    data.update(changes)
+    path = folder / "grid.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def fake_run(job, final: float, steps_per_s: float = 100.0) -> None:
+    """The small files a finished run leaves, with the given final return."""
+    run = RunFolder(Path(job.run_dir))
+    run.root.mkdir(parents=True, exist_ok=True)
+    run.config.write_text(dump_yaml({"agent": job.agent, "task": job.task, "seed": job.seed}))
+    steps = np.arange(1, 5) * job.budget // 4
+    returns = np.linspace(final - 100, final, 4)[:, None] + np.zeros((4, 3))
+    np.savez(run.evaluations, timesteps=steps, results=returns, ep_lengths=np.ones((4, 3)))
+    record = {
+        "agent": job.agent["name"],
+        "task": job.task["name"],
+        "seed": job.seed,
+        "total_timesteps": job.budget,
+        "final_mean_return": final,
+        "wall_clock_s": job.budget / steps_per_s,
+        "steps_per_s": steps_per_s,
+        "params": 1234,
+    }
+    run.result.write_text(json.dumps(record))
+
+
+def fill(grid) -> None:
+    for job in plan(grid):
+        fake_run(job, FINALS[(job.task["name"], job.agent["name"])][job.seed])
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_report_normalises_aggregates_and_judges(tmp_path: Path) -> None:
+    grid = load_grid(write_grid(tmp_path))
+    fill(grid)
+    text = report(grid)
+
+    summary = {(r["task"], r["agent"]): r for r in read_csv(tmp_path / "summary.csv")}
+    assert len(summary) == 6
+    # no memory = 0, the best agent = 1, the others in between by their mean
+    assert float(summary[("cartpole_p", "ppo_mlp")]["normalised_mean"]) == 0.0
+    assert float(summary[("cartpole_p", "ppo_cfc")]["normalised_mean"]) == 1.0
+    assert float(summary[("cartpole_p", "ppo_gru")]["normalised_mean"]) == pytest.approx(200 / 385)
+    assert float(summary[("pendulum_p", "ppo_gru")]["normalised_mean"]) == 1.0
+    assert float(summary[("pendulum_p", "ppo_cfc")]["normalised_mean"]) == pytest.approx(425 / 825)
+    assert float(summary[("pendulum_p", "ppo_mlp")]["mean"]) == pytest.approx(-1050.0)
+
+    aggregate = {r["agent"]: r for r in read_csv(tmp_path / "aggregate.csv")}
+    assert set(aggregate) == {"ppo_cfc", "ppo_gru", "ppo_mlp"}
+    assert float(aggregate["ppo_mlp"]["mean"]) == pytest.approx(0.0)
+    cfc_scores = [1.0] * 4 + [(f + 1050) / 825 for f in FINALS[("pendulum_p", "ppo_cfc")]]
+    assert float(aggregate["ppo_cfc"]["mean"]) == pytest.approx(np.mean(cfc_scores))
+    for row in aggregate.values():
+        assert float(row["mean_ci_low"]) <= float(row["mean"]) <= float(row["mean_ci_high"])
+
+    improvement = {(r["other"], r["tasks"]): r for r in read_csv(tmp_path / "improvement.csv")}
+    # every CfC run beats every MLP run on both tasks: probability 1
+    assert float(improvement[("ppo_mlp", "all")]["probability"]) == 1.0
+    assert improvement[("ppo_mlp", "all")]["verdict"] == "wins"
+    assert improvement[("ppo_gru", "cartpole_p")]["verdict"] == "wins"
+    assert improvement[("ppo_gru", "pendulum_p")]["verdict"] == "loses"
+    assert float(improvement[("ppo_gru", "all")]["probability"]) == 0.5
+    assert improvement[("ppo_gru", "all")]["verdict"] == "ties"
+
+    assert text == (tmp_path / "README.md").read_text()
+    assert "16 of 24 planned runs complete" not in text and "24 of 24 planned runs" in text
+    assert "- Over the tasks both ran: ppo_cfc wins against ppo_mlp; ties against ppo_gru." in text
+    assert (
+        "- Per task: ppo_cfc wins against ppo_gru (cartpole_p), ppo_mlp (cartpole_p, pendulum_p); "
+        "loses against ppo_gru (pendulum_p)." in text
+    )
+    assert "| ppo_cfc | 4 | 500.0 [500.0, 500.0] | 500.0 [500.0, 500.0] | 1.00 |" in text
+    for name in ("curves_cartpole_p", "curves_time_pendulum_p", "profiles_classic"):
+        assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+    # the same files give the same report, byte for byte (the bootstrap is seeded)
+    again = tmp_path / "again"
+    assert report(grid, again) == text
+    assert (again / "summary.csv").read_bytes() == (tmp_path / "summary.csv").read_bytes()
+
+
+def test_report_says_what_is_missing_and_leaves_out_tasks_without_the_zero(tmp_path: Path) -> None:
+    grid = load_grid(write_grid(tmp_path))
+    for job in plan(grid):
+        name = (job.task["name"], job.agent["name"])
+        if name == ("pendulum_p", "ppo_mlp") or (name[1] == "ppo_gru" and job.seed == 3):
+            continue
+        fake_run(job, FINALS[name][job.seed])
+    text = report(grid)
+    assert "18 of 24 planned runs complete" in text
+    assert "pendulum_p/ppo_gru (3/4)" in text and "pendulum_p/ppo_mlp (0/4)" in text
+    assert "Not in the aggregates (no run of ppo_mlp, or no agent above it): pendulum_p." in text
+    assert {r["tasks"] for r in read_csv(tmp_path / "aggregate.csv")} == {"cartpole_p"}
+    # rliable's bootstrap takes the same number of runs per task: the fewest any task has
+    improvement = {(r["other"], r["tasks"]): r for r in read_csv(tmp_path / "improvement.csv")}
+    assert float(improvement[("ppo_gru", "all")]["probability"]) == 0.5
+
+
+def test_runs_of_one_cell_with_different_settings_are_an_error(tmp_path: Path) -> None:
+    grid = load_grid(write_grid(tmp_path))
+    fill(grid)
+    config = tmp_path / "runs" / "cartpole_p" / "ppo_gru" / "seed_2" / "config.yaml"
+    data = yaml.safe_load(config.read_text())
+    data["agent"]["hyperparams"]["learning_rate"] = 0.5
+    config.write_text(dump_yaml(data))
+    with pytest.raises(RunError, match=r"seed_2 and .*seed_0 were trained with different settings"):
+        report(grid)
+    stale = stale_runs(plan(grid))
+    assert len(stale) == 1 and "agent.hyperparams.learning_rate was 0.5" in stale[0]
+
+
+def test_run_refuses_stale_runs_before_training(tmp_path: Path, capsys) -> None:
+    path = write_grid(tmp_path)
+    grid = load_grid(path)
+    fill(grid)
+    config = tmp_path / "runs" / "pendulum_p" / "ppo_mlp" / "seed_1" / "config.yaml"
+    data = yaml.safe_load(config.read_text())
+    data["task"]["train"]["n_envs"] = 99
+    config.write_text(dump_yaml(data))
+    assert cli.main(["benchmark", "run", "--grid", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "1 complete run(s) were trained with other settings" in err
+    assert "task.train.n_envs was 99" in err
+    assert cli.main(["benchmark", "run", "--grid", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "stale: " in out and "0 of 24 runs to train" in out
+
+
+def test_plan_filters_and_dry_run(tmp_path: Path, capsys) -> None:
+    path = write_grid(tmp_path)
+    grid = load_grid(path)
+    jobs = plan(grid, tasks=["pendulum_p"], agents=["ppo_cfc", "ppo_mlp"], seeds=[1, 3])
+    assert [(j.task["name"], j.agent["name"], j.seed) for j in jobs] == [
+        ("pendulum_p", "ppo_cfc", 1),
+        ("pendulum_p", "ppo_cfc", 3),
+        ("pendulum_p", "ppo_mlp", 1),
+        ("pendulum_p", "ppo_mlp", 3),
+    ]
+    assert all(j.budget == 2000 for j in jobs)
+    assert jobs[0].run_dir == str(tmp_path / "runs" / "pendulum_p" / "ppo_cfc" / "seed_1")
+    with pytest.raises(ConfigError, match="no agent 'ppo_lstm' in the chosen tiers"):
+        plan(grid, agents=["ppo_lstm"])
+    with pytest.raises(ConfigError, match="no tier 'mujoco'; tiers: classic"):
+        plan(grid, tiers=["mujoco"])
+    fake_run(jobs[0], -500.0)
+    argv = ["benchmark", "run", "--grid", str(path), "--tasks", "pendulum_p", "--dry-run"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "11 of 12 runs to train" in out and "ppo_cfc/seed_1" not in out
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"colour": 1}, "unknown key colour"),
+        ({"tiers": {}}, "tiers must be a non-empty mapping"),
+        ({"agent_sets": {"ppo": ["agents/nothing.yaml"]}}, "no agent file 'agents/nothing.yaml'"),
+        ({"runs": "runs", "tiers": {"t": {"seeds": 0, "tasks": []}}}, "t.seeds must be a number"),
+    ],
+)
+def test_grid_errors_name_the_key(tmp_path: Path, change: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_grid(write_grid(tmp_path, **change))
+
+
+def test_grid_errors_in_tiers(tmp_path: Path) -> None:
+    good = yaml.safe_load(write_grid(tmp_path).read_text())
+    tier = good["tiers"]["classic"]
+
+    def with_tier(**changes) -> Path:
+        return write_grid(tmp_path, tiers={"classic": {**tier, **changes}})
+
+    with pytest.raises(ConfigError, match="agents: no agent set or agent file 'sac'"):
+        load_grid(with_tier(tasks=[{**tier["tasks"][0], "agents": ["sac"]}]))
+    with pytest.raises(ConfigError, match="'ppo_lstm' \\(zero or focus\\) is not an agent"):
+        load_grid(with_tier(zero="ppo_lstm"))
+    with pytest.raises(ConfigError, match="ppo_cfc on cartpole_p appears twice"):
+        load_grid(with_tier(tasks=[tier["tasks"][0], {**tier["tasks"][0], "steps": 5}]))
+    with pytest.raises(ConfigError, match=r"tasks\[1\]\.steps must be a positive integer"):
+        load_grid(with_tier(tasks=[tier["tasks"][0], {**tier["tasks"][1], "steps": 0}]))
+
+
+def test_verdict() -> None:
+    assert verdict(0.51, 0.9) == "wins"
+    assert verdict(0.1, 0.49) == "loses"
+    assert verdict(0.3, 0.7) == verdict(0.5, 0.6) == "ties"
+
+
+def test_published_report_is_what_the_committed_runs_give(tmp_path: Path, monkeypatch) -> None:
+    """results/benchmark/README.md and its tables are regenerated from the committed run files
+    and must come out identical: no number in them is typed by hand or left stale."""
+    monkeypatch.chdir(ROOT)  # the grid names agent and task files from the repository root
+    grid = load_grid(PUBLISHED / "grid.yaml")
+    text = report(grid, tmp_path)
+    assert text == (PUBLISHED / "README.md").read_text()
+    for name in ("summary.csv", "aggregate.csv", "improvement.csv"):
+        assert (tmp_path / name).read_bytes() == (PUBLISHED / name).read_bytes(), name
+    assert not stale_runs(plan(grid)), "committed runs whose settings the files no longer give"
+
+
+def test_benchmark_trains_the_grid_then_reports(tmp_path: Path, capsys) -> None:
+    """End to end on a tiny grid: two agents, one seed, a few hundred steps each."""
+    from test_experiment_runs import tiny_agent, tiny_task
+
+    agents = [str(tiny_agent(tmp_path, name)) for name in ("ppo_gru", "ppo_mlp")]
+    task = str(tiny_task(tmp_path))
+    path = tmp_path / "study" / "grid.yaml"
+    path.parent.mkdir()
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "tiers": {
+                    "tiny": {
+                        "seeds": 1,
+                        "zero": "ppo_mlp",
+                        "focus": "ppo_gru",
+                        "tasks": [{"task": task, "steps": 256, "agents": agents}],
+                    }
+                }
+            }
+        )
+    )
+    assert cli.main(["benchmark", "run", "--grid", str(path), "-j", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("done ") == 2 and f"written: {path.parent}/README.md" in out
+    rows = read_csv(path.parent / "summary.csv")
+    assert {r["agent"] for r in rows} == {"ppo_gru", "ppo_mlp"}
+    assert all(int(r["steps"]) == 256 and r["seeds"] == "1" for r in rows)
+    readme = (path.parent / "README.md").read_text()
+    assert "2 of 2 planned runs complete" in readme
+    # a second run trains nothing and leaves the report as it was
+    assert cli.main(["benchmark", "run", "--grid", str(path)]) == 0
+    assert capsys.readouterr().out.count("skipped") == 2
+    assert (path.parent / "README.md").read_text() == readme
+
+
+def tuned_searches() -> list[Path]:
+    return sorted((PUBLISHED / "tuning").glob("*/*/*_tuned_*.yaml"))
+
+
+def test_agent_files_carry_the_values_their_searches_chose() -> None:
+    """Each committed search's best values are in the agent file, under overrides.<task file
+    name>, so that the benchmark (and a user's `cfc-rl train`) runs what the search chose."""
+    for tuned in tuned_searches():
+        task, agent = tuned.parent.parent.name, tuned.parent.name
+        with (tuned.parent / "trials.csv").open() as f:
+            header = next(csv.reader(f))
+        keys = header[1 : header.index("score")]  # the space's dotted keys
+        chosen = next(iter(yaml.safe_load(tuned.read_text())["overrides"].values()))
+        shipped = yaml.safe_load((ROOT / "agents" / f"{agent}.yaml").read_text())
+        in_agent_file = (shipped.get("overrides") or {}).get(task)
+        assert in_agent_file is not None, f"agents/{agent}.yaml has no overrides.{task}"
+        for key in keys:
+            path = key.split(".")
+            want, have = chosen, in_agent_file
+            for part in path:
+                want, have = want[part], have[part]
+            assert have == want, f"agents/{agent}.yaml overrides.{task}.{key}"
