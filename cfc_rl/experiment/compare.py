@@ -7,8 +7,8 @@ rest on an :class:`Executor`, and writes to the output folder:
 
 - ``summary.csv`` and ``summary.md``: per task and agent, the interquartile mean (IQM) and the
   mean of the final returns over seeds, each with a 95% stratified-bootstrap confidence interval
-  (rliable's definitions, Agarwal et al. 2021: :mod:`.statistics`), plus wall-clock time, environment steps per second and the
-  number of parameters;
+  (rliable's definitions, Agarwal et al. 2021: :mod:`.statistics`), plus wall-clock time,
+  environment steps per second and the number of parameters;
 - ``curves_<task>.png``: IQM return against environment steps during training, one line per
   agent, with the 95% confidence band.
 
