@@ -431,3 +431,18 @@ def test_the_example_spaces_fit_their_agents_and_have_the_same_size():
     assert len({tuple(shape) for shape in shapes.values()}) == 1, shapes
     # every agent of the benchmark's PPO family has a space
     assert len(shapes) == 7
+
+
+def test_the_sac_spaces_fit_their_agents_and_have_the_same_size():
+    shapes = {}
+    for family, agent in [("sac_mlp", "sac_mlp"), ("sac_window", "sac_cfc"),
+                          ("sac_recurrent", "sac_rec_cfc"), ("sac_recurrent", "sac_rec_ltc"),
+                          ("sac_recurrent", "sac_rec_lstm"), ("sac_recurrent", "sac_rec_gru")]:  # fmt: skip
+        plan = make_plan(
+            ROOT / "agents" / f"{agent}.yaml",
+            ROOT / "envs" / "pendulum_p.yaml",
+            ROOT / "agents" / "spaces" / f"{family}.yaml",
+            steps=50_000,
+        )
+        shapes[agent] = [(d.kind, len(d.corners())) for d in plan.space.dimensions]
+    assert len({tuple(shape) for shape in shapes.values()}) == 1, shapes
