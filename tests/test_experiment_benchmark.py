@@ -47,11 +47,13 @@ def write_grid(folder: Path, **changes) -> Path:
                         "task": str(ROOT / "envs" / "cartpole_p.yaml"),
                         "steps": 1000,
                         "agents": ["ppo"],
+                        "reference": {"agent": "ppo_gru", "return": 320.0, "source": "a paper"},
                     },
                     {
                         "task": str(ROOT / "envs" / "pendulum_p.yaml"),
                         "steps": 2000,
                         "agents": ["ppo"],
+                        "reference": {"agent": "ppo_cfc", "return": -500, "source": "a blog"},
                     },
                 ],
             }
@@ -134,6 +136,13 @@ def test_report_normalises_aggregates_and_judges(tmp_path: Path) -> None:
         "loses against ppo_gru (pendulum_p)." in text
     )
     assert "| ppo_cfc | 4 | 500.0 [500.0, 500.0] | 500.0 [500.0, 500.0] | 1.00 |" in text
+    # a published figure inside the interval is reached; one above it is not
+    assert (
+        "Published reference: ppo_gru 320 (a paper). Here: mean 315.0 [305.0, 325.0] over 4 "
+        "seeds: reached." in text
+    )
+    assert "Published reference: ppo_cfc -500 (a blog). Here: mean -625.0" in text
+    assert text.count(": below it.") == 1
     for name in ("curves_cartpole_p", "curves_time_pendulum_p", "profiles_classic"):
         assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -240,6 +249,12 @@ def test_grid_errors_in_tiers(tmp_path: Path) -> None:
         load_grid(with_tier(zero="ppo_lstm"))
     with pytest.raises(ConfigError, match="ppo_cfc on cartpole_p appears twice"):
         load_grid(with_tier(tasks=[tier["tasks"][0], {**tier["tasks"][0], "steps": 5}]))
+    with pytest.raises(ConfigError, match=r"reference.agent 'ppo_lstm' is not an agent"):
+        reference = {"agent": "ppo_lstm", "return": 1.0, "source": "x"}
+        load_grid(with_tier(tasks=[{**tier["tasks"][0], "reference": reference}]))
+    with pytest.raises(ConfigError, match=r"reference\.source is missing"):
+        reference = {"agent": "ppo_gru", "return": 1.0}
+        load_grid(with_tier(tasks=[{**tier["tasks"][0], "reference": reference}]))
     with pytest.raises(ConfigError, match=r"tasks\[1\]\.steps must be a positive integer"):
         load_grid(with_tier(tasks=[tier["tasks"][0], {**tier["tasks"][1], "steps": 0}]))
 

@@ -435,9 +435,10 @@ def test_the_example_spaces_fit_their_agents_and_have_the_same_size():
 
 def test_the_sac_spaces_fit_their_agents_and_have_the_same_size():
     shapes = {}
-    for family, agent in [("sac_mlp", "sac_mlp"), ("sac_window", "sac_cfc"),
-                          ("sac_recurrent", "sac_rec_cfc"), ("sac_recurrent", "sac_rec_ltc"),
-                          ("sac_recurrent", "sac_rec_lstm"), ("sac_recurrent", "sac_rec_gru")]:  # fmt: skip
+    pairs = [("sac_mlp", "sac_mlp"), ("sac_window", "sac_cfc")] + [
+        ("sac_recurrent", f"sac_rec_{cell}") for cell in ("cfc", "ltc", "lstm", "gru")
+    ]
+    for family, agent in pairs:
         plan = make_plan(
             ROOT / "agents" / f"{agent}.yaml",
             ROOT / "envs" / "pendulum_p.yaml",

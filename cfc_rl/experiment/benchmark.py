@@ -73,17 +73,20 @@ logger = logging.getLogger(__name__)
 
 GRID_KEYS = ("runs", "zero", "focus", "agent_sets", "tiers")
 TIER_KEYS = ("seeds", "tasks", "zero", "focus")
-TASK_KEYS = ("task", "steps", "agents")
+TASK_KEYS = ("task", "steps", "agents", "reference")
+REFERENCE_KEYS = ("agent", "return", "source")
 
 
 @dataclass(frozen=True)
 class GridTask:
-    """One task of a tier: its file, its budget and the agent files that run on it."""
+    """One task of a tier: its file, its budget, the agent files that run on it, and a published
+    figure one of them must reach (``{agent, return, source}``), if there is one."""
 
     task: str
     name: str
     steps: int
     agents: tuple[str, ...]
+    reference: Mapping[str, Any] | None = None
 
     @property
     def agent_names(self) -> tuple[str, ...]:
@@ -155,7 +158,7 @@ def load_grid(path: str | os.PathLike[str]) -> Grid:
             at = f"{where}tasks[{i}]."
             if not isinstance(entry, Mapping):
                 raise ConfigError(f"{path}: {at[:-1]} must be a mapping")
-            _check_keys(path, at, entry, TASK_KEYS, required=TASK_KEYS)
+            _check_keys(path, at, entry, TASK_KEYS, required=("task", "steps", "agents"))
             task_file = entry["task"]
             if not isinstance(task_file, str) or not Path(task_file).is_file():
                 raise ConfigError(f"{path}: {at}task: no task file {task_file!r}")
@@ -179,7 +182,22 @@ def load_grid(path: str | os.PathLike[str]) -> Grid:
                         )
                     if agent_file not in agents:
                         agents.append(agent_file)
-            tasks.append(GridTask(task_file, Path(task_file).stem, steps, tuple(agents)))
+            reference = entry.get("reference")
+            if reference is not None:
+                if not isinstance(reference, Mapping):
+                    raise ConfigError(f"{path}: {at}reference must be a mapping")
+                _check_keys(path, at + "reference.", reference, REFERENCE_KEYS, REFERENCE_KEYS)
+                if Path(str(reference["agent"])).stem not in [Path(a).stem for a in agents]:
+                    raise ConfigError(
+                        f"{path}: {at}reference.agent {reference['agent']!r} is not an agent "
+                        "of the task"
+                    )
+                if isinstance(reference["return"], bool) or not isinstance(
+                    reference["return"], (int, float)
+                ):
+                    raise ConfigError(f"{path}: {at}reference.return must be a number")
+            grid_task = GridTask(task_file, Path(task_file).stem, steps, tuple(agents), reference)
+            tasks.append(grid_task)
         for grid_task in tasks:
             for agent in grid_task.agent_names:
                 # One run folder per (task, agent, seed): a second budget would overwrite it.
@@ -725,6 +743,8 @@ def _tier_markdown(
             f"| {r['wall_clock_s']:.0f} s | {r['steps_per_s']:.0f} | {r['params']:,} |"
             for r in rows
         ]
+        if grid_task.reference is not None:
+            lines += ["", _reference_line(grid_task.reference, rows)]
         lines += [
             "",
             f"![{grid_task.name} against steps](curves_{grid_task.name}.png) "
@@ -732,6 +752,21 @@ def _tier_markdown(
             "",
         ]
     return "\n".join(lines)
+
+
+def _reference_line(reference: Mapping[str, Any], rows: list[dict[str, Any]]) -> str:
+    """Whether the agent reaches its published figure: reached when the upper end of its mean's
+    interval is at or above it (the data do not put it below), below otherwise."""
+    agent, figure = reference["agent"], float(reference["return"])
+    published = f"Published reference: {agent} {figure:g} ({reference['source']})."
+    row = next((r for r in rows if r["agent"] == agent), None)
+    if row is None:
+        return f"{published} No run of {agent} yet."
+    reached = "reached" if row["mean_ci_high"] >= figure else "below it"
+    return (
+        f"{published} Here: mean {row['mean']:.1f} [{row['mean_ci_low']:.1f}, "
+        f"{row['mean_ci_high']:.1f}] over {row['seeds']} seeds: {reached}."
+    )
 
 
 def _seed_text(seeds: Sequence[int]) -> str:
