@@ -99,6 +99,8 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 def test_report_normalises_aggregates_and_judges(tmp_path: Path) -> None:
     grid = load_grid(write_grid(tmp_path))
     fill(grid)
+    (tmp_path / "tuning" / "cartpole_p" / "ppo_cfc").mkdir(parents=True)
+    (tmp_path / "tuning" / "cartpole_p" / "ppo_cfc" / "trials.csv").write_text("trial\n")
     text = report(grid)
 
     summary = {(r["task"], r["agent"]): r for r in read_csv(tmp_path / "summary.csv")}
@@ -136,6 +138,8 @@ def test_report_normalises_aggregates_and_judges(tmp_path: Path) -> None:
         "loses against ppo_gru (pendulum_p)." in text
     )
     assert "| ppo_cfc | 4 | 500.0 [500.0, 500.0] | 500.0 [500.0, 500.0] | 1.00 |" in text
+    assert "Tuned (`tuning/cartpole_p/`): ppo_cfc; not yet: ppo_gru, ppo_mlp." in text
+    assert "Tuned: none yet." in text  # pendulum_p
     # a published figure inside the interval is reached; one above it is not
     assert (
         "Published reference: ppo_gru 320 (a paper). Here: mean 315.0 [305.0, 325.0] over 4 "

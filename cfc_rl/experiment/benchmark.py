@@ -727,6 +727,17 @@ def _tier_markdown(
     for grid_task in tier.tasks:
         rows = sorted((r for r in summary if r["task"] == grid_task.name), key=lambda r: -r["iqm"])
         lines += [f"### {grid_task.name} ({grid_task.steps:,} steps)", ""]
+        searches = grid.path.parent / "tuning" / grid_task.name
+        tuned = [a for a in grid_task.agent_names if (searches / a / "trials.csv").exists()]
+        untuned = [a for a in grid_task.agent_names if a not in tuned]
+        if not tuned:
+            lines += ["Tuned: none yet.", ""]
+        else:
+            lines += [
+                f"Tuned (`tuning/{grid_task.name}/`): {', '.join(tuned)}"
+                + (f"; not yet: {', '.join(untuned)}." if untuned else "."),
+                "",
+            ]
         if not rows:
             lines += ["No complete run yet.", ""]
             continue
