@@ -339,3 +339,77 @@ def test_agent_files_carry_the_values_their_searches_chose() -> None:
             for part in path:
                 want, have = want[part], have[part]
             assert have == want, f"agents/{agent}.yaml overrides.{task}.{key}"
+
+
+def one_agent_grid(folder: Path, agent_file: Path, **changes) -> Path:
+    """The test grid with one agent (its zero) on both tasks."""
+    tasks = [
+        {"task": str(ROOT / "envs" / f"{task}.yaml"), "steps": 1000, "agents": [str(agent_file)]}
+        for task in ("cartpole_p", "pendulum_p")
+    ]
+    tiers = {"classic": {"seeds": 2, "zero": agent_file.stem, "tasks": tasks}}
+    return write_grid(folder, agent_sets={}, tiers=tiers, **changes)
+
+
+def fake_search(grid, task: str, agent: str, values: dict, score: float) -> None:
+    """The files `cfc-rl tune` leaves: trials.csv and the agent file with the chosen values."""
+    folder = grid.searches / task / agent
+    folder.mkdir(parents=True)
+    (folder / "trials.csv").write_text(
+        f"trial,score,steps,status\n1,{score},1000,complete\n2,-9999.0,100,pruned\n"
+    )
+    tuned = {"algo": "ppo", "overrides": {"cfc_rl/CartPole-P-v1": values}}
+    (folder / f"{agent}_tuned_{task}.yaml").write_text(yaml.safe_dump(tuned))
+
+
+def test_adopt_appends_the_chosen_values_to_the_agent_file(tmp_path: Path) -> None:
+    from test_experiment_runs import tiny_agent
+
+    from cfc_rl.experiment.benchmark import adopt, select
+    from cfc_rl.experiment.train import resolve
+
+    agent_file = tiny_agent(tmp_path, "ppo_mlp")
+    original = agent_file.read_text()
+    space = str(ROOT / "agents" / "spaces" / "mlp.yaml")
+    tuning = {"trials": 2, "seeds": 1, "spaces": {"ppo_mlp": space}}
+    grid = load_grid(one_agent_grid(tmp_path, agent_file, tuning=tuning))
+    values = {"hyperparams": {"learning_rate": 0.00123, "n_steps": 512}}
+    fake_search(grid, "cartpole_p", "ppo_mlp", values, -12.5)
+    (_, cartpole, _), (_, pendulum, _) = select(grid)
+    assert adopt(grid, cartpole, str(agent_file)) == f"{agent_file}: overrides.cartpole_p written"
+    text = agent_file.read_text()
+    assert text.startswith(original)  # the file's own lines and comments stay
+    assert "# Tuned for the benchmark: the best of 2 trials" in text and "return -12.5)" in text
+    assert yaml.safe_load(text)["overrides"] == {"cartpole_p": values}
+    agent, _ = resolve(agent_file, ROOT / "envs" / "cartpole_p.yaml")
+    assert agent.hyperparams["learning_rate"] == 0.00123 and agent.hyperparams["n_steps"] == 512
+    other, _ = resolve(agent_file, ROOT / "envs" / "pendulum_p.yaml")
+    assert other.hyperparams["learning_rate"] != 0.00123  # another task keeps its settings
+    assert adopt(grid, cartpole, str(agent_file)) == f"{agent_file} has its values"
+    # a second task's values go under the same overrides section
+    fake_search(grid, "pendulum_p", "ppo_mlp", {"hyperparams": {"n_steps": 256}}, -300.0)
+    adopt(grid, pendulum, str(agent_file))
+    assert yaml.safe_load(agent_file.read_text())["overrides"] == {
+        "cartpole_p": values,
+        "pendulum_p": {"hyperparams": {"n_steps": 256}},
+    }
+    # other values already there: an error, not an overwrite
+    agent_file.write_text(agent_file.read_text().replace("0.00123", "0.5"))
+    with pytest.raises(ConfigError, match=r"overrides\.cartpole_p differs from what"):
+        adopt(grid, cartpole, str(agent_file))
+
+
+def test_adopt_refuses_what_it_cannot_append_to(tmp_path: Path) -> None:
+    from cfc_rl.experiment.benchmark import adopt, select
+
+    agent_file = tmp_path / "ppo_mlp.yaml"
+    agent_file.write_text(
+        "algo: ppo\npolicy: MlpPolicy\noverrides:\n  cartpole_p: {n_envs: 2}\nn_envs: 4\n"
+    )
+    grid = load_grid(one_agent_grid(tmp_path, agent_file))
+    (_, pendulum, _) = select(grid, tasks=["pendulum_p"])[0]
+    with pytest.raises(ConfigError, match="the search completed no trial"):
+        adopt(grid, pendulum, str(agent_file))
+    fake_search(grid, "pendulum_p", "ppo_mlp", {"n_envs": 8}, 1.0)
+    with pytest.raises(ConfigError, match="overrides must be the file's last section"):
+        adopt(grid, pendulum, str(agent_file))

@@ -447,3 +447,44 @@ def test_the_sac_spaces_fit_their_agents_and_have_the_same_size():
         )
         shapes[agent] = [(d.kind, len(d.corners())) for d in plan.space.dimensions]
     assert len({tuple(shape) for shape in shapes.values()}) == 1, shapes
+
+
+def test_benchmark_tune_searches_once_and_writes_the_choice_into_the_agent_file(
+    local_ray, tmp_path
+):
+    from cfc_rl.experiment.benchmark import load_grid, select, tune_cells
+
+    mlp, _, task = _files(tmp_path / "files")
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        "hyperparams.learning_rate: {loguniform: [1.0e-4, 3.0e-3]}\n"
+        "policy_kwargs.net_arch: {choice: [[16], [32, 32]]}\n"
+    )
+    grid_file = tmp_path / "study" / "grid.yaml"
+    grid_file.parent.mkdir()
+    tasks = [{"task": str(task), "steps": 256, "agents": [str(mlp)]}]
+    tier = {"seeds": 1, "zero": "mlp", "tasks": tasks}
+    tuning = {"trials": 2, "seeds": 1, "spaces": {"mlp": str(space)}}
+    grid_file.write_text(yaml.safe_dump({"tuning": tuning, "tiers": {"tiny": tier}}))
+    grid = load_grid(grid_file)
+    done = []
+    tune_cells(grid, select(grid), on_done=lambda *a: done.append(a), executor="ray")
+    assert done == [("cartpole_p", "mlp", f"searched; {mlp}: overrides.cartpole_p written")]
+    search = grid.searches / "cartpole_p" / "mlp"
+    with open(search / "trials.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2
+    chosen = yaml.safe_load((search / "mlp_tuned_cartpole_p.yaml").read_text())["overrides"]
+    assert yaml.safe_load(mlp.read_text())["overrides"] == {
+        "cartpole_p": next(iter(chosen.values()))
+    }
+    agent, _ = resolve(load_agent_config(mlp), task)
+    assert (
+        agent.hyperparams["learning_rate"]
+        == next(iter(chosen.values()))["hyperparams"]["learning_rate"]
+    )
+    # searched cells are not searched again
+    before = mlp.read_text()
+    done.clear()
+    tune_cells(grid, select(grid), on_done=lambda *a: done.append(a), executor="ray")
+    assert done == [("cartpole_p", "mlp", f"searched before; {mlp} has its values")]
+    assert mlp.read_text() == before

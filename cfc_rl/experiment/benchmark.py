@@ -71,7 +71,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-GRID_KEYS = ("runs", "zero", "focus", "agent_sets", "tiers")
+GRID_KEYS = ("runs", "zero", "focus", "agent_sets", "tiers", "tuning")
+TUNING_KEYS = ("trials", "seeds", "spaces")
 TIER_KEYS = ("seeds", "tasks", "zero", "focus")
 TASK_KEYS = ("task", "steps", "agents", "reference")
 REFERENCE_KEYS = ("agent", "return", "source")
@@ -106,12 +107,28 @@ class Tier:
 
 
 @dataclass(frozen=True)
+class Tuning:
+    """The search every agent gets on every task (the same budget for all): ``trials`` trials
+    of ``seeds`` seeds each, in the agent's space (``spaces``: agent name -> space file)."""
+
+    trials: int
+    seeds: int
+    spaces: Mapping[str, str]
+
+
+@dataclass(frozen=True)
 class Grid:
     """A parsed grid file (see the module docstring)."""
 
     path: Path
     runs: Path
     tiers: tuple[Tier, ...]
+    tuning: Tuning | None = None
+
+    @property
+    def searches(self) -> Path:
+        """The folder of the searches: ``tuning/<task>/<agent>/`` beside the grid."""
+        return self.path.parent / "tuning"
 
     def tier(self, name: str) -> Tier:
         for tier in self.tiers:
@@ -220,7 +237,28 @@ def load_grid(path: str | os.PathLike[str]) -> Grid:
                 )
         tiers.append(Tier(str(tier_name), seeds, tuple(tasks), str(zero), tuple(focus)))
     runs = path.parent / str(data.get("runs", "runs"))
-    return Grid(path, runs, tuple(tiers))
+    return Grid(path, runs, tuple(tiers), _tuning(path, data.get("tuning"), set(stems)))
+
+
+def _tuning(path: Path, data: Any, agents: set[str]) -> Tuning | None:
+    if data is None:
+        return None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: tuning must be a mapping with keys {', '.join(TUNING_KEYS)}")
+    _check_keys(path, "tuning.", data, TUNING_KEYS, required=TUNING_KEYS)
+    for key in ("trials", "seeds"):
+        value = data[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{path}: tuning.{key} must be a positive integer, not {value!r}")
+    spaces = data["spaces"]
+    if not isinstance(spaces, Mapping):
+        raise ConfigError(f"{path}: tuning.spaces must map agent names to space files")
+    for agent, space in spaces.items():
+        if agent not in agents:
+            raise ConfigError(f"{path}: tuning.spaces: {agent!r} is not an agent of the grid")
+        if not isinstance(space, str) or not Path(space).is_file():
+            raise ConfigError(f"{path}: tuning.spaces.{agent}: no space file {space!r}")
+    return Tuning(data["trials"], data["seeds"], {str(k): str(v) for k, v in spaces.items()})
 
 
 def _check_keys(
@@ -249,19 +287,17 @@ def _seeds(path: Path, where: str, value: Any) -> tuple[int, ...]:
     )
 
 
-def plan(
+def select(
     grid: Grid,
     *,
     tiers: Sequence[str] | None = None,
     tasks: Sequence[str] | None = None,
     agents: Sequence[str] | None = None,
-    seeds: Sequence[int] | None = None,
-    device: str = "cpu",
-) -> list[Job]:
-    """The grid's jobs, or the part of it that the filters select (names of tiers, tasks and
-    agents; seeds).
+) -> list[tuple[Tier, GridTask, str]]:
+    """The grid's (tier, task, agent file) cells, or those the filters select (names of tiers,
+    tasks and agents).
 
-    :raises ConfigError: for a filter that selects nothing the grid has, naming it
+    :raises ConfigError: for a filter that names nothing the chosen tiers have
     """
     chosen = [grid.tier(name) for name in tiers] if tiers else list(grid.tiers)
     every_task = {t.name for tier in chosen for t in tier.tasks}
@@ -273,21 +309,35 @@ def plan(
                     f"{grid.path}: no {kind} {name!r} in the chosen tiers; "
                     f"{kind}s: {', '.join(sorted(known))}"
                 )
+    return [
+        (tier, grid_task, agent_file)
+        for tier in chosen
+        for grid_task in tier.tasks
+        if not tasks or grid_task.name in tasks
+        for agent_file, name in zip(grid_task.agents, grid_task.agent_names, strict=True)
+        if not agents or name in agents
+    ]
+
+
+def plan(
+    grid: Grid,
+    *,
+    tiers: Sequence[str] | None = None,
+    tasks: Sequence[str] | None = None,
+    agents: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    device: str = "cpu",
+) -> list[Job]:
+    """The grid's jobs, or the part of it that the filters select (see :func:`select`; seeds).
+
+    :raises ConfigError: for a filter that selects nothing the grid has, naming it
+    """
     jobs = []
-    for tier in chosen:
+    for tier, grid_task, agent_file in select(grid, tiers=tiers, tasks=tasks, agents=agents):
         tier_seeds = [s for s in tier.seeds if seeds is None or s in seeds]
-        for grid_task in tier.tasks:
-            if tasks and grid_task.name not in tasks:
-                continue
-            files = [
-                f
-                for f, n in zip(grid_task.agents, grid_task.agent_names, strict=True)
-                if not agents or n in agents
-            ]
-            if not files or not tier_seeds:
-                continue
+        if tier_seeds:
             jobs += plan_jobs(
-                files,
+                [agent_file],
                 [grid_task.task],
                 seeds=tier_seeds,
                 steps=grid_task.steps,
@@ -295,6 +345,100 @@ def plan(
                 device=device,
             )
     return jobs
+
+
+def tune_cells(
+    grid: Grid,
+    cells: Sequence[tuple[Tier, GridTask, str]],
+    on_done: Callable[[str, str, str], None] | None = None,
+    **search_kwargs: Any,
+) -> None:
+    """Tune every cell that has no search yet, with the grid's ``tuning`` budget, and write each
+    search's choice into its agent file (:func:`adopt`); a cell searched before is only adopted.
+
+    :param cells: from :func:`select`
+    :param on_done: called with the task, the agent and what happened (progress display)
+    :param search_kwargs: passed to :func:`~cfc_rl.experiment.tune.search` (executor, address,
+        cpus_per_job, max_retries, storage, device)
+    :raises ConfigError: without a ``tuning`` section or a space for a selected agent, before
+        any search starts
+    """
+    from cfc_rl.experiment.tune import search
+
+    if grid.tuning is None:
+        raise ConfigError(f"{grid.path}: no tuning section (trials, seeds, spaces)")
+    tuning = grid.tuning
+    for _, _, agent_file in cells:
+        if Path(agent_file).stem not in tuning.spaces:
+            raise ConfigError(
+                f"{grid.path}: tuning.spaces has no space for {Path(agent_file).stem}"
+            )
+    for _, grid_task, agent_file in cells:
+        agent = Path(agent_file).stem
+        out = grid.searches / grid_task.name / agent
+        if (out / "trials.csv").exists():
+            what = "searched before"
+        else:
+            search(
+                agent_file,
+                grid_task.task,
+                tuning.spaces[agent],
+                trials=tuning.trials,
+                seeds=tuning.seeds,
+                steps=grid_task.steps,
+                out=out,
+                **search_kwargs,
+            )
+            what = "searched"
+        what += "; " + adopt(grid, grid_task, agent_file)
+        if on_done:
+            on_done(grid_task.name, agent, what)
+
+
+def adopt(grid: Grid, grid_task: GridTask, agent_file: str) -> str:
+    """Write the values a search chose into the agent file, as ``overrides.<task file name>``
+    with a comment naming the search, so that the benchmark (and ``cfc-rl train``) runs them.
+
+    The section is appended to the file, whose comments stay: the file must have no
+    ``overrides`` yet, or end with its ``overrides`` mapping.
+
+    :return: what it did, in words
+    :raises ConfigError: if the search completed no trial, or the agent file already holds other
+        values for the task (remove them to adopt the new search)
+    """
+    agent = Path(agent_file).stem
+    folder = grid.searches / grid_task.name / agent
+    tuned_file = folder / f"{agent}_tuned_{grid_task.name}.yaml"
+    if not tuned_file.exists():
+        raise ConfigError(f"{folder}: the search completed no trial; delete the folder to retry")
+    tuned = read_yaml(tuned_file)["overrides"]
+    values = tuned.get(grid_task.name) or next(iter(tuned.values()))
+    path = Path(agent_file)
+    text = path.read_text()
+    overrides = (read_yaml(path) or {}).get("overrides") or {}
+    if grid_task.name in overrides:
+        if overrides[grid_task.name] == values:
+            return f"{path} has its values"
+        raise ConfigError(
+            f"{path}: overrides.{grid_task.name} differs from what {folder} chose; remove it to "
+            "adopt the search"
+        )
+    top_level = [line for line in text.splitlines() if line[:1].isalpha()]
+    if overrides and not top_level[-1].startswith("overrides:"):
+        raise ConfigError(f"{path}: overrides must be the file's last section to append to it")
+    with (folder / "trials.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    scores = [float(r["score"]) for r in rows if r["status"] == "complete" and r["score"]]
+    entry = yaml.safe_dump({grid_task.name: values}, default_flow_style=None, sort_keys=False)
+    lines = [] if overrides else ["overrides:"]
+    lines += [
+        f"  # Tuned for the benchmark: the best of {len(rows)} trials (seeds from 1000, mean final",
+        f"  # return {max(scores):.1f}); {os.path.relpath(folder / 'trials.md')}, protocol in",
+        f"  # {os.path.relpath(grid.path.parent / 'PROTOCOL.md')}.",
+        *("  " + line for line in entry.splitlines()),
+    ]
+    atomic_write_text(path, text.rstrip("\n") + "\n" + "\n".join(lines) + "\n")
+    return f"{path}: overrides.{grid_task.name} written"
 
 
 def stale_runs(jobs: Sequence[Job]) -> list[str]:

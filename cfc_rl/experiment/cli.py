@@ -346,6 +346,19 @@ def _add_benchmark(parser: argparse.ArgumentParser) -> None:
         "--dry-run", action="store_true", help="list the runs it would train, and stop"
     )
     add_executor_arguments(run)
+    tune = steps.add_parser(
+        "tune",
+        help="tune the grid's agents that have no search yet, with its equal budget",
+        description="Search each chosen agent's settings on each chosen task with the grid's "
+        "tuning budget (trials, seeds, the agent's space), on seeds from 1000, and write the "
+        "chosen values into the agent file as overrides.<task>. Searched cells are skipped.",
+    )
+    tune.add_argument("--grid", default="results/benchmark/grid.yaml", help=grid_help)
+    tune.add_argument("--tiers", nargs="+", help="only these tiers")
+    tune.add_argument("--tasks", nargs="+", help="only these tasks (task file names)")
+    tune.add_argument("--agents", nargs="+", help="only these agents (agent file names)")
+    tune.add_argument("--device", default="cpu", choices=DEVICES)
+    add_executor_arguments(tune)
     report = steps.add_parser(
         "report",
         help="aggregate the grid's complete runs into tables and plots",
@@ -357,12 +370,37 @@ def _add_benchmark(parser: argparse.ArgumentParser) -> None:
 
 
 def _benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from cfc_rl.experiment.benchmark import load_grid, plan, report, run_benchmark, stale_runs
+    from cfc_rl.experiment.benchmark import (
+        load_grid,
+        plan,
+        report,
+        run_benchmark,
+        select,
+        stale_runs,
+        tune_cells,
+    )
 
     grid = load_grid(args.grid)
     if args.benchmark_command == "report":
         report(grid, args.out)
         print(f"written: {Path(args.out) if args.out else grid.path.parent}/README.md")
+        return 0
+    if args.benchmark_command == "tune":
+        from cfc_rl.experiment.ray_executor import check_executor_args
+
+        check_executor_args(args)
+        cells = select(grid, tiers=args.tiers, tasks=args.tasks, agents=args.agents)
+        tune_cells(
+            grid,
+            cells,
+            on_done=lambda task, agent, what: print(f"{task}/{agent}: {what}", flush=True),
+            executor=args.executor,
+            address=args.address,
+            cpus_per_job=args.cpus_per_job,
+            max_retries=args.max_retries,
+            storage=args.storage,
+            device=args.device,
+        )
         return 0
     from cfc_rl.experiment.ray_executor import executor_from_args
 
