@@ -282,38 +282,21 @@ def _add_compare(parser: argparse.ArgumentParser) -> None:
     add_executor_arguments(parser)
 
 
-def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from cfc_rl.experiment.compare import compare, summary_markdown
-    from cfc_rl.experiment.ray_executor import executor_from_args
+def _show(result) -> None:
+    """One line per finished run (and its traceback if it failed)."""
+    print(f"{result.status:8s} {result.seconds:7.1f} s  {result.job.run_dir}", flush=True)
+    if result.error:
+        print(result.error, file=sys.stderr)
 
-    def show(result) -> None:
-        print(f"{result.status:8s} {result.seconds:7.1f} s  {result.job.run_dir}", flush=True)
-        if result.error:
-            print(result.error, file=sys.stderr)
 
-    try:
-        results, rows = compare(
-            args.agents,
-            args.tasks,
-            seeds=args.seeds,
-            steps=args.steps,
-            out=args.out,
-            device=args.device,
-            executor=executor_from_args(args),
-            on_result=show,
-        )
-    except KeyboardInterrupt as e:  # the runs in training saved checkpoints
-        what = str(e) or "interrupted"
-        print(f"\n{what}; continue with: {shlex.join(['cfc-rl', *args.argv])}", file=sys.stderr)
-        return 130
-    print()
-    print(summary_markdown(rows))
-    tasks = sorted({row["task"] for row in rows})
-    plots = [
-        f"curves_{task}.png" for task in tasks if (Path(args.out) / f"curves_{task}.png").exists()
-    ]
-    curves = ", ".join(plots)
-    print(f"written: {args.out}/summary.csv, summary.md{', ' + curves if curves else ''}")
+def _interrupted(error: KeyboardInterrupt, args: argparse.Namespace) -> int:
+    """Ctrl-C on many runs: the ones in training saved checkpoints; the same command goes on."""
+    what = str(error) or "interrupted"
+    print(f"\n{what}; continue with: {shlex.join(['cfc-rl', *args.argv])}", file=sys.stderr)
+    return 130
+
+
+def _exit_code(results) -> int:
     failed = [r for r in results if r.status == "failed"]
     if failed:
         print(
@@ -324,48 +307,78 @@ def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from cfc_rl.experiment.compare import compare, summary_markdown
+    from cfc_rl.experiment.ray_executor import executor_from_args
+
+    try:
+        results, rows = compare(
+            args.agents,
+            args.tasks,
+            seeds=args.seeds,
+            steps=args.steps,
+            out=args.out,
+            device=args.device,
+            executor=executor_from_args(args),
+            on_result=_show,
+        )
+    except KeyboardInterrupt as e:
+        return _interrupted(e, args)
+    print()
+    print(summary_markdown(rows))
+    tasks = sorted({row["task"] for row in rows})
+    plots = [
+        f"curves_{task}.png" for task in tasks if (Path(args.out) / f"curves_{task}.png").exists()
+    ]
+    curves = ", ".join(plots)
+    print(f"written: {args.out}/summary.csv, summary.md{', ' + curves if curves else ''}")
+    return _exit_code(results)
+
+
 def _add_benchmark(parser: argparse.ArgumentParser) -> None:
     from cfc_rl.experiment.ray_executor import add_executor_arguments
 
+    grid = argparse.ArgumentParser(add_help=False)
+    grid.add_argument(
+        "--grid",
+        default="results/benchmark/grid.yaml",
+        help="the grid file (default results/benchmark/grid.yaml)",
+    )
+    chosen = argparse.ArgumentParser(add_help=False, parents=[grid])
+    chosen.add_argument("--tiers", nargs="+", help="only these tiers")
+    chosen.add_argument("--tasks", nargs="+", help="only these tasks (task file names)")
+    chosen.add_argument("--agents", nargs="+", help="only these agents (agent file names)")
+    chosen.add_argument("--device", default="cpu", choices=DEVICES)
     steps = parser.add_subparsers(dest="benchmark_command", required=True, metavar="STEP")
-    grid_help = "the grid file (default results/benchmark/grid.yaml)"
     run = steps.add_parser(
         "run",
+        parents=[chosen],
         help="train the grid's runs that are not complete, then write the report",
         description="Train the grid's runs that are not complete (all of them, or the tiers, "
         "tasks, agents and seeds chosen), then write the report.",
     )
-    run.add_argument("--grid", default="results/benchmark/grid.yaml", help=grid_help)
-    run.add_argument("--tiers", nargs="+", help="only these tiers")
-    run.add_argument("--tasks", nargs="+", help="only these tasks (task file names)")
-    run.add_argument("--agents", nargs="+", help="only these agents (agent file names)")
     run.add_argument("--seeds", nargs="+", type=seed_int, help="only these seeds")
     run.add_argument("-j", "--jobs", type=positive_int, default=1, help="runs at once (default 1)")
-    run.add_argument("--device", default="cpu", choices=DEVICES)
     run.add_argument(
         "--dry-run", action="store_true", help="list the runs it would train, and stop"
     )
     add_executor_arguments(run)
     tune = steps.add_parser(
         "tune",
+        parents=[chosen],
         help="tune the grid's agents that have no search yet, with its equal budget",
         description="Search each chosen agent's settings on each chosen task with the grid's "
         "tuning budget (trials, seeds, the agent's space), on seeds from 1000, and write the "
         "chosen values into the agent file as overrides.<task>. Searched cells are skipped.",
     )
-    tune.add_argument("--grid", default="results/benchmark/grid.yaml", help=grid_help)
-    tune.add_argument("--tiers", nargs="+", help="only these tiers")
-    tune.add_argument("--tasks", nargs="+", help="only these tasks (task file names)")
-    tune.add_argument("--agents", nargs="+", help="only these agents (agent file names)")
-    tune.add_argument("--device", default="cpu", choices=DEVICES)
     add_executor_arguments(tune)
     report = steps.add_parser(
         "report",
+        parents=[grid],
         help="aggregate the grid's complete runs into tables and plots",
         description="Aggregate the grid's complete runs into README.md, the CSV tables and the "
         "plots.",
     )
-    report.add_argument("--grid", default="results/benchmark/grid.yaml", help=grid_help)
     report.add_argument("--out", help="folder of the report (default: the grid's folder)")
 
 
@@ -386,20 +399,15 @@ def _benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         print(f"written: {Path(args.out) if args.out else grid.path.parent}/README.md")
         return 0
     if args.benchmark_command == "tune":
-        from cfc_rl.experiment.ray_executor import check_executor_args
+        from cfc_rl.experiment.ray_executor import executor_options
 
-        check_executor_args(args)
         cells = select(grid, tiers=args.tiers, tasks=args.tasks, agents=args.agents)
         tune_cells(
             grid,
             cells,
             on_done=lambda task, agent, what: print(f"{task}/{agent}: {what}", flush=True),
-            executor=args.executor,
-            address=args.address,
-            cpus_per_job=args.cpus_per_job,
-            max_retries=args.max_retries,
-            storage=args.storage,
             device=args.device,
+            **executor_options(args),
         )
         return 0
     from cfc_rl.experiment.ray_executor import executor_from_args
@@ -422,26 +430,12 @@ def _benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         print(f"{len(todo)} of {len(jobs)} runs to train")
         return 0
 
-    def show(result) -> None:
-        print(f"{result.status:8s} {result.seconds:7.1f} s  {result.job.run_dir}", flush=True)
-        if result.error:
-            print(result.error, file=sys.stderr)
-
     try:
-        results = run_benchmark(grid, jobs, executor_from_args(args), on_result=show)
-    except KeyboardInterrupt as e:  # the runs in training saved checkpoints
-        what = str(e) or "interrupted"
-        print(f"\n{what}; continue with: {shlex.join(['cfc-rl', *args.argv])}", file=sys.stderr)
-        return 130
+        results = run_benchmark(grid, jobs, executor_from_args(args), on_result=_show)
+    except KeyboardInterrupt as e:
+        return _interrupted(e, args)
     print(f"written: {grid.path.parent}/README.md")
-    failed = [r for r in results if r.status == "failed"]
-    if failed:
-        print(
-            f"{len(failed)} run(s) failed; run the same command again to retry them",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+    return _exit_code(results)
 
 
 def _add_export(parser: argparse.ArgumentParser) -> None:

@@ -61,6 +61,7 @@ __all__ = [
     "build_on_nodes",
     "connect",
     "executor_from_args",
+    "executor_options",
     "extensions_for",
     "import_ray",
     "pack_folder",
@@ -164,6 +165,14 @@ def executor_from_args(args: argparse.Namespace) -> Executor:
         max_retries=args.max_retries,
         storage=args.storage,
     )
+
+
+def executor_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of :func:`add_executor_arguments` as keyword arguments of
+    :func:`~cfc_rl.experiment.tune.search`, checked (:func:`check_executor_args`)."""
+    check_executor_args(args)
+    names = ("executor", "address", "cpus_per_job", "max_retries", "storage")
+    return {name: getattr(args, name) for name in names}
 
 
 def check_executor_args(args: argparse.Namespace) -> None:

@@ -67,6 +67,7 @@ from cfc_rl.experiment.ray_executor import (
     check_executor_args,
     check_inside_storage,
     connect,
+    executor_options,
     extensions_for,
     import_ray,
     make_scratch,
@@ -1098,12 +1099,8 @@ def tune_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         seeds=args.seeds,
         steps=args.steps,
         out=args.out,
-        executor=args.executor,
-        address=args.address,
-        cpus_per_job=args.cpus_per_job,
-        max_retries=args.max_retries,
-        storage=args.storage,
         device=args.device,
+        **executor_options(args),
     )
     print()
     print(Path(outcome.files[1]).read_text())
