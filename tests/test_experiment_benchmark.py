@@ -147,7 +147,8 @@ def test_report_normalises_aggregates_and_judges(tmp_path: Path) -> None:
     )
     assert "Published reference: ppo_cfc -500 (a blog). Here: mean -625.0" in text
     assert text.count(": below it.") == 1
-    for name in ("curves_cartpole_p", "curves_time_pendulum_p", "profiles_classic"):
+    names = ("curves_classic_cartpole_p", "curves_time_classic_pendulum_p", "profiles_classic")
+    for name in names:
         assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
 
     # the same files give the same report, byte for byte (the bootstrap is seeded)
@@ -413,3 +414,17 @@ def test_adopt_refuses_what_it_cannot_append_to(tmp_path: Path) -> None:
     fake_search(grid, "pendulum_p", "ppo_mlp", {"n_envs": 8}, 1.0)
     with pytest.raises(ConfigError, match="overrides must be the file's last section"):
         adopt(grid, pendulum, str(agent_file))
+
+
+def test_a_task_in_two_tiers_keeps_the_plots_of_both(tmp_path: Path) -> None:
+    data = yaml.safe_load(write_grid(tmp_path).read_text())
+    lstm = str(ROOT / "agents" / "ppo_lstm.yaml")
+    pendulum = {"task": str(ROOT / "envs" / "pendulum_p.yaml"), "steps": 5000, "agents": [lstm]}
+    data["tiers"]["other"] = {"seeds": 1, "zero": "ppo_lstm", "tasks": [pendulum]}
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(data))
+    grid = load_grid(tmp_path / "grid.yaml")
+    for job in plan(grid, tiers=["classic"]):
+        fake_run(job, FINALS[(job.task["name"], job.agent["name"])][job.seed])
+    report(grid)
+    assert (tmp_path / "curves_classic_pendulum_p.png").exists()
+    assert not (tmp_path / "curves_other_pendulum_p.png").exists()  # no run there yet

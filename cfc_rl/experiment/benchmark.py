@@ -28,8 +28,9 @@ file now gives is an error, not a silent mix.
   every other agent with its verdict (wins: the interval lies above 0.5; loses: below; ties:
   it holds 0.5), and per task the final returns, wall clock, steps/s and parameters;
 - ``summary.csv``, ``aggregate.csv``, ``improvement.csv``: the same numbers, unrounded;
-- ``curves_<task>.png`` and ``curves_time_<task>.png``: IQM return against environment steps
-  and against training time; ``profiles_<tier>.png``: performance profiles.
+- ``curves_<tier>_<task>.png`` and ``curves_time_<tier>_<task>.png``: IQM return against
+  environment steps and against training time (a task can be in several tiers);
+  ``profiles_<tier>.png``: performance profiles.
 
 Normalisation, per task: ``(return - zero) / (best - zero)`` where ``zero`` is the mean final
 return of the tier's ``zero`` agent and ``best`` the highest mean final return of any agent on
@@ -732,9 +733,13 @@ def report(grid: Grid, out: str | os.PathLike[str] | None = None) -> str:
         )
         for grid_task in tier.tasks:
             runs = {a: c.folders for (t, a), c in cells.items() if t == grid_task.name}
-            plot_curves(out / f"curves_{grid_task.name}.png", grid_task.name, runs)
+            name = f"{tier.name}_{grid_task.name}"
+            plot_curves(out / f"curves_{name}.png", f"{grid_task.name} ({tier.name})", runs)
             plot_curves(
-                out / f"curves_time_{grid_task.name}.png", grid_task.name, runs, against="time"
+                out / f"curves_time_{name}.png",
+                f"{grid_task.name} ({tier.name})",
+                runs,
+                against="time",
             )
         _plot_profiles(out / f"profiles_{tier.name}.png", tier, cells, normalise)
     _write_csv(out / "summary.csv", summary_rows)
@@ -902,8 +907,8 @@ def _tier_markdown(
             lines += ["", _reference_line(grid_task.reference, rows)]
         lines += [
             "",
-            f"![{grid_task.name} against steps](curves_{grid_task.name}.png) "
-            f"![{grid_task.name} against time](curves_time_{grid_task.name}.png)",
+            f"![{grid_task.name} against steps](curves_{tier.name}_{grid_task.name}.png) "
+            f"![{grid_task.name} against time](curves_time_{tier.name}_{grid_task.name}.png)",
             "",
         ]
     return "\n".join(lines)
