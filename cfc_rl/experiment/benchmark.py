@@ -41,7 +41,6 @@ zero agent is left out of the aggregates (the report says so).
 from __future__ import annotations
 
 import csv
-import io
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -57,7 +56,14 @@ from cfc_rl.envs.config import read_yaml
 from cfc_rl.experiment.compare import interval_columns, plan_jobs, plot_curves
 from cfc_rl.experiment.executors import Executor, JobResult
 from cfc_rl.experiment.jobs import Job
-from cfc_rl.experiment.runs import RunError, RunFolder, atomic_write, atomic_write_text, dump_yaml
+from cfc_rl.experiment.runs import (
+    RunError,
+    RunFolder,
+    atomic_write,
+    atomic_write_text,
+    dump_yaml,
+    write_csv,
+)
 from cfc_rl.experiment.statistics import iqm_and_mean_intervals, probability_of_improvement_interval
 
 __all__ = [
@@ -742,9 +748,9 @@ def report(grid: Grid, out: str | os.PathLike[str] | None = None) -> str:
                 against="time",
             )
         _plot_profiles(out / f"profiles_{tier.name}.png", tier, cells, normalise)
-    _write_csv(out / "summary.csv", summary_rows)
-    _write_csv(out / "aggregate.csv", aggregate_rows)
-    _write_csv(out / "improvement.csv", improvement_rows)
+    write_csv(out / "summary.csv", summary_rows, empty_header=("tier",))
+    write_csv(out / "aggregate.csv", aggregate_rows, empty_header=("tier",))
+    write_csv(out / "improvement.csv", improvement_rows, empty_header=("tier",))
     text = _markdown(grid, sections)
     atomic_write_text(out / "README.md", text)
     return text
@@ -975,12 +981,3 @@ def _plot_profiles(
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    text = io.StringIO()
-    fields = list(rows[0]) if rows else ["tier"]
-    writer = csv.DictWriter(text, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, text.getvalue())

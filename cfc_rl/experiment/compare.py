@@ -18,8 +18,6 @@ pool by default; a cluster executor only has to implement ``run``.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -30,7 +28,7 @@ import numpy as np
 
 from cfc_rl.experiment.executors import Executor, JobResult, LocalExecutor
 from cfc_rl.experiment.jobs import Job
-from cfc_rl.experiment.runs import RunFolder, atomic_write, atomic_write_text
+from cfc_rl.experiment.runs import RunFolder, atomic_write, atomic_write_text, write_csv
 from cfc_rl.experiment.statistics import BOOTSTRAP_REPS, curve_intervals, iqm_and_mean_intervals
 
 __all__ = [
@@ -169,7 +167,7 @@ def aggregate(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
                 "params": results[0]["params"],
             }
         )
-    _write_csv(out / "summary.csv", rows)
+    write_csv(out / "summary.csv", rows, empty_header=("task", "agent"))
     atomic_write_text(out / "summary.md", summary_markdown(rows))
     for task in sorted({task for task, _, _ in runs}):
         budgets = {b for t, b, _ in runs if t == task}
@@ -231,15 +229,6 @@ def summary_markdown(rows: list[dict[str, Any]]) -> str:
             )
         lines.append("")
     return "\n".join(lines)
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    text = io.StringIO()
-    fields = list(rows[0]) if rows else ["task", "agent"]
-    writer = csv.DictWriter(text, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, text.getvalue())
 
 
 def plot_curves(

@@ -11,8 +11,6 @@ control rates it never saw.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -22,7 +20,7 @@ from typing import Any
 from cfc_rl.envs import ConfigError
 from cfc_rl.experiment.compare import interval_columns
 from cfc_rl.experiment.evaluate import CONDITIONS, evaluate_run
-from cfc_rl.experiment.runs import RunFolder, atomic_write, atomic_write_text
+from cfc_rl.experiment.runs import RunFolder, atomic_write, atomic_write_text, write_csv
 
 __all__ = ["sweep", "sweep_markdown"]
 
@@ -81,8 +79,8 @@ def sweep(
                     on_result(row)
     rows = _aggregate(evaluations)
     out = Path(out)
-    _write_csv(out / "robustness_runs.csv", evaluations)
-    _write_csv(out / "robustness.csv", rows)
+    write_csv(out / "robustness_runs.csv", evaluations)
+    write_csv(out / "robustness.csv", rows)
     atomic_write_text(out / "robustness.md", sweep_markdown(rows))
     for condition in levels:
         _plot(out / f"robustness_{condition}.png", condition, rows)
@@ -137,14 +135,6 @@ def sweep_markdown(rows: list[dict[str, Any]]) -> str:
             lines.append(f"| {level} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, text.getvalue())
 
 
 def _plot(path: Path, condition: str, rows: list[dict[str, Any]]) -> None:

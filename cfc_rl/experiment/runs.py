@@ -21,13 +21,14 @@ then ``os.replace``, so an interruption leaves the old file or the new one, neve
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
 import pickle
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -42,6 +43,7 @@ __all__ = [
     "load_model",
     "load_replay_buffer",
     "run_folder",
+    "write_csv",
 ]
 
 
@@ -110,6 +112,20 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """:func:`atomic_write` for text (UTF-8)."""
     atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def write_csv(
+    path: str | os.PathLike[str], rows: list[dict[str, Any]], empty_header: Sequence[str] = ()
+) -> None:
+    """Rows (dicts with the same keys) as a CSV file, written atomically.
+
+    :param empty_header: the header when there are no rows
+    """
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else list(empty_header))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, text.getvalue())
 
 
 @dataclass(frozen=True)
