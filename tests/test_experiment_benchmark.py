@@ -352,14 +352,20 @@ def one_agent_grid(folder: Path, agent_file: Path, **changes) -> Path:
     return write_grid(folder, agent_sets={}, tiers=tiers, **changes)
 
 
-def fake_search(grid, task: str, agent: str, values: dict, score: float) -> None:
-    """The files `cfc-rl tune` leaves: trials.csv and the agent file with the chosen values."""
+TASK_IDS = {"cartpole_p": "cfc_rl/CartPole-P-v1", "pendulum_p": "cfc_rl/Pendulum-P-v1"}
+
+
+def fake_search(
+    grid, task: str, agent: str, values: dict, score: float, others: dict | None = None
+) -> None:
+    """The files `cfc-rl tune` leaves: trials.csv and the agent file with the chosen values
+    under the task id, beside the agent's ``others`` overrides."""
     folder = grid.searches / task / agent
     folder.mkdir(parents=True)
     (folder / "trials.csv").write_text(
         f"trial,score,steps,status\n1,{score},1000,complete\n2,-9999.0,100,pruned\n"
     )
-    tuned = {"algo": "ppo", "overrides": {"cfc_rl/CartPole-P-v1": values}}
+    tuned = {"algo": "ppo", "overrides": {**(others or {}), TASK_IDS[task]: values}}
     (folder / f"{agent}_tuned_{task}.yaml").write_text(yaml.safe_dump(tuned))
 
 
@@ -387,8 +393,10 @@ def test_adopt_appends_the_chosen_values_to_the_agent_file(tmp_path: Path) -> No
     other, _ = resolve(agent_file, ROOT / "envs" / "pendulum_p.yaml")
     assert other.hyperparams["learning_rate"] != 0.00123  # another task keeps its settings
     assert adopt(grid, cartpole, str(agent_file)) == f"{agent_file} has its values"
-    # a second task's values go under the same overrides section
-    fake_search(grid, "pendulum_p", "ppo_mlp", {"hyperparams": {"n_steps": 256}}, -300.0)
+    # a second task's values go under the same overrides section; the search's file also
+    # holds the agent's overrides for the first task, listed before the new ones
+    others = {"cartpole_p": values}
+    fake_search(grid, "pendulum_p", "ppo_mlp", {"hyperparams": {"n_steps": 256}}, -300.0, others)
     adopt(grid, pendulum, str(agent_file))
     assert yaml.safe_load(agent_file.read_text())["overrides"] == {
         "cartpole_p": values,

@@ -413,13 +413,18 @@ def adopt(grid: Grid, grid_task: GridTask, agent_file: str) -> str:
     :raises ConfigError: if the search completed no trial, or the agent file already holds other
         values for the task (remove them to adopt the new search)
     """
+    from cfc_rl.experiment.tasks import load_task
+    from cfc_rl.experiment.tune import SEED_START
+
     agent = Path(agent_file).stem
     folder = grid.searches / grid_task.name / agent
     tuned_file = folder / f"{agent}_tuned_{grid_task.name}.yaml"
     if not tuned_file.exists():
         raise ConfigError(f"{folder}: the search completed no trial; delete the folder to retry")
+    # cfc-rl tune keys its choice by the task file's name when the agent file already has that
+    # key, else by the task id, which task files can share (pendulum_p, pendulum_p_irregular)
     tuned = read_yaml(tuned_file)["overrides"]
-    values = tuned.get(grid_task.name) or next(iter(tuned.values()))
+    values = tuned.get(grid_task.name) or tuned[load_task(grid_task.task).id]
     path = Path(agent_file)
     text = path.read_text()
     overrides = (read_yaml(path) or {}).get("overrides") or {}
@@ -439,7 +444,8 @@ def adopt(grid: Grid, grid_task: GridTask, agent_file: str) -> str:
     entry = yaml.safe_dump({grid_task.name: values}, default_flow_style=None, sort_keys=False)
     lines = [] if overrides else ["overrides:"]
     lines += [
-        f"  # Tuned for the benchmark: the best of {len(rows)} trials (seeds from 1000, mean final",
+        f"  # Tuned for the benchmark: the best of {len(rows)} trials (seeds from {SEED_START}, "
+        "mean final",
         f"  # return {max(scores):.1f}); {os.path.relpath(folder / 'trials.md')}, protocol in",
         f"  # {os.path.relpath(grid.path.parent / 'PROTOCOL.md')}.",
         *("  " + line for line in entry.splitlines()),
