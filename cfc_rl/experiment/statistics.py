@@ -4,10 +4,10 @@ stratified-bootstrap intervals, as rliable defines them (Agarwal et al. 2021), v
 rliable calls a statistic once per bootstrap resample, through scipy's per-call checks: about
 4 s per table cell at 10,000 resamples, and minutes for a benchmark's learning curves. Here all
 resamples are drawn at once, as an index array of shape (resamples, runs, tasks), and each
-statistic is computed over the resample axis in one call; the point estimates are rliable's own
-functions (:mod:`rliable.metrics`), the intervals the same percentile bootstrap (resampling the
-runs of each task separately). ``tests/test_experiment_statistics.py`` holds the two to the same
-numbers.
+statistic is computed over the resample axis in one call. The statistics are rliable's
+definitions (the IQM is scipy's 25% trimmed mean over all scores, as in ``rliable.metrics``) and
+the intervals the same percentile bootstrap (resampling the runs of each task separately);
+``tests/test_experiment_statistics.py`` holds them to rliable's own numbers.
 
 Scores are arrays of shape (runs, tasks). The resamples come from a generator seeded with 0, so
 a report made twice from the same runs is the same, byte for byte.
@@ -61,9 +61,14 @@ def stratified_bootstrap(
     return scores[index, np.arange(tasks)]
 
 
-def _interval(estimates: np.ndarray) -> tuple[float, float]:
+def _bounds(estimates: np.ndarray) -> np.ndarray:
+    """The 95% percentile interval of bootstrap estimates along their first axis: (2, ...)."""
     tail = (1.0 - CONFIDENCE) / 2 * 100
-    low, high = np.percentile(estimates, [tail, 100.0 - tail], axis=0)
+    return np.percentile(estimates, [tail, 100.0 - tail], axis=0)
+
+
+def _interval(estimates: np.ndarray) -> tuple[float, float]:
+    low, high = _bounds(estimates)
     return float(low), float(high)
 
 
@@ -107,7 +112,5 @@ def curve_intervals(
     """
     scores = np.asarray(scores, dtype=float)
     # each point resampled on its own, as rliable does with points as tasks
-    iqms = scipy_stats.trim_mean(stratified_bootstrap(scores, reps), 0.25, axis=1)
-    tail = (1.0 - CONFIDENCE) / 2 * 100
-    low, high = np.percentile(iqms, [tail, 100.0 - tail], axis=0)
+    low, high = _bounds(scipy_stats.trim_mean(stratified_bootstrap(scores, reps), 0.25, axis=1))
     return scipy_stats.trim_mean(scores, 0.25, axis=0), low, high
