@@ -29,9 +29,9 @@ import onnxruntime
 import torch
 from stable_baselines3.common.vec_env import VecNormalize
 
-from cfc_rl.experiment.bench import machine_description
 from cfc_rl.experiment.evaluate import load_run
 from cfc_rl.experiment.export import export_run
+from cfc_rl.experiment.runs import machine_description
 from cfc_rl.experiment.train import train
 
 ROOT = Path(__file__).resolve().parent.parent

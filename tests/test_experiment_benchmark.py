@@ -13,7 +13,16 @@ import yaml
 
 from cfc_rl.envs import ConfigError
 from cfc_rl.experiment import cli
-from cfc_rl.experiment.benchmark import load_grid, plan, report, stale_runs, verdict
+from cfc_rl.experiment.benchmark import (
+    HEADLINE_BEGIN,
+    HEADLINE_END,
+    load_grid,
+    plan,
+    read_headline,
+    report,
+    stale_runs,
+    verdict,
+)
 from cfc_rl.experiment.runs import RunError, RunFolder, dump_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,7 +78,10 @@ def fake_run(job, final: float, steps_per_s: float = 100.0) -> None:
     """The small files a finished run leaves, with the given final return."""
     run = RunFolder(Path(job.run_dir))
     run.root.mkdir(parents=True, exist_ok=True)
-    run.config.write_text(dump_yaml({"agent": job.agent, "task": job.task, "seed": job.seed}))
+    machine = "A CPU, 2 cores, torch threads 1"
+    run.config.write_text(
+        dump_yaml({"agent": job.agent, "task": job.task, "seed": job.seed, "machine": machine})
+    )
     steps = np.arange(1, 5) * job.budget // 4
     returns = np.linspace(final - 100, final, 4)[:, None] + np.zeros((4, 3))
     np.savez(run.evaluations, timesteps=steps, results=returns, ep_lengths=np.ones((4, 3)))
@@ -86,9 +98,22 @@ def fake_run(job, final: float, steps_per_s: float = 100.0) -> None:
     run.result.write_text(json.dumps(record))
 
 
+# Training steps/s per (task, agent): ppo_cfc is 4x and 1x ppo_gru's speed (geometric mean 2),
+# 0.5x and 0.25x ppo_mlp's (geometric mean 0.354).
+SPEEDS = {
+    ("cartpole_p", "ppo_mlp"): 800.0,
+    ("cartpole_p", "ppo_gru"): 100.0,
+    ("cartpole_p", "ppo_cfc"): 400.0,
+    ("pendulum_p", "ppo_mlp"): 800.0,
+    ("pendulum_p", "ppo_gru"): 200.0,
+    ("pendulum_p", "ppo_cfc"): 200.0,
+}
+
+
 def fill(grid) -> None:
     for job in plan(grid):
-        fake_run(job, FINALS[(job.task["name"], job.agent["name"])][job.seed])
+        cell = (job.task["name"], job.agent["name"])
+        fake_run(job, FINALS[cell][job.seed], SPEEDS[cell])
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -129,10 +154,18 @@ def test_report_normalises_aggregates_and_judges(tmp_path: Path) -> None:
     assert improvement[("ppo_gru", "pendulum_p")]["verdict"] == "loses"
     assert float(improvement[("ppo_gru", "all")]["probability"]) == 0.5
     assert improvement[("ppo_gru", "all")]["verdict"] == "ties"
+    # what it costs: the focus agent's steps/s over the other's, geometric mean over tasks
+    assert float(improvement[("ppo_gru", "cartpole_p")]["steps_per_s_ratio"]) == 4.0
+    assert float(improvement[("ppo_gru", "all")]["steps_per_s_ratio"]) == pytest.approx(2.0)
+    assert float(improvement[("ppo_mlp", "all")]["steps_per_s_ratio"]) == pytest.approx(0.125**0.5)
 
     assert text == (tmp_path / "README.md").read_text()
     assert "16 of 24 planned runs complete" not in text and "24 of 24 planned runs" in text
+    assert "Runs made on: A CPU, 2 cores, torch threads 1 (24 runs)." in text
     assert "- Over the tasks both ran: ppo_cfc wins against ppo_mlp; ties against ppo_gru." in text
+    assert "| ppo_gru | 1.00 [1.00, 1.00] wins | 0.00 [0.00, 0.00] loses | 0.50 " in text
+    assert "| ppo_mlp | 1.00 [1.00, 1.00] wins | 1.00 [1.00, 1.00] wins | 1.00 " in text
+    assert text.count(" | 2.00x |") == 1 and text.count(" | 0.35x |") == 1
     assert (
         "- Per task: ppo_cfc wins against ppo_gru (cartpole_p), ppo_mlp (cartpole_p, pendulum_p); "
         "loses against ppo_gru (pendulum_p)." in text
@@ -155,6 +188,45 @@ def test_report_normalises_aggregates_and_judges(tmp_path: Path) -> None:
     again = tmp_path / "again"
     assert report(grid, again) == text
     assert (again / "summary.csv").read_bytes() == (tmp_path / "summary.csv").read_bytes()
+
+
+def test_report_writes_its_headline_into_the_named_readme(tmp_path: Path, capsys) -> None:
+    readme = tmp_path / "PROJECT.md"
+    readme.write_text(f"# A project\n\n{HEADLINE_BEGIN}\nold numbers\n{HEADLINE_END}\n\nMore.\n")
+    path = write_grid(tmp_path, headline_in=str(readme))
+    grid = load_grid(path)
+    fill(grid)
+    assert cli.main(["benchmark", "report", "--grid", str(path)]) == 0
+    assert f"{readme} (headline)" in capsys.readouterr().out
+    headline = (tmp_path / "headline.md").read_text()
+    assert readme.read_text() == (
+        f"# A project\n\n{HEADLINE_BEGIN}\n{headline}{HEADLINE_END}\n\nMore.\n"
+    )
+    assert read_headline(readme) == headline
+    assert headline.startswith(
+        "**classic**: 24 of 24 planned runs complete (cartpole_p, pendulum_p; seeds 0-3). Runs "
+        "made on: A CPU, 2 cores, torch threads 1 (24 runs). Normalised scores over cartpole_p, pendulum_p (ppo_mlp 0, the best agent 1).\n"
+    )
+    # agents by normalised IQM; the focus agent's probability of improvement and speed ratio
+    rows = [line for line in headline.splitlines() if line.startswith("| ppo_")]
+    assert rows == [
+        "| ppo_cfc | 0.79 [0.74, 0.80] |  |  |",
+        "| ppo_gru | 0.74 [0.71, 0.79] | 0.50 [0.50, 0.50] ties | 2.00x |",
+        "| ppo_mlp | 0.00 [-0.06, 0.06] | 1.00 [1.00, 1.00] wins | 0.35x |",
+    ]
+    assert "Over the tasks both ran, ppo_cfc wins against ppo_mlp; ties against ppo_gru." in headline
+    # a report written elsewhere leaves the README alone
+    before = readme.read_text()
+    (tmp_path / "runs" / "cartpole_p" / "ppo_gru" / "seed_0" / "result.json").unlink()
+    report(grid, tmp_path / "copy")
+    assert readme.read_text() == before
+    assert (tmp_path / "copy" / "headline.md").read_text() != headline
+    # a file without the markers is refused when the grid is read
+    readme.write_text("# A project\n")
+    with pytest.raises(ConfigError, match="PROJECT.md: needs the lines .* once each"):
+        load_grid(path)
+    with pytest.raises(ConfigError, match="headline_in: no Markdown file 'nowhere.md'"):
+        load_grid(write_grid(tmp_path, headline_in="nowhere.md"))
 
 
 def test_report_says_what_is_missing_and_leaves_out_tasks_without_the_zero(tmp_path: Path) -> None:
@@ -277,8 +349,10 @@ def test_published_report_is_what_the_committed_runs_give(tmp_path: Path, monkey
     grid = load_grid(PUBLISHED / "grid.yaml")
     text = report(grid, tmp_path)
     assert text == (PUBLISHED / "README.md").read_text()
-    for name in ("summary.csv", "aggregate.csv", "improvement.csv"):
+    for name in ("summary.csv", "aggregate.csv", "improvement.csv", "headline.md"):
         assert (tmp_path / name).read_bytes() == (PUBLISHED / name).read_bytes(), name
+    assert grid.headline_in is not None
+    assert read_headline(grid.headline_in) == (tmp_path / "headline.md").read_text()
     assert not stale_runs(plan(grid)), "committed runs whose settings the files no longer give"
 
 

@@ -7,6 +7,7 @@ that the whole module runs in well under a minute on 2 CPU cores.
 from __future__ import annotations
 
 import csv
+import os
 import importlib.util
 import json
 import re
@@ -91,6 +92,8 @@ def test_train_then_evaluate_round_trip(tmp_path: Path, capsys, agent: str, task
     assert config["agent"]["name"] == agent
     assert config["task"]["train"]["total_timesteps"] == 256
     assert config["versions"]["stable-baselines3"]
+    # the machine its speed was measured on: CPU, cores, torch's threads (the CLI's --threads)
+    assert config["machine"].endswith(f"{os.cpu_count()} cores, torch threads 1")
     result = run.read_result()
     assert result["num_timesteps"] >= 256
     assert result["eval_episodes"] == 2 and result["params"] > 0

@@ -35,7 +35,6 @@ import gc
 import importlib.metadata
 import io
 import math
-import os
 import platform
 import shlex
 import statistics
@@ -49,7 +48,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cfc_rl.experiment.runs import atomic_write_text
+from cfc_rl.experiment.runs import atomic_write_text, machine_description
 from cfc_rl.nn import CELLS, make_cell
 
 try:
@@ -520,20 +519,6 @@ def results_tables(
     if notes:
         text += "\n\nNotes:\n\n" + "\n".join(f"- {note}" for note in notes)
     return text + "\n"
-
-
-def machine_description(device: str) -> str:
-    """The CPU model (or GPU name) the figures were measured on."""
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
 def csv_text(results: dict[str, dict[str, Candidate]], shapes: list[Shape]) -> str:

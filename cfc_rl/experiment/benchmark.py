@@ -8,6 +8,7 @@ The grid is a YAML file (``results/benchmark/grid.yaml``)::
     focus: [ppo_cfc]                # agents whose probability of improvement is reported
     agent_sets:                     # named lists of agent files
       ppo: [agents/ppo_cfc.yaml, agents/ppo_mlp.yaml]
+    headline_in: README.md          # optional: the report's headline goes between its markers
     tiers:
       classic:
         seeds: 5                    # seeds 0..4 (or a list of seeds)
@@ -26,7 +27,12 @@ file now gives is an error, not a silent mix.
 - ``README.md``: per tier, the aggregate over tasks of normalised scores (IQM and mean with 95%
   stratified-bootstrap intervals, rliable), the probability that each focus agent improves on
   every other agent with its verdict (wins: the interval lies above 0.5; loses: below; ties:
-  it holds 0.5), and per task the final returns, wall clock, steps/s and parameters;
+  it holds 0.5) and what it costs (the ratio of training steps/s), and per task the final
+  returns, wall clock, steps/s and parameters;
+- ``headline.md``: per tier, the normalised scores with each focus agent's probability of
+  improvement and speed ratio (its training steps/s over the other's), in one table; with
+  ``headline_in``, the report also writes it into that file between the lines
+  :data:`HEADLINE_BEGIN` and :data:`HEADLINE_END` (the project's README);
 - ``summary.csv``, ``aggregate.csv``, ``improvement.csv``: the same numbers, unrounded;
 - ``curves_<tier>_<task>.png`` and ``curves_time_<tier>_<task>.png``: IQM return against
   environment steps and against training time (a task can be in several tiers);
@@ -78,7 +84,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-GRID_KEYS = ("runs", "zero", "focus", "agent_sets", "tiers", "tuning")
+GRID_KEYS = ("runs", "zero", "focus", "agent_sets", "tiers", "tuning", "headline_in")
 TUNING_KEYS = ("trials", "seeds", "spaces")
 TIER_KEYS = ("seeds", "tasks", "zero", "focus")
 TASK_KEYS = ("task", "steps", "agents", "reference")
@@ -131,6 +137,7 @@ class Grid:
     runs: Path
     tiers: tuple[Tier, ...]
     tuning: Tuning | None = None
+    headline_in: Path | None = None
 
     @property
     def searches(self) -> Path:
@@ -244,7 +251,14 @@ def load_grid(path: str | os.PathLike[str]) -> Grid:
                 )
         tiers.append(Tier(str(tier_name), seeds, tuple(tasks), str(zero), tuple(focus)))
     runs = path.parent / str(data.get("runs", "runs"))
-    return Grid(path, runs, tuple(tiers), _tuning(path, data.get("tuning"), set(stems)))
+    headline_in = data.get("headline_in")
+    if headline_in is not None:
+        if not isinstance(headline_in, str) or not Path(headline_in).is_file():
+            raise ConfigError(f"{path}: headline_in: no Markdown file {headline_in!r}")
+        headline_in = Path(headline_in)
+        _headline_bounds(headline_in, headline_in.read_text())
+    tuning = _tuning(path, data.get("tuning"), set(stems))
+    return Grid(path, runs, tuple(tiers), tuning, headline_in)
 
 
 def _tuning(path: Path, data: Any, agents: set[str]) -> Tuning | None:
@@ -521,6 +535,7 @@ class _Cell:
     steps: int
     folders: list[RunFolder]
     results: list[dict[str, Any]]
+    machines: list[str | None]
 
     @property
     def finals(self) -> np.ndarray:
@@ -533,7 +548,7 @@ def _collect(grid: Grid, tier: Tier) -> dict[tuple[str, str], _Cell]:
     cells = {}
     for grid_task in tier.tasks:
         for agent in grid_task.agent_names:
-            folders, results, settings = [], [], None
+            folders, results, machines, settings = [], [], [], None
             for folder in sorted(
                 (grid.runs / grid_task.name / agent).glob("seed_*"),
                 key=lambda p: int(p.name.removeprefix("seed_")),
@@ -556,9 +571,10 @@ def _collect(grid: Grid, tier: Tier) -> dict[tuple[str, str], _Cell]:
                         )
                 folders.append(run)
                 results.append(result)
+                machines.append(config.get("machine"))
             if folders:
                 cells[(grid_task.name, agent)] = _Cell(
-                    grid_task.name, agent, grid_task.steps, folders, results
+                    grid_task.name, agent, grid_task.steps, folders, results, machines
                 )
     return cells
 
@@ -677,6 +693,11 @@ def _improvements(
                 x = _score_matrix([cells[(t, focus)] for t in scope], None)
                 y = _score_matrix([cells[(t, other)] for t in scope], None)
                 p, low, high = probability_of_improvement_interval(x, y)
+                # The geometric mean of the per-task ratios: a task twice as fast weighs as much
+                # as one twice as slow.
+                ratios = [
+                    _steps_per_s(cells[(t, focus)]) / _steps_per_s(cells[(t, other)]) for t in scope
+                ]
                 rows.append(
                     {
                         "tier": tier.name,
@@ -688,15 +709,21 @@ def _improvements(
                         "ci_low": low,
                         "ci_high": high,
                         "verdict": verdict(low, high),
+                        "steps_per_s_ratio": float(np.exp(np.mean(np.log(ratios)))),
                     }
                 )
     return rows
 
 
+def _steps_per_s(cell: _Cell) -> float:
+    return float(np.mean([r["steps_per_s"] for r in cell.results]))
+
+
 def report(grid: Grid, out: str | os.PathLike[str] | None = None) -> str:
     """Aggregate the grid's complete runs into the report files (see the module docstring).
 
-    :param out: the folder of the report (default: the grid file's folder)
+    :param out: the folder of the report (default: the grid file's folder; only then does the
+        headline also go into the grid's ``headline_in`` file)
     :return: the report's Markdown (``README.md``)
     :raises RunError: if runs of one cell were trained with different settings
     """
@@ -705,6 +732,7 @@ def report(grid: Grid, out: str | os.PathLike[str] | None = None) -> str:
     aggregate_rows: list[dict[str, Any]] = []
     improvement_rows: list[dict[str, Any]] = []
     sections = []
+    headline: list[str] = []
     for tier in grid.tiers:
         cells = _collect(grid, tier)
         normalise = _normalisers(grid, tier, cells)
@@ -729,7 +757,7 @@ def report(grid: Grid, out: str | os.PathLike[str] | None = None) -> str:
                         else float("nan")
                     ),
                     "wall_clock_s": float(np.mean([r["wall_clock_s"] for r in results])),
-                    "steps_per_s": float(np.mean([r["steps_per_s"] for r in results])),
+                    "steps_per_s": _steps_per_s(cell),
                     "params": int(results[0]["params"]),
                 }
                 tier_summary.append(row)
@@ -742,6 +770,13 @@ def report(grid: Grid, out: str | os.PathLike[str] | None = None) -> str:
             _tier_markdown(
                 grid, tier, cells, normalise, tier_summary, tier_aggregates, tier_improvements
             )
+        )
+        headline += _headline(
+            tier,
+            f"{_progress(tier, cells)} ({', '.join(t.name for t in tier.tasks)}; "
+            f"seeds {_seed_text(tier.seeds)}). {_machines(cells)}",
+            tier_aggregates,
+            tier_improvements,
         )
         for grid_task in tier.tasks:
             runs = {a: c.folders for (t, a), c in cells.items() if t == grid_task.name}
@@ -758,8 +793,47 @@ def report(grid: Grid, out: str | os.PathLike[str] | None = None) -> str:
     write_csv(out / "aggregate.csv", aggregate_rows, empty_header=("tier",))
     write_csv(out / "improvement.csv", improvement_rows, empty_header=("tier",))
     text = _markdown(grid, sections)
+    headline_text = "\n".join(headline or ["No tier has a complete comparison yet.", ""])
+    atomic_write_text(out / "headline.md", headline_text)
     atomic_write_text(out / "README.md", text)
+    if grid.headline_in is not None and out.resolve() == grid.path.parent.resolve():
+        splice_headline(grid.headline_in, headline_text)
     return text
+
+
+HEADLINE_BEGIN = "<!-- benchmark headline: written by `cfc-rl benchmark report` -->"
+HEADLINE_END = "<!-- end of the benchmark headline -->"
+
+
+def _headline_bounds(path: Path, text: str) -> tuple[int, int]:
+    """Where the headline lies in ``text``: after the begin marker's line, up to the end
+    marker.
+
+    :raises ConfigError: without both markers, in order, once each
+    """
+    begin, end = text.find(HEADLINE_BEGIN), text.find(HEADLINE_END)
+    if begin < 0 or end < begin or text.count(HEADLINE_BEGIN) != 1 or text.count(HEADLINE_END) != 1:
+        raise ConfigError(
+            f"{path}: needs the lines {HEADLINE_BEGIN!r} and {HEADLINE_END!r}, once each and in "
+            "that order, around the benchmark's headline"
+        )
+    return begin + len(HEADLINE_BEGIN) + 1, end
+
+
+def read_headline(path: str | os.PathLike[str]) -> str:
+    """The headline between the markers of a Markdown file (:func:`splice_headline`)."""
+    path = Path(path)
+    text = path.read_text()
+    start, end = _headline_bounds(path, text)
+    return text[start:end]
+
+
+def splice_headline(path: str | os.PathLike[str], headline: str) -> None:
+    """Replace what lies between the headline markers of a Markdown file with ``headline``."""
+    path = Path(path)
+    text = path.read_text()
+    start, end = _headline_bounds(path, text)
+    atomic_write_text(path, text[:start] + headline + text[end:])
 
 
 def _markdown(grid: Grid, sections: list[str]) -> str:
@@ -794,16 +868,6 @@ def _tier_markdown(
     aggregates: list[dict[str, Any]],
     improvements: list[dict[str, Any]],
 ) -> str:
-    planned = sum(len(t.agents) for t in tier.tasks) * len(tier.seeds)
-    done = sum(
-        1
-        for t in tier.tasks
-        for a in t.agent_names
-        for c in [cells.get((t.name, a))]
-        if c is not None
-        for r in c.results
-        if r["seed"] in tier.seeds
-    )
     missing = [
         f"{t.name}/{a} ({len(cells[(t.name, a)].results) if (t.name, a) in cells else 0}"
         f"/{len(tier.seeds)})"
@@ -815,8 +879,8 @@ def _tier_markdown(
     lines = [
         f"## Tier {tier.name}",
         "",
-        f"Seeds {_seed_text(tier.seeds)}; {done} of {planned} planned runs complete. "
-        f"Zero of the normalised score: {tier.zero}.",
+        f"Seeds {_seed_text(tier.seeds)}; {_progress(tier, cells)}. "
+        f"Zero of the normalised score: {tier.zero}." + (f" {_machines(cells)}" if cells else ""),
     ]
     if missing:
         lines.append(f"Incomplete (runs done / planned): {', '.join(missing)}.")
@@ -851,13 +915,15 @@ def _tier_markdown(
             continue
         scopes = list(dict.fromkeys(r["tasks"] for r in rows))
         lines += [
-            f"### Does {focus} improve on the others?",
+            f"### Does {focus} improve on the others, and at what cost?",
             "",
-            "Probability of improvement [95% CI], verdict.",
+            "Probability of improvement [95% CI], verdict; speed: the focus agent's training "
+            "steps/s over the other's (geometric mean over the tasks both ran).",
             "",
-            "| against | " + " | ".join(scopes) + " |",
-            "|---|" + "---:|" * len(scopes),
+            "| against | " + " | ".join(scopes) + " | speed |",
+            "|---|" + "---:|" * (len(scopes) + 1),
         ]
+        overall = {r["other"]: r for r in rows if r["tasks"] == "all"}
         for other in dict.fromkeys(r["other"] for r in rows):
             by_scope = {r["tasks"]: r for r in rows if r["other"] == other}
             cells_text = [
@@ -867,12 +933,10 @@ def _tier_markdown(
                 else ""
                 for s in scopes
             ]
-            lines.append(f"| {other} | " + " | ".join(cells_text) + " |")
+            speed = f"{overall[other]['steps_per_s_ratio']:.2f}x"
+            lines.append(f"| {other} | " + " | ".join(cells_text) + f" | {speed} |")
         lines.append("")
-        overall = {w: [r["other"] for r in rows if r["tasks"] == "all" and r["verdict"] == w]
-                   for w in ("wins", "ties", "loses")}  # fmt: skip
-        said = [f"{word} against {', '.join(others)}" for word, others in overall.items() if others]
-        lines.append(f"- Over the tasks both ran: {focus} {'; '.join(said)}.")
+        lines.append(f"- Over the tasks both ran: {_verdicts(focus, list(overall.values()))}.")
         per_task = []
         for word in ("wins", "ties", "loses"):
             others: dict[str, list[str]] = {}
@@ -924,6 +988,99 @@ def _tier_markdown(
             "",
         ]
     return "\n".join(lines)
+
+
+def _progress(tier: Tier, cells: Mapping[tuple[str, str], _Cell]) -> str:
+    """'<done> of <planned> planned runs complete' (runs of the tier's seeds)."""
+    planned = sum(len(t.agents) for t in tier.tasks) * len(tier.seeds)
+    done = sum(
+        1
+        for t in tier.tasks
+        for a in t.agent_names
+        for c in [cells.get((t.name, a))]
+        if c is not None
+        for r in c.results
+        if r["seed"] in tier.seeds
+    )
+    return f"{done} of {planned} planned runs complete"
+
+
+def _machines(cells: Mapping[tuple[str, str], _Cell]) -> str:
+    """'Runs made on: <machine> (<n> runs); ...': the speeds are those machines'."""
+    counts: dict[str, int] = {}
+    for cell in cells.values():
+        for machine in cell.machines:
+            name = machine or "not recorded"
+            counts[name] = counts.get(name, 0) + 1
+    return "Runs made on: " + "; ".join(f"{m} ({n} runs)" for m, n in counts.items()) + "."
+
+
+def _headline(
+    tier: Tier,
+    progress: str,
+    aggregates: list[dict[str, Any]],
+    improvements: list[dict[str, Any]],
+) -> list[str]:
+    """The tier in a few lines for the project's README: its normalised scores over the most
+    tasks any group of agents shares, and per focus agent the probability that it improves on
+    each other agent, with its speed ratio."""
+    overall = [r for r in improvements if r["tasks"] == "all"]
+    if not aggregates and not overall:
+        return []
+    tasks = max((r["tasks"] for r in aggregates), key=lambda ts: len(ts.split()), default="")
+    scores = {r["agent"]: r for r in aggregates if r["tasks"] == tasks}
+    focus = list(dict.fromkeys(r["focus"] for r in overall))
+    agents = list(dict.fromkeys([*sorted(scores, key=lambda a: -scores[a]["iqm"]),
+                                 *(r["other"] for r in overall)]))  # fmt: skip
+    scored = (
+        f" Normalised scores over {', '.join(tasks.split())} ({tier.zero} 0, the best agent 1)."
+        if scores
+        else ""
+    )
+    lines = [f"**{tier.name}**: {progress}{scored}", ""]
+    header = ["agent"]
+    if scores:
+        header.append("normalised score, IQM [95% CI]")
+    for name in focus:
+        header += [f"P({name} > agent) [95% CI]", f"{name}'s speed ÷ agent's"]
+    lines += ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for agent in agents:
+        row = [agent]
+        if scores:
+            score = scores.get(agent)
+            row.append(
+                f"{score['iqm']:.2f} [{score['iqm_ci_low']:.2f}, {score['iqm_ci_high']:.2f}]"
+                if score
+                else ""
+            )
+        for name in focus:
+            r = next((r for r in overall if r["focus"] == name and r["other"] == agent), None)
+            row += (
+                [
+                    f"{r['probability']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}] "
+                    f"{r['verdict']}",
+                    f"{r['steps_per_s_ratio']:.2f}x",
+                ]
+                if r
+                else ["", ""]
+            )
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    for name in focus:
+        rows = [r for r in overall if r["focus"] == name]
+        lines.append(f"Over the tasks both ran, {_verdicts(name, rows)}.")
+    lines.append("")
+    return lines
+
+
+def _verdicts(focus: str, rows: Any) -> str:
+    """'<focus> wins against a, b; ties against c' from improvement rows of one scope."""
+    said = [
+        f"{word} against {', '.join(r['other'] for r in rows if r['verdict'] == word)}"
+        for word in ("wins", "ties", "loses")
+        if any(r["verdict"] == word for r in rows)
+    ]
+    return f"{focus} {'; '.join(said)}"
 
 
 def _reference_line(reference: Mapping[str, Any], rows: list[dict[str, Any]]) -> str:

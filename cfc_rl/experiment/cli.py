@@ -396,7 +396,7 @@ def _benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     grid = load_grid(args.grid)
     if args.benchmark_command == "report":
         report(grid, args.out)
-        print(f"written: {Path(args.out) if args.out else grid.path.parent}/README.md")
+        _show_report(grid, args.out)
         return 0
     if args.benchmark_command == "tune":
         from cfc_rl.experiment.ray_executor import executor_options
@@ -434,8 +434,15 @@ def _benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         results = run_benchmark(grid, jobs, executor_from_args(args), on_result=_show)
     except KeyboardInterrupt as e:
         return _interrupted(e, args)
-    print(f"written: {grid.path.parent}/README.md")
+    _show_report(grid, None)
     return _exit_code(results)
+
+
+def _show_report(grid: Any, out: str | None) -> None:
+    folder = Path(out) if out else grid.path.parent
+    spliced = grid.headline_in and folder.resolve() == grid.path.parent.resolve()
+    also = f", {grid.headline_in} (headline)" if spliced else ""
+    print(f"written: {folder}/README.md{also}")
 
 
 def _add_export(parser: argparse.ArgumentParser) -> None:

@@ -33,8 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cfc_rl.experiment.bench import machine_description
-from cfc_rl.experiment.runs import atomic_write_text
+from cfc_rl.experiment.runs import atomic_write_text, machine_description
 from cfc_rl.nn import LTC
 
 DT_VALUES = (0.05, 1.0)

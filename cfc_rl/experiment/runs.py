@@ -26,6 +26,7 @@ import io
 import json
 import os
 import pickle
+import platform
 import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
@@ -42,6 +43,7 @@ __all__ = [
     "atomic_write_text",
     "load_model",
     "load_replay_buffer",
+    "machine_description",
     "run_folder",
     "write_csv",
 ]
@@ -256,3 +258,19 @@ def dump_yaml(data: Any) -> str:
     stream = io.StringIO()
     yaml.safe_dump(data, stream, sort_keys=False)
     return stream.getvalue()
+
+
+def machine_description(device: str) -> str:
+    """The CPU model (or GPU name) the figures were measured on."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"

@@ -38,8 +38,7 @@ from stable_baselines3.common.vec_env import VecNormalize
 from torch import nn
 
 import cfc_rl.envs  # noqa: F401  (registers the task ids)
-from cfc_rl.experiment.bench import machine_description
-from cfc_rl.experiment.runs import atomic_write_text
+from cfc_rl.experiment.runs import atomic_write_text, machine_description
 from cfc_rl.sb3 import RecurrentCellPolicy, RecurrentSAC, SequenceExtractor
 
 TASK = "cfc_rl/Pendulum-P-v1"

@@ -25,6 +25,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import torch
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import CallbackList
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
@@ -47,6 +48,7 @@ from cfc_rl.experiment.runs import (
     dump_yaml,
     load_model,
     load_replay_buffer,
+    machine_description,
 )
 from cfc_rl.experiment.settings import (
     ACTIVATIONS,
@@ -528,7 +530,8 @@ def count_parameters(model: BaseAlgorithm) -> int:
 
 
 def config_record(agent: AgentConfig, task: Task, seed: int, device: str) -> dict[str, Any]:
-    """What ``config.yaml`` holds: the resolved agent and task, the seed, package versions."""
+    """What ``config.yaml`` holds: the resolved agent and task, the seed, the machine (its CPU
+    and torch's threads, which its speed depends on) and package versions."""
     versions = {"python": platform.python_version()}
     for package in ("cfc-rl", "torch", "stable-baselines3", "sb3-contrib", "gymnasium"):
         try:
@@ -540,6 +543,13 @@ def config_record(agent: AgentConfig, task: Task, seed: int, device: str) -> dic
         "task": {"name": task.name, "source": task.source, **task.as_dict()},
         "seed": seed,
         "device": device,
+        "machine": ", ".join(
+            [
+                machine_description("cpu"),
+                f"torch threads {torch.get_num_threads()}",
+                *([machine_description("cuda")] if device == "cuda" else []),
+            ]
+        ),
         "versions": versions,
         "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
