@@ -205,7 +205,8 @@ def test_report_writes_its_headline_into_the_named_readme(tmp_path: Path, capsys
     assert read_headline(readme) == headline
     assert headline.startswith(
         "**classic**: 24 of 24 planned runs complete (cartpole_p, pendulum_p; seeds 0-3). Runs "
-        "made on: A CPU, 2 cores, torch threads 1 (24 runs). Normalised scores over cartpole_p, pendulum_p (ppo_mlp 0, the best agent 1).\n"
+        "made on: A CPU, 2 cores, torch threads 1 (24 runs). Normalised scores over cartpole_p, "
+        "pendulum_p (ppo_mlp 0, the best agent 1).\n"
     )
     # agents by normalised IQM; the focus agent's probability of improvement and speed ratio
     rows = [line for line in headline.splitlines() if line.startswith("| ppo_")]
@@ -214,7 +215,9 @@ def test_report_writes_its_headline_into_the_named_readme(tmp_path: Path, capsys
         "| ppo_gru | 0.74 [0.71, 0.79] | 0.50 [0.50, 0.50] ties | 2.00x |",
         "| ppo_mlp | 0.00 [-0.06, 0.06] | 1.00 [1.00, 1.00] wins | 0.35x |",
     ]
-    assert "Over the tasks both ran, ppo_cfc wins against ppo_mlp; ties against ppo_gru." in headline
+    assert (
+        "Over the tasks both ran, ppo_cfc wins against ppo_mlp; ties against ppo_gru." in headline
+    )
     # a report written elsewhere leaves the README alone
     before = readme.read_text()
     (tmp_path / "runs" / "cartpole_p" / "ppo_gru" / "seed_0" / "result.json").unlink()
@@ -223,9 +226,9 @@ def test_report_writes_its_headline_into_the_named_readme(tmp_path: Path, capsys
     assert (tmp_path / "copy" / "headline.md").read_text() != headline
     # a file without the markers is refused when the grid is read
     readme.write_text("# A project\n")
-    with pytest.raises(ConfigError, match="PROJECT.md: needs the lines .* once each"):
+    with pytest.raises(ConfigError, match=r"PROJECT\.md: needs the lines .* once each"):
         load_grid(path)
-    with pytest.raises(ConfigError, match="headline_in: no Markdown file 'nowhere.md'"):
+    with pytest.raises(ConfigError, match=r"headline_in: no Markdown file 'nowhere\.md'"):
         load_grid(write_grid(tmp_path, headline_in="nowhere.md"))
 
 
@@ -510,3 +513,39 @@ def test_a_task_in_two_tiers_keeps_the_plots_of_both(tmp_path: Path) -> None:
     report(grid)
     assert (tmp_path / "curves_classic_pendulum_p.png").exists()
     assert not (tmp_path / "curves_other_pendulum_p.png").exists()  # no run there yet
+
+
+def test_runs_of_agents_without_a_search_wait_or_are_tuned_first(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    spaces = {a: str(ROOT / "agents" / "spaces" / f"{a[4:]}.yaml") for a in ("ppo_cfc", "ppo_gru")}
+    path = write_grid(tmp_path, tuning={"trials": 2, "seeds": 1, "spaces": spaces})
+    grid = load_grid(path)
+    searched = tmp_path / "tuning" / "cartpole_p" / "ppo_cfc"
+    searched.mkdir(parents=True)
+    (searched / "trials.csv").write_text("trial\n")
+    # ppo_mlp has no space: it is not tuned, and its runs do not wait
+    assert cli.main(["benchmark", "run", "--grid", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "runs waiting for their agent's search (run with --tune, or cfc-rl benchmark tune):\n"
+        "  cartpole_p: ppo_gru\n"
+        "  pendulum_p: ppo_cfc, ppo_gru\n" in out
+    )
+    assert "12 of 12 runs to train" in out and "ppo_gru/seed_" not in out
+
+    # --tune searches first (here a stand-in that leaves the search's file), then trains
+    tuned = []
+
+    def tune_cells(grid, cells, on_done=None, **kwargs) -> None:
+        for _, grid_task, agent_file in cells:
+            tuned.append((grid_task.name, Path(agent_file).stem))
+            folder = grid.searches / grid_task.name / Path(agent_file).stem
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "trials.csv").write_text("trial\n")
+
+    monkeypatch.setattr("cfc_rl.experiment.benchmark.tune_cells", tune_cells)
+    fill(grid)  # every run complete: nothing trains
+    assert cli.main(["benchmark", "run", "--grid", str(path), "--tune"]) == 0
+    out = capsys.readouterr().out
+    assert len(tuned) == 6 and "waiting" not in out and out.count("skipped") == 24

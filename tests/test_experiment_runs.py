@@ -7,9 +7,9 @@ that the whole module runs in well under a minute on 2 CPU cores.
 from __future__ import annotations
 
 import csv
-import os
 import importlib.util
 import json
+import os
 import re
 import shutil
 from pathlib import Path

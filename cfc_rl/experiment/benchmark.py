@@ -80,6 +80,7 @@ __all__ = [
     "plan",
     "report",
     "run_benchmark",
+    "untuned",
 ]
 
 logger = logging.getLogger(__name__)
@@ -366,6 +367,19 @@ def plan(
                 device=device,
             )
     return jobs
+
+
+def untuned(grid: Grid, cells: Sequence[tuple[Tier, GridTask, str]]) -> set[tuple[str, str]]:
+    """The (task, agent) names of the cells whose agent the grid tunes (``tuning.spaces``) but
+    that have no search yet: their runs wait, so that no run trains with untuned settings."""
+    if grid.tuning is None:
+        return set()
+    return {
+        (grid_task.name, Path(agent_file).stem)
+        for _, grid_task, agent_file in cells
+        if Path(agent_file).stem in grid.tuning.spaces
+        and not (grid.searches / grid_task.name / Path(agent_file).stem / "trials.csv").exists()
+    }
 
 
 def tune_cells(

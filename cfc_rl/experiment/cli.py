@@ -362,6 +362,12 @@ def _add_benchmark(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--dry-run", action="store_true", help="list the runs it would train, and stop"
     )
+    run.add_argument(
+        "--tune",
+        action="store_true",
+        help="first search the chosen agents that have no search yet (as `benchmark tune`); "
+        "without it their runs wait",
+    )
     add_executor_arguments(run)
     tune = steps.add_parser(
         "tune",
@@ -391,6 +397,7 @@ def _benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         select,
         stale_runs,
         tune_cells,
+        untuned,
     )
 
     grid = load_grid(args.grid)
@@ -398,10 +405,13 @@ def _benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         report(grid, args.out)
         _show_report(grid, args.out)
         return 0
-    if args.benchmark_command == "tune":
-        from cfc_rl.experiment.ray_executor import executor_options
+    from cfc_rl.experiment.ray_executor import executor_from_args, executor_options
 
-        cells = select(grid, tiers=args.tiers, tasks=args.tasks, agents=args.agents)
+    cells = select(grid, tiers=args.tiers, tasks=args.tasks, agents=args.agents)
+    chosen = dict(tiers=args.tiers, tasks=args.tasks, agents=args.agents, device=args.device)
+    if args.benchmark_command == "run":
+        plan(grid, seeds=args.seeds, **chosen)  # its errors before a search starts
+    if args.benchmark_command == "tune" or (args.tune and not args.dry_run):
         tune_cells(
             grid,
             cells,
@@ -409,18 +419,20 @@ def _benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             device=args.device,
             **executor_options(args),
         )
-        return 0
-    from cfc_rl.experiment.ray_executor import executor_from_args
-
+        if args.benchmark_command == "tune":
+            return 0
     args.out = str(grid.runs)  # with --storage, the run folders must lie inside it
-    jobs = plan(
-        grid,
-        tiers=args.tiers,
-        tasks=args.tasks,
-        agents=args.agents,
-        seeds=args.seeds,
-        device=args.device,
-    )
+    jobs = plan(grid, seeds=args.seeds, **chosen)  # the agent files as the searches left them
+    waiting = untuned(grid, cells)
+    if waiting:
+        jobs = [j for j in jobs if (j.task["name"], j.agent["name"]) not in waiting]
+        by_task: dict[str, list[str]] = {}
+        for task, agent in sorted(waiting):
+            by_task.setdefault(task, []).append(agent)
+        how = "cfc-rl benchmark tune" if args.tune else "run with --tune, or cfc-rl benchmark tune"
+        print(f"runs waiting for their agent's search ({how}):")
+        for task, agents in by_task.items():
+            print(f"  {task}: {', '.join(agents)}")
     if args.dry_run:
         todo = [job for job in jobs if not job.is_complete()]
         for job in todo:
