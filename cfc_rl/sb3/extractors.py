@@ -20,7 +20,11 @@ import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium import spaces
-from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+from stable_baselines3.common.torch_layers import (
+    BaseFeaturesExtractor,
+    CombinedExtractor,
+    FlattenExtractor,
+)
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper, VecFrameStack
 from torch import Tensor
 
@@ -316,3 +320,12 @@ class ElapsedTimeExtractor(BaseFeaturesExtractor):
         parts = [observations[key].flatten(start_dim=1) for key in self.keys]
         parts.append(observations[self.time_key].reshape(-1, 1))
         return torch.cat(parts, dim=1)
+
+
+def default_extractor_class(observation_space: spaces.Space) -> type[BaseFeaturesExtractor]:
+    """The features extractor the recurrent policies use unless given one: an
+    :class:`ElapsedTimeExtractor` for Dict observations that report Δt (``"dt"``), SB3's
+    ``CombinedExtractor`` for other Dicts, ``FlattenExtractor`` otherwise."""
+    if isinstance(observation_space, spaces.Dict):
+        return ElapsedTimeExtractor if DT_KEY in observation_space.spaces else CombinedExtractor
+    return FlattenExtractor

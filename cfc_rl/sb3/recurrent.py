@@ -15,17 +15,12 @@ import torch
 from gymnasium import spaces
 from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
 from stable_baselines3.common.policies import ActorCriticPolicy
-from stable_baselines3.common.torch_layers import (
-    BaseFeaturesExtractor,
-    CombinedExtractor,
-    FlattenExtractor,
-    MlpExtractor,
-)
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, MlpExtractor
 from stable_baselines3.common.type_aliases import Schedule
 from torch import Tensor, nn
 
 from cfc_rl.nn import RecurrentModule, cell_input_size, make_cell, time_input
-from cfc_rl.sb3.extractors import DT_KEY, ElapsedTimeExtractor
+from cfc_rl.sb3.extractors import ElapsedTimeExtractor, default_extractor_class
 
 
 class PolicyCell(nn.Module):
@@ -133,7 +128,7 @@ class RecurrentCellPolicy(RecurrentActorCriticPolicy):
         if shared_cell and not share_features_extractor:
             raise ValueError("shared_cell=True needs share_features_extractor=True")
         if features_extractor_class is None:
-            features_extractor_class = _default_extractor(observation_space)
+            features_extractor_class = default_extractor_class(observation_space)
         self.cell_name = cell
         self.hidden_size = hidden_size
         self.cell_kwargs = cell_kwargs
@@ -211,9 +206,3 @@ class RecurrentCellPolicy(RecurrentActorCriticPolicy):
             **self.cell_kwargs,
         )
         return data
-
-
-def _default_extractor(observation_space: spaces.Space) -> type[BaseFeaturesExtractor]:
-    if isinstance(observation_space, spaces.Dict):
-        return ElapsedTimeExtractor if DT_KEY in observation_space.spaces else CombinedExtractor
-    return FlattenExtractor

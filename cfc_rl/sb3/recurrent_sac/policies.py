@@ -28,8 +28,7 @@ from stable_baselines3.sac.policies import LOG_STD_MAX, LOG_STD_MIN, Actor, SACP
 from torch import Tensor, nn
 
 from cfc_rl.nn import RecurrentModule, cell_input_size, make_cell, time_input
-from cfc_rl.sb3.extractors import ElapsedTimeExtractor
-from cfc_rl.sb3.recurrent import _default_extractor
+from cfc_rl.sb3.extractors import ElapsedTimeExtractor, default_extractor_class
 
 __all__ = ["RecurrentActor", "RecurrentCritic", "RecurrentSACPolicy"]
 
@@ -439,7 +438,7 @@ class RecurrentSACPolicy(SACPolicy):
         if use_sde:
             raise ValueError("RecurrentSACPolicy does not support gSDE (use_sde=True)")
         if features_extractor_class is None:
-            features_extractor_class = _default_extractor(observation_space)
+            features_extractor_class = default_extractor_class(observation_space)
         # Read by make_actor/make_critic, which SACPolicy.__init__ calls.
         self.cell_name = cell
         self.hidden_size = hidden_size
