@@ -94,6 +94,12 @@ def test_a_run_that_fails_before_training_leaves_nothing_behind(tmp_path: Path) 
         (["evaluate", "run", "--episodes", "0"], "--episodes: must be at least 1"),
         (["evaluate", "run", "--episodes", "-3"], "--episodes: must be at least 1"),
         (["compare", "--agents", "a", "--tasks", "t", "-j", "0"], "-j/--jobs: must be"),
+        (
+            ["tune", "--agent", "a", "--task", "t", "--space", "s", "--trials", "0"],
+            "--trials: must",
+        ),
+        (["tune", "--agent", "a", "--task", "t", "--space", "s", "--seeds", "x"], "--seeds: expe"),
+        (["tune", "--agent", "a", "--task", "t", "--space", "s", "--steps", "-5"], "--steps: must"),
         (["train", "--agent", "a", "--task", "t", "--set", "n_envs"], "expected KEY=VALUE"),
     ],
 )

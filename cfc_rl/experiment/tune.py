@@ -61,6 +61,7 @@ import yaml
 
 from cfc_rl.envs import ConfigError
 from cfc_rl.envs.config import read_yaml
+from cfc_rl.experiment.arguments import positive_int
 from cfc_rl.experiment.ray_executor import (
     add_executor_arguments,
     build_on_nodes,
@@ -1059,16 +1060,18 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--space", required=True, help="search-space file, e.g. agents/spaces/cfc.yaml"
     )
-    parser.add_argument("--trials", type=int, default=50, help="number of trials (default 50)")
+    parser.add_argument(
+        "--trials", type=positive_int, default=50, help="number of trials (default 50)"
+    )
     parser.add_argument(
         "--seeds",
-        type=int,
+        type=positive_int,
         default=2,
         help=f"seeds per trial, from {SEED_START} (default 2); the score is their mean",
     )
     parser.add_argument(
         "--steps",
-        type=int,
+        type=positive_int,
         default=None,
         help="budget of every run (default: the task file's train.total_timesteps)",
     )
@@ -1084,13 +1087,6 @@ def tune_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     :param parser: the command's parser (for usage errors)
     :return: the exit code (1 when no trial completed)
     """
-    for option, value in (
-        ("--trials", args.trials),
-        ("--seeds", args.seeds),
-        ("--steps", args.steps),
-    ):
-        if value is not None and value < 1:
-            parser.error(f"{option} must be at least 1, got {value}")
     outcome = search(
         args.agent,
         args.task,
