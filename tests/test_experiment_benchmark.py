@@ -16,7 +16,9 @@ from cfc_rl.experiment import cli
 from cfc_rl.experiment.benchmark import (
     HEADLINE_BEGIN,
     HEADLINE_END,
+    estimate_seconds,
     load_grid,
+    measured_speeds,
     plan,
     read_headline,
     report,
@@ -295,11 +297,24 @@ def test_plan_filters_and_dry_run(tmp_path: Path, capsys) -> None:
         plan(grid, agents=["ppo_lstm"])
     with pytest.raises(ConfigError, match="no tier 'mujoco'; tiers: classic"):
         plan(grid, tiers=["mujoco"])
-    fake_run(jobs[0], -500.0)
+    fake_run(jobs[0], -500.0, steps_per_s=10.0)
     argv = ["benchmark", "run", "--grid", str(path), "--tasks", "pendulum_p", "--dry-run"]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "11 of 12 runs to train" in out and "ppo_cfc/seed_1" not in out
+    # what the missing runs cost at the speeds measured: 3 runs of ppo_cfc at 10 steps/s
+    assert "    2,000 steps  ~    3 min  " in out and "    2,000 steps      ? min  " in out
+    assert (
+        "11 of 12 runs to train: about 0.2 CPU-hours at the committed runs' speeds (8 by agents "
+        "with no run yet: ppo_gru, ppo_mlp)" in out
+    )
+    speeds = measured_speeds(grid)
+    assert speeds == {("pendulum_p", "ppo_cfc"): 10.0, (None, "ppo_cfc"): 10.0}
+    # an agent's speed on another task stands in for its speed on this one
+    assert estimate_seconds([("cartpole_p", "ppo_cfc", 500), ("x", "ppo_mlp", 5)], speeds) == (
+        50.0,
+        [("x", "ppo_mlp", 5)],
+    )
 
 
 @pytest.mark.parametrize(

@@ -76,7 +76,9 @@ __all__ = [
     "Grid",
     "GridTask",
     "Tier",
+    "estimate_seconds",
     "load_grid",
+    "measured_speeds",
     "plan",
     "report",
     "run_benchmark",
@@ -367,6 +369,39 @@ def plan(
                 device=device,
             )
     return jobs
+
+
+def measured_speeds(grid: Grid) -> dict[tuple[str | None, str], float]:
+    """Training steps/s measured by the complete runs under the grid's runs folder: per (task,
+    agent) the mean over its runs, and per (None, agent) the mean over all of the agent's runs;
+    for estimating what the missing runs cost (:func:`estimate_seconds`)."""
+    by_cell: dict[tuple[str | None, str], list[float]] = {}
+    for result_file in grid.runs.glob("*/*/seed_*/result.json"):
+        result = RunFolder(result_file.parent).read_result()
+        if not result or not result.get("steps_per_s"):
+            continue
+        task, agent = result_file.parent.parent.parent.name, result_file.parent.parent.name
+        for key in ((task, agent), (None, agent)):
+            by_cell.setdefault(key, []).append(float(result["steps_per_s"]))
+    return {key: float(np.mean(values)) for key, values in by_cell.items()}
+
+
+def estimate_seconds(
+    cells: Sequence[tuple[str, str, int]], speeds: Mapping[tuple[str | None, str], float]
+) -> tuple[float, list[tuple[str, str, int]]]:
+    """The training time of runs given as (task, agent, steps): each at the steps/s its agent
+    had on the task, or else its mean over the tasks it ran on.
+
+    :return: the seconds of the runs with a measured speed, and the runs without one
+    """
+    seconds, unknown = 0.0, []
+    for task, agent, steps in cells:
+        speed = speeds.get((task, agent)) or speeds.get((None, agent))
+        if speed:
+            seconds += steps / speed
+        else:
+            unknown.append((task, agent, steps))
+    return seconds, unknown
 
 
 def untuned(grid: Grid, cells: Sequence[tuple[Tier, GridTask, str]]) -> set[tuple[str, str]]:

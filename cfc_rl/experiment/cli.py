@@ -375,7 +375,6 @@ def _benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         report,
         run_benchmark,
         select,
-        stale_runs,
         tune_cells,
         untuned,
     )
@@ -404,6 +403,7 @@ def _benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     args.out = str(grid.runs)  # with --storage, the run folders must lie inside it
     jobs = plan(grid, seeds=args.seeds, **chosen)  # the agent files as the searches left them
     waiting = untuned(grid, cells)
+    held = [j for j in jobs if (j.task["name"], j.agent["name"]) in waiting]
     if waiting:
         jobs = [j for j in jobs if (j.task["name"], j.agent["name"]) not in waiting]
         by_task: dict[str, list[str]] = {}
@@ -414,12 +414,7 @@ def _benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         for task, agents in by_task.items():
             print(f"  {task}: {', '.join(agents)}")
     if args.dry_run:
-        todo = [job for job in jobs if not job.is_complete()]
-        for job in todo:
-            print(f"{job.budget:>9,} steps  {job.run_dir}")
-        for line in stale_runs(jobs):
-            print(f"stale: {line}")
-        print(f"{len(todo)} of {len(jobs)} runs to train")
+        _dry_run(grid, cells, jobs, held, waiting)
         return 0
 
     try:
@@ -428,6 +423,48 @@ def _benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         return _interrupted(e, args)
     _show_report(grid, None)
     return _exit_code(results)
+
+
+def _dry_run(grid: Any, cells: list, jobs: list, held: list, waiting: set[tuple[str, str]]) -> None:
+    """The runs to train, then what they, the runs waiting for a search and the missing
+    searches would cost at the speeds the committed runs measured (one core per run)."""
+    from cfc_rl.experiment.benchmark import estimate_seconds, measured_speeds, stale_runs
+
+    speeds = measured_speeds(grid)
+    todo = [job for job in jobs if not job.is_complete()]
+    for job in todo:
+        seconds, _ = estimate_seconds([_cell(job)], speeds)
+        guess = f"~{seconds / 60:5.0f} min" if seconds else "    ? min"
+        print(f"{job.budget:>9,} steps  {guess}  {job.run_dir}")
+    for line in stale_runs(jobs):
+        print(f"stale: {line}")
+
+    def cost(runs: list[tuple[str, str, int]]) -> str:
+        seconds, unknown = estimate_seconds(runs, speeds)
+        agents = sorted({agent for _, agent, _ in unknown})
+        never = (
+            f" ({len(unknown)} by agents with no run yet: {', '.join(agents)})" if unknown else ""
+        )
+        return f"about {seconds / 3600:.1f} CPU-hours at the committed runs' speeds{never}"
+
+    print(f"{len(todo)} of {len(jobs)} runs to train: {cost([_cell(j) for j in todo])}")
+    if waiting and grid.tuning is not None:
+        print(f"{len(held)} runs waiting for a search: {cost([_cell(j) for j in held])}")
+        # a search trains at most trials x seeds runs of the budget (ASHA stops some early)
+        times = grid.tuning.trials * grid.tuning.seeds
+        searches = [
+            (t.name, Path(a).stem, t.steps * times)
+            for _, t, a in cells
+            if (t.name, Path(a).stem) in waiting
+        ]
+        print(
+            f"{len(searches)} searches missing ({grid.tuning.trials} trials x "
+            f"{grid.tuning.seeds} seeds each): at most {cost(searches)}"
+        )
+
+
+def _cell(job: Any) -> tuple[str, str, int]:
+    return job.task["name"], job.agent["name"], job.budget
 
 
 def _show_report(grid: Any, out: str | None) -> None:
