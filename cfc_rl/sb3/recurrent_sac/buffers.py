@@ -79,11 +79,36 @@ class _SequenceSampling:
     timeouts: np.ndarray
     device: torch.device
 
-    def _init_sequences(self, sequence_length: int, burn_in: int) -> None:
+    def __init__(
+        self,
+        buffer_size: int,
+        observation_space: spaces.Space,
+        action_space: spaces.Space,
+        device: torch.device | str = "auto",
+        n_envs: int = 1,
+        optimize_memory_usage: bool = False,
+        handle_timeout_termination: bool = True,
+        sequence_length: int = 32,
+        burn_in: int = 8,
+    ) -> None:
+        if optimize_memory_usage:
+            raise ValueError(
+                f"{type(self).__name__} does not support optimize_memory_usage=True: the "
+                "sequences read the stored next observations"
+            )
         if sequence_length < 1:
             raise ValueError(f"sequence_length must be >= 1, got {sequence_length}")
         if burn_in < 0:
             raise ValueError(f"burn_in must be >= 0, got {burn_in}")
+        super().__init__(  # type: ignore[call-arg]  # the SB3 buffer after this class
+            buffer_size,
+            observation_space,
+            action_space,
+            device=device,
+            n_envs=n_envs,
+            optimize_memory_usage=False,
+            handle_timeout_termination=handle_timeout_termination,
+        )
         self.sequence_length = int(sequence_length)
         self.burn_in = int(burn_in)
         # The episode of each stored transition (ids are never reused, -1: not written) and the
@@ -248,34 +273,6 @@ class SequenceReplayBuffer(_SequenceSampling, ReplayBuffer):
     :param burn_in: K, earlier steps of the same episode that only warm up the cells' state
     """
 
-    def __init__(
-        self,
-        buffer_size: int,
-        observation_space: spaces.Space,
-        action_space: spaces.Space,
-        device: torch.device | str = "auto",
-        n_envs: int = 1,
-        optimize_memory_usage: bool = False,
-        handle_timeout_termination: bool = True,
-        sequence_length: int = 32,
-        burn_in: int = 8,
-    ) -> None:
-        if optimize_memory_usage:
-            raise ValueError(
-                f"{type(self).__name__} does not support optimize_memory_usage=True: the "
-                "sequences read the stored next observations"
-            )
-        super().__init__(
-            buffer_size,
-            observation_space,
-            action_space,
-            device=device,
-            n_envs=n_envs,
-            optimize_memory_usage=False,
-            handle_timeout_termination=handle_timeout_termination,
-        )
-        self._init_sequences(sequence_length, burn_in)
-
 
 class DictSequenceReplayBuffer(_SequenceSampling, DictReplayBuffer):
     """:class:`SequenceReplayBuffer` for Dict observations (SB3's ``DictReplayBuffer``).
@@ -288,31 +285,10 @@ class DictSequenceReplayBuffer(_SequenceSampling, DictReplayBuffer):
     """
 
     def __init__(
-        self,
-        buffer_size: int,
-        observation_space: spaces.Dict,
-        action_space: spaces.Space,
-        device: torch.device | str = "auto",
-        n_envs: int = 1,
-        optimize_memory_usage: bool = False,
-        handle_timeout_termination: bool = True,
-        sequence_length: int = 32,
-        burn_in: int = 8,
-        raw_obs_keys: tuple[str, ...] = (DT_KEY,),
+        self, *args: Any, raw_obs_keys: tuple[str, ...] = (DT_KEY,), **kwargs: Any
     ) -> None:
-        if optimize_memory_usage:
-            raise ValueError(f"{type(self).__name__} does not support optimize_memory_usage=True")
-        super().__init__(
-            buffer_size,
-            observation_space,
-            action_space,
-            device=device,
-            n_envs=n_envs,
-            optimize_memory_usage=False,
-            handle_timeout_termination=handle_timeout_termination,
-        )
         self.raw_obs_keys = tuple(raw_obs_keys)
-        self._init_sequences(sequence_length, burn_in)
+        super().__init__(*args, **kwargs)
 
     def _gather_observations(self, gather: Any) -> dict[str, np.ndarray]:
         return {
