@@ -7,17 +7,12 @@ import itertools
 
 import pytest
 import torch
+from small_cells import small_cell_kwargs
 
 from cfc_rl.nn import CELLS, CTRNN, LTC, AutoNCP, CfC, RecurrentModule, cfc_fused, make_cell
 
 B, T, I, H = 3, 8, 4, 6  # B is neither 1 nor the hidden size on purpose
-SMALL = {
-    "cfc": {"backbone_units": 8},
-    "cfc_nogate": {"backbone_units": 8},
-    "cfs": {"backbone_units": 8},
-    "cfc_mm": {"backbone_units": 8},
-    "ltc": {"ode_unfolds": 3},
-}
+SMALL = small_cell_kwargs()
 
 
 def build(name: str, dtype: torch.dtype = torch.float64) -> RecurrentModule:

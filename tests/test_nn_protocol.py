@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from small_cells import small_cell_kwargs
 from torch import Tensor, nn
 
 from cfc_rl.nn import (
@@ -22,8 +23,7 @@ from cfc_rl.nn import (
 )
 
 B, T, I, H = 3, 7, 4, 5
-SMALL = {name: {"backbone_units": 8} for name in CELLS if name.startswith(("cfc", "cfs"))}
-SMALL["ltc"] = {"ode_unfolds": 2}
+SMALL = small_cell_kwargs(ode_unfolds=2)
 
 
 def build(name: str) -> RecurrentModule:

@@ -8,17 +8,12 @@ import math
 
 import pytest
 import torch
+from small_cells import small_cell_kwargs
 
 from cfc_rl.nn import CELLS, LTC, make_cell
 
 B, T, I, H = 2, 5, 3, 4
-SMALL = {
-    "cfc": {"backbone_units": 8},
-    "cfc_nogate": {"backbone_units": 8},
-    "cfs": {"backbone_units": 8},
-    "cfc_mm": {"backbone_units": 8},
-    "ltc": {"ode_unfolds": 3},
-}
+SMALL = small_cell_kwargs()
 CFC_CELLS = [name for name, spec in CELLS.items() if spec.cls.__name__ == "CfC"]
 CONTINUOUS = [name for name, spec in CELLS.items() if spec.cls.uses_timespans]
 BAD = {"negative": -1.0, "infinite": math.inf, "minus infinite": -math.inf, "NaN": math.nan}

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from small_cells import small_cell_kwargs
 from torch import Tensor, nn
 
 from cfc_rl.nn import CELLS, RecurrentModule, make_cell
@@ -22,13 +23,7 @@ from cfc_rl.nn import ltc as ltc_module
 from cfc_rl.nn.base import tracing
 
 B, T, I, H = 3, 3, 4, 5
-SMALL = {
-    "cfc": {"backbone_units": 8},
-    "cfc_nogate": {"backbone_units": 8},
-    "cfs": {"backbone_units": 8},
-    "cfc_mm": {"backbone_units": 8},
-    "ltc": {"ode_unfolds": 3},
-}
+SMALL = small_cell_kwargs()
 # Where a reset happens differs between the recording inputs and the checked ones, and each
 # has one at the first step and one in the middle.
 RESETS = {

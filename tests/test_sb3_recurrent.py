@@ -12,6 +12,7 @@ import torch
 from gymnasium import spaces
 from sb3_contrib import RecurrentPPO
 from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
+from small_cells import small_cell_kwargs
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.vec_env import VecNormalize
@@ -21,13 +22,7 @@ from cfc_rl.nn import CELLS, time_input
 from cfc_rl.sb3 import ElapsedTimeExtractor, PolicyCell, RecurrentCellPolicy
 
 SMALL = {"hidden_size": 8}
-SMALL_CELL_KWARGS = {
-    "cfc": {"backbone_units": 16},
-    "cfc_nogate": {"backbone_units": 16},
-    "cfs": {"backbone_units": 16},
-    "cfc_mm": {"backbone_units": 16},
-    "ltc": {"ode_unfolds": 2},
-}
+SMALL_CELL_KWARGS = small_cell_kwargs(backbone_units=16, ode_unfolds=2)
 
 
 def small_model(cell: str, env, **kwargs) -> RecurrentPPO:

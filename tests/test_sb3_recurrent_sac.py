@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from gymnasium import spaces
+from small_cells import small_cell_kwargs
 from stable_baselines3 import SAC
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
@@ -30,13 +31,7 @@ from cfc_rl.sb3.recurrent_sac import SequenceReplayBufferSamples
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SMALL_CELL_KWARGS = {
-    "cfc": {"backbone_units": 16},
-    "cfc_nogate": {"backbone_units": 16},
-    "cfs": {"backbone_units": 16},
-    "cfc_mm": {"backbone_units": 16},
-    "ltc": {"ode_unfolds": 2},
-}
+SMALL_CELL_KWARGS = small_cell_kwargs(backbone_units=16, ode_unfolds=2)
 
 
 class Counter(gym.Env):
