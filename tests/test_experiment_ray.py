@@ -420,17 +420,17 @@ def test_tune_rejects_an_agent_that_cannot_run_the_task(tmp_path):
 def test_the_example_spaces_fit_their_agents_and_have_the_same_size():
     shapes = {}
     for family, agent in [("cfc", "ppo_cfc"), ("ltc", "ppo_ltc"), ("lstm", "ppo_lstm"),
-                          ("gru", "ppo_gru"), ("ctrnn", "ppo_ctrnn"),
+                          ("gru", "ppo_lstm_cell"), ("gru", "ppo_gru"), ("ctrnn", "ppo_ctrnn"),
                           ("framestack", "ppo_framestack"), ("mlp", "ppo_mlp")]:  # fmt: skip
         plan = make_plan(
             ROOT / "agents" / f"{agent}.yaml",
             ROOT / "envs" / "pendulum_p.yaml",
             ROOT / "agents" / "spaces" / f"{family}.yaml",
         )
-        shapes[family] = [(d.kind, len(d.corners())) for d in plan.space.dimensions]
+        shapes[agent] = [(d.kind, len(d.corners())) for d in plan.space.dimensions]
     assert len({tuple(shape) for shape in shapes.values()}) == 1, shapes
     # every agent of the benchmark's PPO family has a space
-    assert len(shapes) == 7
+    assert len(shapes) == 8
 
 
 def test_the_sac_spaces_fit_their_agents_and_have_the_same_size():
