@@ -26,6 +26,7 @@ from cfc_rl.experiment.benchmark import (
     verdict,
 )
 from cfc_rl.experiment.runs import RunError, RunFolder, dump_yaml
+from cfc_rl.experiment.tasks import load_task
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLISHED = ROOT / "results" / "benchmark"
@@ -422,7 +423,9 @@ def test_agent_files_carry_the_values_their_searches_chose() -> None:
         with (tuned.parent / "trials.csv").open() as f:
             header = next(csv.reader(f))
         keys = header[1 : header.index("score")]  # the space's dotted keys
-        chosen = next(iter(yaml.safe_load(tuned.read_text())["overrides"].values()))
+        # under the task's id: the searched agent file also holds its overrides for other tasks
+        task_id = load_task(ROOT / "envs" / f"{task}.yaml").id
+        chosen = yaml.safe_load(tuned.read_text())["overrides"][task_id]
         shipped = yaml.safe_load((ROOT / "agents" / f"{agent}.yaml").read_text())
         in_agent_file = (shipped.get("overrides") or {}).get(task)
         assert in_agent_file is not None, f"agents/{agent}.yaml has no overrides.{task}"
