@@ -147,6 +147,10 @@ class Grid:
         """The folder of the searches: ``tuning/<task>/<agent>/`` beside the grid."""
         return self.path.parent / "tuning"
 
+    def searched(self, task: str, agent: str) -> bool:
+        """Whether the agent's search on the task is done (its ``trials.csv`` is written)."""
+        return (self.searches / task / agent / "trials.csv").exists()
+
     def tier(self, name: str) -> Tier:
         for tier in self.tiers:
             if tier.name == name:
@@ -409,11 +413,11 @@ def untuned(grid: Grid, cells: Sequence[tuple[Tier, GridTask, str]]) -> set[tupl
     that have no search yet: their runs wait, so that no run trains with untuned settings."""
     if grid.tuning is None:
         return set()
+    names = {(grid_task.name, Path(agent_file).stem) for _, grid_task, agent_file in cells}
     return {
-        (grid_task.name, Path(agent_file).stem)
-        for _, grid_task, agent_file in cells
-        if Path(agent_file).stem in grid.tuning.spaces
-        and not (grid.searches / grid_task.name / Path(agent_file).stem / "trials.csv").exists()
+        (task, agent)
+        for task, agent in names
+        if agent in grid.tuning.spaces and not grid.searched(task, agent)
     }
 
 
@@ -446,7 +450,7 @@ def tune_cells(
     for _, grid_task, agent_file in cells:
         agent = Path(agent_file).stem
         out = grid.searches / grid_task.name / agent
-        if (out / "trials.csv").exists():
+        if grid.searched(grid_task.name, agent):
             what = "searched before"
         else:
             search(
@@ -1001,8 +1005,7 @@ def _tier_markdown(
     for grid_task in tier.tasks:
         rows = sorted((r for r in summary if r["task"] == grid_task.name), key=lambda r: -r["iqm"])
         lines += [f"### {grid_task.name} ({grid_task.steps:,} steps)", ""]
-        searches = grid.path.parent / "tuning" / grid_task.name
-        tuned = [a for a in grid_task.agent_names if (searches / a / "trials.csv").exists()]
+        tuned = [a for a in grid_task.agent_names if grid.searched(grid_task.name, a)]
         untuned = [a for a in grid_task.agent_names if a not in tuned]
         if not tuned:
             lines += ["Tuned: none yet.", ""]

@@ -388,9 +388,9 @@ def _benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
     cells = select(grid, tiers=args.tiers, tasks=args.tasks, agents=args.agents)
     chosen = dict(tiers=args.tiers, tasks=args.tasks, agents=args.agents, device=args.device)
-    if args.benchmark_command == "run":
-        plan(grid, seeds=args.seeds, **chosen)  # its errors before a search starts
     if args.benchmark_command == "tune" or (args.tune and not args.dry_run):
+        if args.benchmark_command == "run":
+            plan(grid, seeds=args.seeds, **chosen)  # its errors before a search starts
         tune_cells(
             grid,
             cells,
@@ -403,9 +403,9 @@ def _benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     args.out = str(grid.runs)  # with --storage, the run folders must lie inside it
     jobs = plan(grid, seeds=args.seeds, **chosen)  # the agent files as the searches left them
     waiting = untuned(grid, cells)
-    held = [j for j in jobs if (j.task["name"], j.agent["name"]) in waiting]
+    held = [j for j in jobs if _cell(j)[:2] in waiting]
+    jobs = [j for j in jobs if _cell(j)[:2] not in waiting]
     if waiting:
-        jobs = [j for j in jobs if (j.task["name"], j.agent["name"]) not in waiting]
         by_task: dict[str, list[str]] = {}
         for task, agent in sorted(waiting):
             by_task.setdefault(task, []).append(agent)
