@@ -128,7 +128,7 @@ def test_report_normalises_aggregates_and_judges(tmp_path: Path) -> None:
     grid = load_grid(write_grid(tmp_path))
     fill(grid)
     (tmp_path / "tuning" / "cartpole_p" / "ppo_cfc").mkdir(parents=True)
-    (tmp_path / "tuning" / "cartpole_p" / "ppo_cfc" / "trials.csv").write_text("trial\n")
+    (tmp_path / "tuning" / "cartpole_p" / "ppo_cfc" / "trials.csv").write_text("trial\n0\n")
     text = report(grid)
 
     summary = {(r["task"], r["agent"]): r for r in read_csv(tmp_path / "summary.csv")}
@@ -429,12 +429,12 @@ def test_agent_files_carry_the_values_their_searches_chose() -> None:
         shipped = yaml.safe_load((ROOT / "agents" / f"{agent}.yaml").read_text())
         in_agent_file = (shipped.get("overrides") or {}).get(task)
         assert in_agent_file is not None, f"agents/{agent}.yaml has no overrides.{task}"
-        for key in keys:
-            path = key.split(".")
+        for key in keys:  # trial 0 leaves out the keys the agent left to the defaults
+            *sections, name = key.split(".")
             want, have = chosen, in_agent_file
-            for part in path:
-                want, have = want[part], have[part]
-            assert have == want, f"agents/{agent}.yaml overrides.{task}.{key}"
+            for part in sections:
+                want, have = want.get(part, {}), have.get(part, {})
+            assert have.get(name) == want.get(name), f"agents/{agent}.yaml overrides.{task}.{key}"
 
 
 def one_agent_grid(folder: Path, agent_file: Path, **changes) -> Path:
@@ -458,7 +458,8 @@ def fake_search(
     folder = grid.searches / task / agent
     folder.mkdir(parents=True)
     (folder / "trials.csv").write_text(
-        f"trial,score,steps,status\n1,{score},1000,complete\n2,-9999.0,100,pruned\n"
+        f"trial,score,steps,status\n0,{score - 1},1000,complete\n1,{score},1000,complete\n"
+        "2,-9999.0,100,pruned\n"
     )
     tuned = {"algo": "ppo", "overrides": {**(others or {}), TASK_IDS[task]: values}}
     (folder / f"{agent}_tuned_{task}.yaml").write_text(yaml.safe_dump(tuned))
@@ -481,7 +482,7 @@ def test_adopt_appends_the_chosen_values_to_the_agent_file(tmp_path: Path) -> No
     assert adopt(grid, cartpole, str(agent_file)) == f"{agent_file}: overrides.cartpole_p written"
     text = agent_file.read_text()
     assert text.startswith(original)  # the file's own lines and comments stay
-    assert "# Tuned for the benchmark: the best of 2 trials" in text and "return -12.5)" in text
+    assert "# Tuned for the benchmark: the best of 3 trials" in text and "return -12.5)" in text
     assert yaml.safe_load(text)["overrides"] == {"cartpole_p": values}
     agent, _ = resolve(agent_file, ROOT / "envs" / "cartpole_p.yaml")
     assert agent.hyperparams["learning_rate"] == 0.00123 and agent.hyperparams["n_steps"] == 512
@@ -497,10 +498,19 @@ def test_adopt_appends_the_chosen_values_to_the_agent_file(tmp_path: Path) -> No
         "cartpole_p": values,
         "pendulum_p": {"hyperparams": {"n_steps": 256}},
     }
-    # other values already there: an error, not an overwrite
-    agent_file.write_text(agent_file.read_text().replace("0.00123", "0.5"))
+    # what adopt wrote is written again when the search's choice changed (trial 0 added to
+    # it), in its place
+    adopted = agent_file.read_text()
+    agent_file.write_text(adopted.replace("0.00123", "0.5"))
+    assert adopt(grid, cartpole, str(agent_file)) == (
+        f"{agent_file}: overrides.cartpole_p written again"
+    )
+    assert agent_file.read_text() == adopted
+    # other values put there by hand: an error, not an overwrite
+    agent_file.write_text(original + "overrides:\n  cartpole_p:\n    n_envs: 2\n")
     with pytest.raises(ConfigError, match=r"overrides\.cartpole_p differs from what"):
         adopt(grid, cartpole, str(agent_file))
+    assert agent_file.read_text().endswith("n_envs: 2\n")
 
 
 def test_adopt_refuses_what_it_cannot_append_to(tmp_path: Path) -> None:
@@ -541,7 +551,7 @@ def test_runs_of_agents_without_a_search_wait_or_are_tuned_first(
     grid = load_grid(path)
     searched = tmp_path / "tuning" / "cartpole_p" / "ppo_cfc"
     searched.mkdir(parents=True)
-    (searched / "trials.csv").write_text("trial\n")
+    (searched / "trials.csv").write_text("trial\n0\n")
     # ppo_mlp has no space: it is not tuned, and its runs do not wait
     assert cli.main(["benchmark", "run", "--grid", str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
@@ -560,7 +570,7 @@ def test_runs_of_agents_without_a_search_wait_or_are_tuned_first(
             tuned.append((grid_task.name, Path(agent_file).stem))
             folder = grid.searches / grid_task.name / Path(agent_file).stem
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / "trials.csv").write_text("trial\n")
+            (folder / "trials.csv").write_text("trial\n0\n")
 
     monkeypatch.setattr("cfc_rl.experiment.benchmark.tune_cells", tune_cells)
     fill(grid)  # every run complete: nothing trains

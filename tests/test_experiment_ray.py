@@ -43,7 +43,9 @@ from cfc_rl.experiment.train import resolve, train
 from cfc_rl.experiment.tune import (
     SEED_START,
     add_tune_arguments,
+    best_row,
     make_plan,
+    read_rows,
     search,
     train_seeds,
     tune_command,
@@ -362,24 +364,27 @@ def test_tune_writes_the_best_agent_file_the_table_and_the_plot(local_ray, tmp_p
     assert "| trial |" in printed and "train it with: cfc-rl train --agent" in printed
     for name in ("trials.csv", "trials.md", "scores.png", "mlp_tuned_cartpole_p.yaml"):
         assert (out / name).stat().st_size > 0, name
-    with open(out / "trials.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [int(r["trial"]) for r in rows] == [1, 2, 3, 4]
+    plan = make_plan(mlp, task, space)
+    rows = read_rows(out / "trials.csv", plan)
+    assert [r["trial"] for r in rows] == [0, 1, 2, 3, 4]
     assert {r["status"] for r in rows} <= {"complete", "pruned"}
+    # trial 0: the agent as it is (the settings' learning rate, its own n_epochs, the policy's
+    # default net_arch), trained in full
+    as_is, _ = resolve(mlp, task)
+    assert rows[0]["status"] == "complete" and rows[0]["steps"] >= 256
+    assert rows[0]["hyperparams.learning_rate"] == as_is.hyperparams["learning_rate"]
+    assert rows[0]["hyperparams.n_epochs"] == 1 and rows[0]["policy_kwargs.net_arch"] is None
     complete = [r for r in rows if r["status"] == "complete"]
-    best = max(complete, key=lambda r: float(r["score"]))
-    assert all(int(r["steps"]) >= 256 for r in complete)
-    assert "(best)" in (out / "trials.md").read_text()
+    assert all(r["steps"] >= 256 for r in complete)
+    best = best_row(rows)
+    assert best["score"] == max(r["score"] for r in complete)
+    markdown = (out / "trials.md").read_text()
+    assert "(best)" in markdown and "| 0 (before the search)" in markdown
     # The written agent file holds the best trial's values and trains with cfc-rl train.
     written = out / "mlp_tuned_cartpole_p.yaml"
     agent, _ = resolve(load_agent_config(written), task)
-    assert agent.hyperparams["learning_rate"] == pytest.approx(
-        float(best["hyperparams.learning_rate"])
-    )
-    assert agent.hyperparams["n_epochs"] == int(best["hyperparams.n_epochs"])
-    assert str(agent.policy_kwargs["net_arch"]).replace(" ", "") == best[
-        "policy_kwargs.net_arch"
-    ].replace(" ", "")
+    chosen, _ = plan.resolve({k: v for k, v in best.items() if k in plan.space.keys and v})
+    assert agent.hyperparams == chosen.hyperparams and agent.policy_kwargs == chosen.policy_kwargs
     assert agent.hyperparams["gamma"] == 0.98  # the settings still apply (the copy beside it)
     run = train(written, task, steps=128, out=tmp_path / "runs")
     assert run.is_complete(128)
@@ -472,7 +477,7 @@ def test_benchmark_tune_searches_once_and_writes_the_choice_into_the_agent_file(
     assert done == [("cartpole_p", "mlp", f"searched; {mlp}: overrides.cartpole_p written")]
     search = grid.searches / "cartpole_p" / "mlp"
     with open(search / "trials.csv") as f:
-        assert len(list(csv.DictReader(f))) == 2
+        assert [row["trial"] for row in csv.DictReader(f)] == ["0", "1", "2"]
     chosen = yaml.safe_load((search / "mlp_tuned_cartpole_p.yaml").read_text())["overrides"]
     assert yaml.safe_load(mlp.read_text())["overrides"] == {
         "cartpole_p": next(iter(chosen.values()))
@@ -488,3 +493,42 @@ def test_benchmark_tune_searches_once_and_writes_the_choice_into_the_agent_file(
     tune_cells(grid, select(grid), on_done=lambda *a: done.append(a), executor="ray")
     assert done == [("cartpole_p", "mlp", f"searched before; {mlp} has its values")]
     assert mlp.read_text() == before
+    # A search written before searches had trial 0 gets it, without its sampled trials again;
+    # here they scored too low to keep: trial 0 (the agent before the search, not with the
+    # values adopted since) becomes the choice, and the agent file takes it in place of theirs
+    # (unless trial 0 was the choice already).
+    plan = make_plan(mlp, task, space, steps=256, before_search=True)
+    first_choice = best_row(read_rows(search / "trials.csv", plan))["trial"]
+    with open(search / "trials.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        fields, old = reader.fieldnames, [r for r in reader if r["trial"] != "0"]
+    with open(search / "trials.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows({**r, "score": "-1000000.0"} for r in old)
+    assert not grid.searched("cartpole_p", "mlp")
+    done.clear()
+    tune_cells(grid, select(grid), on_done=lambda *a: done.append(a), executor="ray")
+    adopted = f"{mlp}: overrides.cartpole_p written again"
+    if first_choice == 0:
+        adopted = f"{mlp} has its values"
+    assert done == [("cartpole_p", "mlp", f"trial 0 added to its search; {adopted}")]
+    rows = read_rows(search / "trials.csv", plan)
+    assert [r["trial"] for r in rows] == [0, 1, 2] and best_row(rows)["trial"] == 0
+    assert [r["trial_id"] for r in rows[1:]] == [r["trial_id"] for r in old]
+    as_was = plan.reference_values()
+    assert as_was["policy_kwargs.net_arch"] is None  # left to the default: not written
+    assert yaml.safe_load(mlp.read_text())["overrides"] == {
+        "cartpole_p": {"hyperparams": {"learning_rate": as_was["hyperparams.learning_rate"]}}
+    }
+    assert grid.searched("cartpole_p", "mlp")
+
+
+def test_a_sampled_trial_replaces_trial_0_only_by_scoring_higher():
+    def row(trial, score, status="complete"):
+        return {"trial": trial, "score": score, "status": status}
+
+    assert best_row([row(0, 500.0), row(1, 500.0), row(2, 499.0)])["trial"] == 0
+    assert best_row([row(0, 499.0), row(1, 500.0), row(2, 500.0)])["trial"] == 1
+    assert best_row([row(0, 10.0), row(1, 900.0, "pruned"), row(2, None, "error")])["trial"] == 0
+    assert best_row([row(1, 900.0, "pruned")]) is None

@@ -2,30 +2,19 @@
 (the README's figures, the benchmark) was trained with the settings its agent and task files
 give today. Tuning an agent on a task (which writes overrides.<task> into the agent file) makes
 the runs of that agent on that task stale, and this test names them: run their commands again
-(or retire the figures that quote them)."""
+(or retire the figures that quote them). A robustness sweep's runs must be committed runs too."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 from pathlib import Path
-
-import yaml
 
 from cfc_rl.experiment.benchmark import stale_runs
 from cfc_rl.experiment.compare import plan_jobs
 from cfc_rl.experiment.runs import RunFolder
 
 ROOT = Path(__file__).resolve().parent.parent
-
-# README figures kept as summaries only (their runs predate committed run files): the task and
-# the agents they ran, which must stay untuned on that task until the figures are made again.
-SUMMARIES_WITHOUT_RUN_FILES = {
-    "results/compare_pendulum_p_irregular": (
-        "pendulum_p_irregular",
-        ("ppo_cfc", "ppo_lstm", "ppo_mlp"),
-    ),
-    "results/robustness_pendulum_p_irregular": ("pendulum_p_irregular", ("ppo_cfc", "ppo_gru")),
-}
 
 
 def test_every_committed_run_was_trained_with_the_files_as_they_are(monkeypatch) -> None:
@@ -51,11 +40,14 @@ def test_every_committed_run_was_trained_with_the_files_as_they_are(monkeypatch)
     )
 
 
-def test_figures_without_run_files_ran_agents_that_are_still_untuned_there() -> None:
-    for folder, (task, agents) in SUMMARIES_WITHOUT_RUN_FILES.items():
-        assert (ROOT / folder).is_dir(), folder
-        for agent in agents:
-            data = yaml.safe_load((ROOT / "agents" / f"{agent}.yaml").read_text())
-            assert task not in (data.get("overrides") or {}), (
-                f"{agent} is tuned on {task} now: make {folder} again with the README's commands"
+def test_robustness_sweeps_evaluated_committed_runs() -> None:
+    # A sweep's table is only as current as the runs it evaluated: they must be committed runs,
+    # which the test above holds to the files.
+    for table in sorted((ROOT / "results").glob("*/robustness_runs.csv")):
+        with table.open(newline="") as f:
+            folders = {row["run"] for row in csv.DictReader(f)}
+        assert folders, table
+        for folder in sorted(folders):
+            assert (ROOT / folder / "result.json").is_file(), (
+                f"{table.relative_to(ROOT)} evaluated {folder}, which is not a committed run"
             )

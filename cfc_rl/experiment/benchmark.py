@@ -148,8 +148,13 @@ class Grid:
         return self.path.parent / "tuning"
 
     def searched(self, task: str, agent: str) -> bool:
-        """Whether the agent's search on the task is done (its ``trials.csv`` is written)."""
-        return (self.searches / task / agent / "trials.csv").exists()
+        """Whether the agent's search on the task is done: its ``trials.csv`` is written and
+        has trial 0 (the agent as it was; searches written before trial 0 existed lack it)."""
+        table = self.searches / task / agent / "trials.csv"
+        if not table.exists():
+            return False
+        with table.open(newline="") as f:
+            return any(row["trial"] == "0" for row in csv.DictReader(f))
 
     def tier(self, name: str) -> Tier:
         for tier in self.tiers:
@@ -437,7 +442,7 @@ def tune_cells(
     :raises ConfigError: without a ``tuning`` section or a space for a selected agent, before
         any search starts
     """
-    from cfc_rl.experiment.tune import search
+    from cfc_rl.experiment.tune import add_reference, search
 
     if grid.tuning is None:
         raise ConfigError(f"{grid.path}: no tuning section (trials, seeds, spaces)")
@@ -452,6 +457,17 @@ def tune_cells(
         out = grid.searches / grid_task.name / agent
         if grid.searched(grid_task.name, agent):
             what = "searched before"
+        elif (out / "trials.csv").exists():
+            add_reference(
+                agent_file,
+                grid_task.task,
+                tuning.spaces[agent],
+                seeds=tuning.seeds,
+                steps=grid_task.steps,
+                out=out,
+                **search_kwargs,
+            )
+            what = "trial 0 added to its search"
         else:
             search(
                 agent_file,
@@ -469,16 +485,20 @@ def tune_cells(
             on_done(grid_task.name, agent, what)
 
 
+ADOPTED = "  # Tuned for the benchmark:"  # the first line of what adopt writes
+
+
 def adopt(grid: Grid, grid_task: GridTask, agent_file: str) -> str:
     """Write the values a search chose into the agent file, as ``overrides.<task file name>``
     with a comment naming the search, so that the benchmark (and ``cfc-rl train``) runs them.
 
     The section is appended to the file, whose comments stay: the file must have no
-    ``overrides`` yet, or end with its ``overrides`` mapping.
+    ``overrides`` yet, or end with its ``overrides`` mapping. What an earlier adopt wrote for
+    the task is written again (the search gained trial 0 since, and may have chosen it).
 
     :return: what it did, in words
     :raises ConfigError: if the search completed no trial, or the agent file already holds other
-        values for the task (remove them to adopt the new search)
+        values for the task that adopt did not write (remove them to adopt the search)
     """
     from cfc_rl.experiment.tasks import load_task
     from cfc_rl.experiment.tune import SEED_START
@@ -493,32 +513,55 @@ def adopt(grid: Grid, grid_task: GridTask, agent_file: str) -> str:
     tuned = read_yaml(tuned_file)["overrides"]
     values = tuned.get(grid_task.name) or tuned[load_task(grid_task.task).id]
     path = Path(agent_file)
-    text = path.read_text()
+    lines = path.read_text().splitlines()
     overrides = (read_yaml(path) or {}).get("overrides") or {}
-    if grid_task.name in overrides:
-        if overrides[grid_task.name] == values:
-            return f"{path} has its values"
-        raise ConfigError(
-            f"{path}: overrides.{grid_task.name} differs from what {folder} chose; remove it to "
-            "adopt the search"
-        )
-    top_level = [line for line in text.splitlines() if line[:1].isalpha()]
-    if overrides and not top_level[-1].startswith("overrides:"):
-        raise ConfigError(f"{path}: overrides must be the file's last section to append to it")
     with (folder / "trials.csv").open() as f:
         rows = list(csv.DictReader(f))
     scores = [float(r["score"]) for r in rows if r["status"] == "complete" and r["score"]]
     entry = yaml.safe_dump({grid_task.name: values}, default_flow_style=None, sort_keys=False)
-    lines = [] if overrides else ["overrides:"]
-    lines += [
-        f"  # Tuned for the benchmark: the best of {len(rows)} trials (seeds from {SEED_START}, "
-        "mean final",
+    block = [
+        f"{ADOPTED} the best of {len(rows)} trials (seeds from {SEED_START}, mean final",
         f"  # return {max(scores):.1f}); {os.path.relpath(folder / 'trials.md')}, protocol in",
         f"  # {os.path.relpath(grid.path.parent / 'PROTOCOL.md')}.",
         *("  " + line for line in entry.splitlines()),
     ]
-    atomic_write_text(path, text.rstrip("\n") + "\n" + "\n".join(lines) + "\n")
+    if grid_task.name in overrides:
+        start, end = _adopted_lines(lines, grid_task.name)
+        if lines[start:end] == block:
+            return f"{path} has its values"
+        if not lines[start].startswith(ADOPTED):
+            if overrides[grid_task.name] == values:
+                return f"{path} has its values"
+            raise ConfigError(
+                f"{path}: overrides.{grid_task.name} differs from what {folder} chose; remove "
+                "it to adopt the search"
+            )
+        lines[start:end] = block
+        atomic_write_text(path, "\n".join(lines) + "\n")
+        return f"{path}: overrides.{grid_task.name} written again"
+    top_level = [line for line in lines if line[:1].isalpha()]
+    if overrides and not top_level[-1].startswith("overrides:"):
+        raise ConfigError(f"{path}: overrides must be the file's last section to append to it")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    lines += ([] if overrides else ["overrides:"]) + block
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return f"{path}: overrides.{grid_task.name} written"
+
+
+def _adopted_lines(lines: list[str], task: str) -> tuple[int, int]:
+    """Where ``overrides.<task>`` is in an agent file's lines: from the comment lines above it
+    to its last indented line."""
+    key = next(
+        n for n, line in enumerate(lines) if line == f"  {task}:" or line.startswith(f"  {task}: ")
+    )
+    start = key
+    while start > 0 and lines[start - 1].startswith("  #"):
+        start -= 1
+    end = key + 1
+    while end < len(lines) and lines[end].startswith("    "):
+        end += 1
+    return start, end
 
 
 def stale_runs(jobs: Sequence[Job]) -> list[str]:

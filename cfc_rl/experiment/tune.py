@@ -21,14 +21,20 @@ first choices.
 A trial trains ``seeds`` seeds (1000, 1001, ...: seeds the benchmarks do not use), each in a
 process of its own, side by side; each periodic evaluation's mean return, averaged over the
 seeds once all of them have reached it, is reported to ASHA, which stops the trials that are
-behind at its rungs; a trial's score is the mean over seeds of the final returns. The output
-folder gets:
+behind at its rungs; a trial's score is the mean over seeds of the final returns.
+
+Trial 0 comes first and is not sampled: the agent as its files give it before the search (for
+the benchmark's agents, RL Zoo's settings for the task), trained in full on the same seeds. A
+space need not contain those settings (RL Zoo trains CartPole with ``n_steps: 32`` and a
+learning rate that decays to zero), and a search that could only choose among other settings
+might end below them; a sampled trial replaces them only by scoring higher. The output folder gets:
 
 - ``<agent>_tuned_<task>.yaml``: the agent file with the best complete trial's values in
-  ``overrides.<task id>``, beside ``settings/<algo>.yaml``, a copy of the settings it was tuned
-  with, so that ``cfc-rl train --agent`` trains it as it was tuned;
-- ``trials.csv`` and ``trials.md``: trial, values, score, steps reached, status (complete,
-  pruned by ASHA, error);
+  ``overrides.<task id>`` (trial 0's: the space's keys as the agent had them), beside
+  ``settings/<algo>.yaml``, a copy of the settings it was tuned with, so that
+  ``cfc-rl train --agent`` trains it as it was tuned;
+- ``trials.csv`` and ``trials.md``: trial (0 first), values, score, steps reached, status
+  (complete, pruned by ASHA, error);
 - ``scores.png``: score against trial, and the best so far;
 - ``trials/<trial id>/seed_<n>``: the trials' run folders (on this machine, or with
   ``--storage``; without it a Ray worker trains in a temporary folder and keeps only the numbers),
@@ -38,6 +44,7 @@ folder gets:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import datetime
@@ -84,6 +91,7 @@ __all__ = [
     "SearchOutcome",
     "SearchSpace",
     "TrialPlan",
+    "add_reference",
     "add_tune_arguments",
     "load_space",
     "make_plan",
@@ -98,6 +106,7 @@ SECTIONS = ("hyperparams", "policy_kwargs", "features_extractor", "wrappers")
 VALUES = ("n_envs", "normalize", "frame_stack")
 SEED_START = 1000  # trial seeds: 1000, 1001, ... (the benchmarks use 0, 1, 2, ...)
 METRIC = "score"  # what trials report: mean return over seeds
+REFERENCE = "reference"  # trial 0's config: the agent as it is, no values from the space
 TIME_ATTR = "steps"  # ASHA's clock: environment steps
 ASHA_REDUCTION = 3  # ASHA keeps the best third at each rung
 ASHA_RUNGS = 3  # rungs at about budget/9, budget/3 (and the budget)
@@ -377,6 +386,19 @@ class TrialPlan:
     def budget(self) -> int:
         return self.steps if self.steps is not None else self.task.train.total_timesteps
 
+    def reference_values(self) -> dict[str, Any]:
+        """Trial 0's values: each key of the space as the agent has it for the task before the
+        search (None where it leaves the key to the library's default)."""
+        agent, _ = self.resolve({})
+        values = {}
+        for key in self.space.keys:
+            section, _, name = key.partition(".")
+            if name:
+                values[key] = copy.deepcopy((getattr(agent, section) or {}).get(name))
+            else:
+                values[key] = getattr(agent, section)
+        return values
+
 
 def make_plan(
     agent: str | os.PathLike[str],
@@ -389,6 +411,7 @@ def make_plan(
     threads: int = 1,
     runs: str | os.PathLike[str] | None = None,
     check_model: bool = True,
+    before_search: bool = False,
 ) -> TrialPlan:
     """Read the agent, the task and the space, and check every value the space can give before
     any trial starts.
@@ -403,6 +426,8 @@ def make_plan(
     :param runs: where the trials' run folders are kept (None: temporary folders)
     :param check_model: also build the model with each of these values (it catches policy
         arguments that no schema lists)
+    :param before_search: leave out the agent file's overrides for the task, where a finished
+        search's choice went (the agent as it was before that search)
     :raises ConfigError: naming the file and the key or value at fault
     """
     from cfc_rl.experiment.settings import load_agent_config
@@ -422,6 +447,8 @@ def make_plan(
         if task_cfg.name != task_cfg.id and task_cfg.name in overrides
         else task_cfg.id
     )
+    if before_search:
+        data = {**data, "overrides": {k: v for k, v in overrides.items() if k != key}}
     plan = TrialPlan(
         agent_data=dict(data),
         agent_name=loaded.name,
@@ -491,14 +518,15 @@ def run_trial(config: Mapping[str, Any], plan: TrialPlan) -> None:
     """The Ray Tune function trainable: train the plan's seeds with the trial's values and
     report the mean evaluation return over seeds at each periodic evaluation, then the score.
 
-    :param config: the trial's sampled values (Ray Tune's config)
+    :param config: the trial's sampled values (Ray Tune's config), or ``{REFERENCE: True}`` for
+        trial 0 (the agent as it is)
     :param plan: everything else (:func:`make_plan`)
     """
     from ray import tune as ray_tune
 
     from cfc_rl.experiment.jobs import Job
 
-    values = plan.space.decode(config)
+    values = {} if config.get(REFERENCE) else plan.space.decode(config)
     agent, task = plan.resolve(values)
     trial_id = ray_tune.get_context().get_trial_id() or "trial"
     if plan.runs is not None:
@@ -697,7 +725,7 @@ def search(
     :param agent: the agent file
     :param task: the task file (or a task id)
     :param space: the search-space file (see the module docstring)
-    :param trials: number of trials
+    :param trials: number of sampled trials (trial 0, the agent as it is, comes on top)
     :param seeds: seeds each trial trains (1000, 1001, ...), side by side
     :param steps: budget of every run (None: the task file's ``train.total_timesteps``)
     :param out: the output folder (see the module docstring)
@@ -720,6 +748,76 @@ def search(
     """
     if trials < 1:
         raise ConfigError(f"trials must be at least 1, got {trials}")
+    with _session(
+        agent, task, space, seeds, steps, out, executor, address, cpus_per_job, max_retries,
+        storage, device, init_kwargs,
+    ) as (plan, out):  # fmt: skip
+        reference = _fit_reference(plan, out, cpus_per_job, max_retries, verbose)
+        results, order = _fit(
+            plan, trials, out, cpus_per_job, max_retries, search_seed, grace_steps, verbose
+        )
+    rows = [_reference_row(plan, reference), *_rows(plan, results, order)]
+    return _write_outcome(plan, rows, out, trials)
+
+
+def add_reference(
+    agent: str | os.PathLike[str],
+    task: str | os.PathLike[str],
+    space: str | os.PathLike[str],
+    *,
+    seeds: int = 2,
+    steps: int | None = None,
+    out: str | os.PathLike[str] = "runs/tune",
+    executor: str = "local",
+    address: str | None = None,
+    cpus_per_job: float = 1.0,
+    max_retries: int = 2,
+    storage: str | os.PathLike[str] | None = None,
+    device: str = "cpu",
+    verbose: int = 0,
+    init_kwargs: Mapping[str, Any] | None = None,
+) -> SearchOutcome:
+    """Run trial 0 for a search written before searches began with it, and write the search's
+    table, plot and agent file again with it: its best trial changes only if trial 0 scores
+    higher. Trial 0 is the agent as it was before that search: without its overrides for the
+    task, where the search's choice went. Same arguments as :func:`search`, for the same search.
+
+    :raises ConfigError: if ``out`` holds no search of this space, or one with trial 0
+    """
+    out = Path(out)
+    table = out / "trials.csv"
+    if not table.exists():
+        raise ConfigError(f"{out}: no trials.csv: run the search (cfc-rl tune) instead")
+    with _session(
+        agent, task, space, seeds, steps, out, executor, address, cpus_per_job, max_retries,
+        storage, device, init_kwargs, reading=table, before_search=True,
+    ) as (plan, out, rows):  # fmt: skip
+        reference = _fit_reference(plan, out, cpus_per_job, max_retries, verbose)
+    rows = [_reference_row(plan, reference), *rows]
+    return _write_outcome(plan, rows, out, len(rows) - 1)
+
+
+@contextlib.contextmanager
+def _session(
+    agent: str | os.PathLike[str],
+    task: str | os.PathLike[str],
+    space: str | os.PathLike[str],
+    seeds: int,
+    steps: int | None,
+    out: str | os.PathLike[str],
+    executor: str,
+    address: str | None,
+    cpus_per_job: float,
+    max_retries: int,
+    storage: str | os.PathLike[str] | None,
+    device: str,
+    init_kwargs: Mapping[str, Any] | None,
+    reading: Path | None = None,
+    before_search: bool = False,
+) -> Iterator[Any]:
+    """Check the input, plan the trials and hold Ray (the loops built on every node) while
+    they run: yields the plan and the absolute output folder, and with ``reading`` (a
+    ``trials.csv`` without trial 0) also its rows, read before anything starts."""
     check_executor_args(
         argparse.Namespace(
             executor=executor,
@@ -741,22 +839,71 @@ def search(
         steps=steps,
         device=device,
         runs=str(out / "trials") if keep_runs else None,
+        before_search=before_search,
     )
+    rows = None if reading is None else read_rows(reading, plan)
+    if rows is not None and any(row["trial"] == 0 for row in rows):
+        raise ConfigError(f"{reading} already has trial 0")
     import_ray()
     out.mkdir(parents=True, exist_ok=True)
-    init = dict(init_kwargs or {})
-    connected_here = connect("local" if executor == "local" else address, **init)
+    connected_here = connect("local" if executor == "local" else address, **(init_kwargs or {}))
     try:
         resolved, _ = plan.resolve(plan.space.first())
         build_on_nodes(extensions_for([{"name": resolved.name, **resolved.as_dict()}]))
-        results, order = _fit(
-            plan, trials, out, cpus_per_job, max_retries, search_seed, grace_steps, verbose
-        )
+        yield (plan, out) if rows is None else (plan, out, rows)
     finally:
         if connected_here:
             import_ray().shutdown()
-    rows = _rows(plan, results, order)
-    return _write_outcome(plan, rows, out, trials)
+
+
+def _trainable(plan: TrialPlan, cpus_per_job: float) -> Any:
+    """:func:`run_trial` for Ray Tune, with the plan and the resources of a trial (a CPU per
+    seed, the GPU for CUDA runs)."""
+    from ray import tune as ray_tune
+
+    resources = {"cpu": len(plan.seeds) * cpus_per_job, "gpu": 1 if plan.device == "cuda" else 0}
+    return ray_tune.with_resources(ray_tune.with_parameters(run_trial, plan=plan), resources)
+
+
+def _run_config(
+    plan: TrialPlan, out: Path, what: str, max_retries: int, verbose: int, callbacks: list
+) -> Any:
+    from ray import tune as ray_tune
+
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return ray_tune.RunConfig(
+        name=f"{plan.agent_name}_{plan.task.name}_{what}{stamp}",
+        storage_path=str(out / "ray_results"),
+        failure_config=ray_tune.FailureConfig(max_failures=max_retries),
+        callbacks=callbacks,
+        verbose=verbose,
+    )
+
+
+def _fit_reference(
+    plan: TrialPlan, out: Path, cpus_per_job: float, max_retries: int, verbose: int
+) -> Any:
+    """Trial 0: the agent as it is, trained in full on the plan's seeds (no scheduler stops
+    it); returns its Ray Tune result."""
+    from ray import tune as ray_tune
+
+    logger.info(
+        "tune: trial 0 of %s on %s: the agent as it is, %d seed(s), %d steps",
+        plan.agent_name,
+        plan.task.name,
+        len(plan.seeds),
+        plan.budget,
+    )
+    tuner = ray_tune.Tuner(
+        _trainable(plan, cpus_per_job),
+        param_space={REFERENCE: True},
+        tune_config=ray_tune.TuneConfig(num_samples=1),
+        run_config=_run_config(plan, out, "trial_0_", max_retries, verbose, []),
+    )
+    (result,) = tuner.fit()
+    if result.error is None:
+        logger.info("tune: trial 0 complete, score %.1f", result.metrics[METRIC])
+    return result
 
 
 def _fit(
@@ -782,15 +929,10 @@ def _fit(
     task_eval = plan.task.eval.every_steps
     grace = grace_steps or max(task_eval, budget // ASHA_REDUCTION ** (ASHA_RUNGS - 1))
     cpus = len(plan.seeds) * cpus_per_job
-    gpus = 1 if plan.device == "cuda" else 0
     slots = max(1, int(ray.cluster_resources().get("CPU", 0.0) // cpus))
-    trainable = ray_tune.with_resources(
-        ray_tune.with_parameters(run_trial, plan=plan), {"cpu": cpus, "gpu": gpus}
-    )
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     progress = _progress_callback(trials)
     tuner = ray_tune.Tuner(
-        trainable,
+        _trainable(plan, cpus_per_job),
         param_space=plan.space.param_space(),
         tune_config=ray_tune.TuneConfig(
             metric=METRIC,
@@ -805,13 +947,7 @@ def _fit(
             num_samples=trials,
             max_concurrent_trials=slots,  # TPE proposes from more finished trials
         ),
-        run_config=ray_tune.RunConfig(
-            name=f"{plan.agent_name}_{plan.task.name}_{stamp}",
-            storage_path=str(out / "ray_results"),
-            failure_config=ray_tune.FailureConfig(max_failures=max_retries),
-            callbacks=[progress],
-            verbose=verbose,
-        ),
+        run_config=_run_config(plan, out, "", max_retries, verbose, [progress]),
     )
     logger.info(
         "tune: %d trials of %s on %s, %d seed(s) each, %d steps, about %d at once",
@@ -863,35 +999,91 @@ def _progress_callback(total: int) -> Any:
     return Progress()
 
 
+def _entry(plan: TrialPlan, result: Any, values: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's row (without its number) from its Ray Tune result."""
+    metrics = result.metrics or {}
+    if result.error is not None:
+        status = "error"
+    elif metrics.get("final"):
+        status = "complete"
+    else:
+        status = "pruned"
+    return {
+        "trial_id": metrics.get("trial_id") or Path(result.path).name,
+        **{key: values.get(key) for key in plan.space.keys},
+        "score": metrics.get(METRIC),
+        "steps": metrics.get(TIME_ATTR),
+        "status": status,
+        "error": "" if result.error is None else str(result.error).splitlines()[0],
+    }
+
+
+def _reference_row(plan: TrialPlan, result: Any) -> dict[str, Any]:
+    """Trial 0's row: the space's keys as the agent has them."""
+    return {"trial": 0, **_entry(plan, result, plan.reference_values())}
+
+
 def _rows(plan: TrialPlan, results: Any, order: Mapping[str, int]) -> list[dict[str, Any]]:
-    """One row per trial, in the order the trials started."""
+    """One row per sampled trial, numbered from 1 in the order the trials started."""
     entries = []
     for result in results:
-        metrics = result.metrics or {}
-        trial_id = metrics.get("trial_id") or Path(result.path).name
         config = result.config or {}
         values = plan.space.decode(config) if all(k in config for k in plan.space.keys) else {}
-        if result.error is not None:
-            status = "error"
-        elif metrics.get("final"):
-            status = "complete"
-        else:
-            status = "pruned"
-        entries.append(
-            {
-                "trial_id": trial_id,
-                **{key: values.get(key) for key in plan.space.keys},
-                "score": metrics.get(METRIC),
-                "steps": metrics.get(TIME_ATTR),
-                "status": status,
-                "error": "" if result.error is None else str(result.error).splitlines()[0],
-            }
-        )
+        entries.append(_entry(plan, result, values))
 
     def started(entry: dict[str, Any]) -> tuple[int, str]:
         return (order.get(entry["trial_id"], sys.maxsize), str(entry["trial_id"]))
 
     return [{"trial": n, **entry} for n, entry in enumerate(sorted(entries, key=started), 1)]
+
+
+def read_rows(path: str | os.PathLike[str], plan: TrialPlan) -> list[dict[str, Any]]:
+    """The rows of a ``trials.csv`` as :func:`search` wrote them (values parsed back).
+
+    :raises ConfigError: if its columns are not those of ``plan``'s space
+    """
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        fields = ["trial", *plan.space.keys, "score", "steps", "status", "trial_id", "error"]
+        if reader.fieldnames != fields:
+            raise ConfigError(
+                f"{path}: its columns {reader.fieldnames} are not those of a search of "
+                f"{plan.space.source} ({fields})"
+            )
+        rows = []
+        for cells in reader:
+            rows.append(
+                {
+                    "trial": int(cells["trial"]),
+                    **{k: _parse_cell(cells[k]) for k in plan.space.keys},
+                    "score": float(cells["score"]) if cells["score"] else None,
+                    "steps": int(cells["steps"]) if cells["steps"] else None,
+                    "status": cells["status"],
+                    "trial_id": cells["trial_id"],
+                    "error": cells["error"],
+                }
+            )
+    return rows
+
+
+def _parse_cell(text: str) -> Any:
+    """A value as :func:`_write_csv` wrote it: a number, YAML (lists, mappings, strings), or
+    blank for None (YAML alone would read ``1e-05`` as a string)."""
+    if not text:
+        return None
+    for number in (int, float):
+        try:
+            return number(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
+def best_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The complete trial with the highest score; on a tie the earliest, so that a sampled
+    trial replaces trial 0 (the agent as it was) only by scoring higher."""
+    complete = [r for r in rows if r["status"] == "complete" and r[METRIC] is not None]
+    return max(complete, key=lambda r: (r[METRIC], -r["trial"])) if complete else None
 
 
 def _write_outcome(
@@ -902,8 +1094,7 @@ def _write_outcome(
 
     files = [out / "trials.csv", out / "trials.md", out / "scores.png"]
     _write_csv(files[0], plan, rows)
-    complete = [r for r in rows if r["status"] == "complete" and r["score"] is not None]
-    best = max(complete, key=lambda r: r[METRIC]) if complete else None
+    best = best_row(rows)
     atomic_write_text(files[1], trials_markdown(plan, rows, best))
     _plot(files[2], plan, rows, best)
     agent_file = None
@@ -950,7 +1141,9 @@ def trials_markdown(
         f"### {plan.agent_name} on {plan.task.name} ({plan.budget:,} steps, {len(rows)} trials)",
         "",
         f"Score: the mean over {len(seeds)} seed(s) ({seeds[0]}..{seeds[-1]}) of the final "
-        "return (complete trials), or of the last evaluation reported to ASHA (pruned trials).",
+        "return (complete trials), or of the last evaluation reported to ASHA (pruned trials). "
+        "Trial 0 is the agent as it was before the search (a blank value: the library's "
+        "default), trained in full; a sampled trial replaces it only by scoring higher.",
         "",
         "| trial | " + " | ".join(plan.space.keys) + " | score | steps | status |",
         "|---:|" + "---:|" * len(plan.space.keys) + "---:|---:|---|",
@@ -961,7 +1154,8 @@ def trials_markdown(
         return (status, -(row["score"] if row["score"] is not None else -math.inf))
 
     for row in sorted(rows, key=rank):
-        mark = " (best)" if best is not None and row["trial"] == best["trial"] else ""
+        mark = " (before the search)" if row["trial"] == 0 else ""
+        mark += " (best)" if best is not None and row["trial"] == best["trial"] else ""
         cells = [_cell(row[k]) for k in plan.space.keys]
         steps = f"{row['steps']:,}" if isinstance(row["steps"], int) else _cell(row["steps"])
         lines.append(
@@ -1022,13 +1216,15 @@ def _write_agent_file(plan: TrialPlan, best: dict[str, Any], out: Path, trials: 
     from cfc_rl.experiment.runs import atomic_write_text, dump_yaml
     from cfc_rl.experiment.settings import SETTINGS_FOLDER
 
-    values = {k: best[k] for k in plan.space.keys}
+    # trial 0's blanks are keys the agent leaves to the library's default: not written
+    values = {k: best[k] for k in plan.space.keys if best[k] is not None}
     path = out / f"{plan.agent_name}_tuned_{plan.task.name}.yaml"
+    which = "the agent as it was" if best["trial"] == 0 else f"trial {best['trial']}"
     header = [
         f"# {plan.agent_name} tuned on {plan.task.name} ({plan.task.id}) by cfc-rl tune:",
-        f"# the best of {trials} trials (space {plan.space.source}; {len(plan.seeds)} seed(s) "
-        f"from {plan.seeds[0]}, {plan.budget:,} steps),",
-        f"# mean final return {best[METRIC]:.2f} (trial {best['trial']}). The chosen values are "
+        f"# the best of trial 0 and {trials} sampled trials (space {plan.space.source}; "
+        f"{len(plan.seeds)} seed(s) from {plan.seeds[0]}, {plan.budget:,} steps),",
+        f"# mean final return {best[METRIC]:.2f} ({which}). The chosen values are "
         f"in overrides.{plan.override_key};",
         f"# {SETTINGS_FOLDER}/ beside this file is a copy of the settings it was tuned with.",
     ]
