@@ -442,7 +442,7 @@ def tune_cells(
     :raises ConfigError: without a ``tuning`` section or a space for a selected agent, before
         any search starts
     """
-    from cfc_rl.experiment.tune import add_reference, search
+    from cfc_rl.experiment.tune import search
 
     if grid.tuning is None:
         raise ConfigError(f"{grid.path}: no tuning section (trials, seeds, spaces)")
@@ -457,18 +457,9 @@ def tune_cells(
         out = grid.searches / grid_task.name / agent
         if grid.searched(grid_task.name, agent):
             what = "searched before"
-        elif (out / "trials.csv").exists():
-            add_reference(
-                agent_file,
-                grid_task.task,
-                tuning.spaces[agent],
-                seeds=tuning.seeds,
-                steps=grid_task.steps,
-                out=out,
-                **search_kwargs,
-            )
-            what = "trial 0 added to its search"
         else:
+            # a search made before searches began with trial 0 gets only that
+            only_trial_0 = (out / "trials.csv").exists()
             search(
                 agent_file,
                 grid_task.task,
@@ -477,9 +468,10 @@ def tune_cells(
                 seeds=tuning.seeds,
                 steps=grid_task.steps,
                 out=out,
+                only_trial_0=only_trial_0,
                 **search_kwargs,
             )
-            what = "searched"
+            what = "trial 0 added to its search" if only_trial_0 else "searched"
         what += "; " + adopt(grid, grid_task, agent_file)
         if on_done:
             on_done(grid_task.name, agent, what)

@@ -44,7 +44,6 @@ might end below them; a sampled trial replaces them only by scoring higher. The 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import csv
 import datetime
@@ -91,7 +90,6 @@ __all__ = [
     "SearchOutcome",
     "SearchSpace",
     "TrialPlan",
-    "add_reference",
     "add_tune_arguments",
     "load_space",
     "make_plan",
@@ -719,6 +717,7 @@ def search(
     grace_steps: int | None = None,
     verbose: int = 0,
     init_kwargs: Mapping[str, Any] | None = None,
+    only_trial_0: bool = False,
 ) -> SearchOutcome:
     """Search the space with Ray Tune: Optuna's TPE proposes, ASHA stops trials that are behind.
 
@@ -743,81 +742,16 @@ def search(
         evaluation interval)
     :param verbose: Ray Tune's console output (0 silent, 1 a status table now and then)
     :param init_kwargs: more arguments of ``ray.init`` when this call starts Ray
-    :raises ConfigError: for bad input, before any trial starts
+    :param only_trial_0: add trial 0 to the search in ``out``, made before searches began with
+        it, instead of searching: its sampled trials stay, and its choice changes only if trial
+        0 scores higher. Trial 0 is then the agent as it was before that search, without its
+        overrides for the task (where the search's choice went).
+    :raises ConfigError: for bad input (with ``only_trial_0``: ``out`` holds no search of this
+        space, or one with trial 0), before any trial starts
     :raises RayUnavailable: without Ray
     """
     if trials < 1:
         raise ConfigError(f"trials must be at least 1, got {trials}")
-    with _session(
-        agent, task, space, seeds, steps, out, executor, address, cpus_per_job, max_retries,
-        storage, device, init_kwargs,
-    ) as (plan, out):  # fmt: skip
-        reference = _fit_reference(plan, out, cpus_per_job, max_retries, verbose)
-        results, order = _fit(
-            plan, trials, out, cpus_per_job, max_retries, search_seed, grace_steps, verbose
-        )
-    rows = [_reference_row(plan, reference), *_rows(plan, results, order)]
-    return _write_outcome(plan, rows, out, trials)
-
-
-def add_reference(
-    agent: str | os.PathLike[str],
-    task: str | os.PathLike[str],
-    space: str | os.PathLike[str],
-    *,
-    seeds: int = 2,
-    steps: int | None = None,
-    out: str | os.PathLike[str] = "runs/tune",
-    executor: str = "local",
-    address: str | None = None,
-    cpus_per_job: float = 1.0,
-    max_retries: int = 2,
-    storage: str | os.PathLike[str] | None = None,
-    device: str = "cpu",
-    verbose: int = 0,
-    init_kwargs: Mapping[str, Any] | None = None,
-) -> SearchOutcome:
-    """Run trial 0 for a search written before searches began with it, and write the search's
-    table, plot and agent file again with it: its best trial changes only if trial 0 scores
-    higher. Trial 0 is the agent as it was before that search: without its overrides for the
-    task, where the search's choice went. Same arguments as :func:`search`, for the same search.
-
-    :raises ConfigError: if ``out`` holds no search of this space, or one with trial 0
-    """
-    out = Path(out)
-    table = out / "trials.csv"
-    if not table.exists():
-        raise ConfigError(f"{out}: no trials.csv: run the search (cfc-rl tune) instead")
-    with _session(
-        agent, task, space, seeds, steps, out, executor, address, cpus_per_job, max_retries,
-        storage, device, init_kwargs, reading=table, before_search=True,
-    ) as (plan, out, rows):  # fmt: skip
-        reference = _fit_reference(plan, out, cpus_per_job, max_retries, verbose)
-    rows = [_reference_row(plan, reference), *rows]
-    return _write_outcome(plan, rows, out, len(rows) - 1)
-
-
-@contextlib.contextmanager
-def _session(
-    agent: str | os.PathLike[str],
-    task: str | os.PathLike[str],
-    space: str | os.PathLike[str],
-    seeds: int,
-    steps: int | None,
-    out: str | os.PathLike[str],
-    executor: str,
-    address: str | None,
-    cpus_per_job: float,
-    max_retries: int,
-    storage: str | os.PathLike[str] | None,
-    device: str,
-    init_kwargs: Mapping[str, Any] | None,
-    reading: Path | None = None,
-    before_search: bool = False,
-) -> Iterator[Any]:
-    """Check the input, plan the trials and hold Ray (the loops built on every node) while
-    they run: yields the plan and the absolute output folder, and with ``reading`` (a
-    ``trials.csv`` without trial 0) also its rows, read before anything starts."""
     check_executor_args(
         argparse.Namespace(
             executor=executor,
@@ -839,21 +773,31 @@ def _session(
         steps=steps,
         device=device,
         runs=str(out / "trials") if keep_runs else None,
-        before_search=before_search,
+        before_search=only_trial_0,
     )
-    rows = None if reading is None else read_rows(reading, plan)
-    if rows is not None and any(row["trial"] == 0 for row in rows):
-        raise ConfigError(f"{reading} already has trial 0")
+    sampled: list[dict[str, Any]] = []
+    if only_trial_0:
+        if not (out / "trials.csv").exists():
+            raise ConfigError(f"{out}: no trials.csv: search without only_trial_0")
+        sampled = read_rows(out / "trials.csv", plan)
+        if any(row["trial"] == 0 for row in sampled):
+            raise ConfigError(f"{out / 'trials.csv'} already has trial 0")
     import_ray()
     out.mkdir(parents=True, exist_ok=True)
     connected_here = connect("local" if executor == "local" else address, **(init_kwargs or {}))
     try:
         resolved, _ = plan.resolve(plan.space.first())
         build_on_nodes(extensions_for([{"name": resolved.name, **resolved.as_dict()}]))
-        yield (plan, out) if rows is None else (plan, out, rows)
+        reference = _fit_reference(plan, out, cpus_per_job, max_retries, verbose)
+        if not only_trial_0:
+            results, order = _fit(
+                plan, trials, out, cpus_per_job, max_retries, search_seed, grace_steps, verbose
+            )
+            sampled = _rows(plan, results, order)
     finally:
         if connected_here:
             import_ray().shutdown()
+    return _write_outcome(plan, [_reference_row(plan, reference), *sampled], out, len(sampled))
 
 
 def _trainable(plan: TrialPlan, cpus_per_job: float) -> Any:
