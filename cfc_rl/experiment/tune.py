@@ -1240,9 +1240,10 @@ def tune_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     )
     print()
     print(Path(outcome.files[1]).read_text())
-    print(f"written: {', '.join(str(f) for f in outcome.files)}")
+    print(f"written: {', '.join(os.path.relpath(f) for f in outcome.files)}")
     if outcome.best is None:
         print("no trial completed: see the errors above and in trials.csv", file=sys.stderr)
         return 1
-    print(f"train it with: cfc-rl train --agent {outcome.agent_file} --task {args.task}")
+    agent_file = os.path.relpath(outcome.agent_file)
+    print(f"train it with: cfc-rl train --agent {agent_file} --task {args.task}")
     return 0
