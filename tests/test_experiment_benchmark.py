@@ -552,9 +552,16 @@ def test_runs_of_agents_without_a_search_wait_or_are_tuned_first(
     searched = tmp_path / "tuning" / "cartpole_p" / "ppo_cfc"
     searched.mkdir(parents=True)
     (searched / "trials.csv").write_text("trial\n0\n")
+    older = tmp_path / "tuning" / "pendulum_p" / "ppo_gru"  # made before trial 0 existed
+    older.mkdir(parents=True)
+    (older / "trials.csv").write_text("trial\n1\n")
     # ppo_mlp has no space: it is not tuned, and its runs do not wait
     assert cli.main(["benchmark", "run", "--grid", str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
+    assert (
+        "3 searches missing (trial 0 and 2 sampled trials x 1 seeds each; 1 made before trial 0 "
+        "existed need only it)" in out
+    )
     assert (
         "runs waiting for their agent's search (run with --tune, or cfc-rl benchmark tune):\n"
         "  cartpole_p: ppo_gru\n"

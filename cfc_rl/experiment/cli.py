@@ -450,16 +450,20 @@ def _dry_run(grid: Any, cells: list, jobs: list, held: list, waiting: set[tuple[
     print(f"{len(todo)} of {len(jobs)} runs to train: {cost([_cell(j) for j in todo])}")
     if waiting and grid.tuning is not None:
         print(f"{len(held)} runs waiting for a search: {cost([_cell(j) for j in held])}")
-        # a search trains at most trials x seeds runs of the budget (ASHA stops some early)
-        times = grid.tuning.trials * grid.tuning.seeds
-        searches = [
-            (t.name, Path(a).stem, t.steps * times)
-            for _, t, a in cells
-            if (t.name, Path(a).stem) in waiting
-        ]
+        # a search trains at most (trial 0 + trials) x seeds runs of the budget (ASHA stops
+        # some early); one made before searches began with trial 0 needs only trial 0
+        searches, only_trial_0 = [], 0
+        for _, t, a in cells:
+            if (t.name, Path(a).stem) not in waiting:
+                continue
+            older = (grid.searches / t.name / Path(a).stem / "trials.csv").exists()
+            only_trial_0 += older
+            trials = 1 if older else grid.tuning.trials + 1
+            searches.append((t.name, Path(a).stem, t.steps * trials * grid.tuning.seeds))
+        older = f"; {only_trial_0} made before trial 0 existed need only it" if only_trial_0 else ""
         print(
-            f"{len(searches)} searches missing ({grid.tuning.trials} trials x "
-            f"{grid.tuning.seeds} seeds each): at most {cost(searches)}"
+            f"{len(searches)} searches missing (trial 0 and {grid.tuning.trials} sampled trials "
+            f"x {grid.tuning.seeds} seeds each{older}): at most {cost(searches)}"
         )
 
 
