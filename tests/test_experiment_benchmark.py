@@ -128,7 +128,13 @@ def test_report_normalises_aggregates_and_judges(tmp_path: Path) -> None:
     grid = load_grid(write_grid(tmp_path))
     fill(grid)
     (tmp_path / "tuning" / "cartpole_p" / "ppo_cfc").mkdir(parents=True)
-    (tmp_path / "tuning" / "cartpole_p" / "ppo_cfc" / "trials.csv").write_text("trial\n0\n")
+    (tmp_path / "tuning" / "cartpole_p" / "ppo_cfc" / "trials.csv").write_text(
+        "trial,score,status\n0,500.0,complete\n1,500.0,complete\n2,,error\n"
+    )
+    (tmp_path / "tuning" / "cartpole_p" / "ppo_gru").mkdir(parents=True)
+    (tmp_path / "tuning" / "cartpole_p" / "ppo_gru" / "trials.csv").write_text(
+        "trial,score,status\n0,400.0,complete\n1,500.0,complete\n"
+    )
     text = report(grid)
 
     summary = {(r["task"], r["agent"]): r for r in read_csv(tmp_path / "summary.csv")}
@@ -174,7 +180,10 @@ def test_report_normalises_aggregates_and_judges(tmp_path: Path) -> None:
         "loses against ppo_gru (pendulum_p)." in text
     )
     assert "| ppo_cfc | 4 | 500.0 [500.0, 500.0] | 500.0 [500.0, 500.0] | 1.00 |" in text
-    assert "Tuned (`tuning/cartpole_p/`): ppo_cfc; not yet: ppo_gru, ppo_mlp." in text
+    assert (
+        "Tuned (`tuning/cartpole_p/`): ppo_cfc, ppo_gru; not yet: ppo_mlp. No sampled trial beat "
+        "the settings before the search (trial 0) for ppo_cfc: they keep them." in text
+    )
     assert "Tuned: none yet." in text  # pendulum_p
     # a published figure inside the interval is reached; one above it is not
     assert (

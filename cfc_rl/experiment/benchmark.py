@@ -156,6 +156,25 @@ class Grid:
         with table.open(newline="") as f:
             return any(row["trial"] == "0" for row in csv.DictReader(f))
 
+    def kept_trial_0(self, task: str, agent: str) -> bool:
+        """Whether the agent's search on the task chose trial 0: the settings it had before
+        (RL Zoo's), which no sampled trial beat."""
+        from cfc_rl.experiment.tune import best_row
+
+        if not self.searched(task, agent):
+            return False
+        with (self.searches / task / agent / "trials.csv").open(newline="") as f:
+            rows = [
+                {
+                    "trial": int(row["trial"]),
+                    "score": float(row["score"]) if row.get("score") else None,
+                    "status": row.get("status"),
+                }
+                for row in csv.DictReader(f)
+            ]
+        best = best_row(rows)
+        return best is not None and best["trial"] == 0
+
     def tier(self, name: str) -> Tier:
         for tier in self.tiers:
             if tier.name == name:
@@ -1045,9 +1064,16 @@ def _tier_markdown(
         if not tuned:
             lines += ["Tuned: none yet.", ""]
         else:
+            kept = [a for a in tuned if grid.kept_trial_0(grid_task.name, a)]
             lines += [
                 f"Tuned (`tuning/{grid_task.name}/`): {', '.join(tuned)}"
-                + (f"; not yet: {', '.join(untuned)}." if untuned else "."),
+                + (f"; not yet: {', '.join(untuned)}." if untuned else ".")
+                + (
+                    f" No sampled trial beat the settings before the search (trial 0) "
+                    f"for {', '.join(kept)}: they keep them."
+                    if kept
+                    else ""
+                ),
                 "",
             ]
         if not rows:
