@@ -432,9 +432,11 @@ def test_agent_files_carry_the_values_their_searches_chose() -> None:
         with (tuned.parent / "trials.csv").open() as f:
             header = next(csv.reader(f))
         keys = header[1 : header.index("score")]  # the space's dotted keys
-        # under the task's id: the searched agent file also holds its overrides for other tasks
+        # under the task's id (the searched agent file also holds its overrides for other
+        # tasks), or its name where the agent file had that key (trial 0 added afterwards)
         task_id = load_task(ROOT / "envs" / f"{task}.yaml").id
-        chosen = yaml.safe_load(tuned.read_text())["overrides"][task_id]
+        overrides = yaml.safe_load(tuned.read_text())["overrides"]
+        chosen = overrides.get(task) or overrides[task_id]
         shipped = yaml.safe_load((ROOT / "agents" / f"{agent}.yaml").read_text())
         in_agent_file = (shipped.get("overrides") or {}).get(task)
         assert in_agent_file is not None, f"agents/{agent}.yaml has no overrides.{task}"
