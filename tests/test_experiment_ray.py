@@ -532,3 +532,22 @@ def test_a_sampled_trial_replaces_trial_0_only_by_scoring_higher():
     assert best_row([row(0, 499.0), row(1, 500.0), row(2, 500.0)])["trial"] == 1
     assert best_row([row(0, 10.0), row(1, 900.0, "pruned"), row(2, None, "error")])["trial"] == 0
     assert best_row([row(1, 900.0, "pruned")]) is None
+
+
+def test_trial_0_alone_needs_a_search_of_the_space_without_it(tmp_path):
+    mlp, _, task = _files(tmp_path / "files")
+    space = tmp_path / "space.yaml"
+    space.write_text("hyperparams.learning_rate: {loguniform: [1.0e-4, 1.0e-3]}\n")
+    out = tmp_path / "tune"
+    with pytest.raises(ConfigError, match=r"no trials\.csv"):
+        search(mlp, task, space, out=out, only_trial_0=True)
+    assert not out.exists()
+    out.mkdir()
+    header = "trial,hyperparams.learning_rate,score,steps,status,trial_id,error\n"
+    (out / "trials.csv").write_text(header + "0,0.001,10.0,256,complete,a,\n")
+    with pytest.raises(ConfigError, match="already has trial 0"):
+        search(mlp, task, space, out=out, only_trial_0=True)
+    (out / "trials.csv").write_text(header.replace("learning_rate", "n_epochs") + "1,2,1,1,x,b,\n")
+    with pytest.raises(ConfigError, match="are not those of a search of"):
+        search(mlp, task, space, out=out, only_trial_0=True)
+    assert sorted(p.name for p in out.iterdir()) == ["trials.csv"]  # nothing else written
