@@ -147,31 +147,32 @@ class Grid:
         """The folder of the searches: ``tuning/<task>/<agent>/`` beside the grid."""
         return self.path.parent / "tuning"
 
+    def _trials(self, task: str, agent: str) -> list[dict[str, str]]:
+        """The rows of the agent's ``trials.csv`` on the task (none before its search)."""
+        table = self.searches / task / agent / "trials.csv"
+        if not table.exists():
+            return []
+        with table.open(newline="") as f:
+            return list(csv.DictReader(f))
+
     def searched(self, task: str, agent: str) -> bool:
         """Whether the agent's search on the task is done: its ``trials.csv`` is written and
         has trial 0 (the agent as it was; searches written before trial 0 existed lack it)."""
-        table = self.searches / task / agent / "trials.csv"
-        if not table.exists():
-            return False
-        with table.open(newline="") as f:
-            return any(row["trial"] == "0" for row in csv.DictReader(f))
+        return any(row["trial"] == "0" for row in self._trials(task, agent))
 
     def kept_trial_0(self, task: str, agent: str) -> bool:
         """Whether the agent's search on the task chose trial 0: the settings it had before
         (RL Zoo's), which no sampled trial beat."""
         from cfc_rl.experiment.tune import best_row
 
-        if not self.searched(task, agent):
-            return False
-        with (self.searches / task / agent / "trials.csv").open(newline="") as f:
-            rows = [
-                {
-                    "trial": int(row["trial"]),
-                    "score": float(row["score"]) if row.get("score") else None,
-                    "status": row.get("status"),
-                }
-                for row in csv.DictReader(f)
-            ]
+        rows = [
+            {
+                "trial": int(row["trial"]),
+                "score": float(row["score"]) if row.get("score") else None,
+                "status": row.get("status"),
+            }
+            for row in self._trials(task, agent)
+        ]
         best = best_row(rows)
         return best is not None and best["trial"] == 0
 
