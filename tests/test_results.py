@@ -2,11 +2,13 @@
 (the README's figures, the benchmark) was trained with the settings its agent and task files
 give today. Tuning an agent on a task (which writes overrides.<task> into the agent file) makes
 the runs of that agent on that task stale, and this test names them: run their commands again
-(or retire the figures that quote them). A robustness sweep's runs must be committed runs too."""
+(or retire the figures that quote them). A robustness sweep's runs must be committed runs too, and
+the README quotes its tables as the sweep wrote them."""
 
 from __future__ import annotations
 
 import csv
+import re
 import dataclasses
 from pathlib import Path
 
@@ -43,7 +45,9 @@ def test_every_committed_run_was_trained_with_the_files_as_they_are(monkeypatch)
 def test_robustness_sweeps_evaluated_committed_runs() -> None:
     # A sweep's table is only as current as the runs it evaluated: they must be committed runs,
     # which the test above holds to the files.
-    for table in sorted((ROOT / "results").glob("*/robustness_runs.csv")):
+    tables = sorted((ROOT / "results").glob("*/robustness_runs.csv"))
+    assert tables
+    for table in tables:
         with table.open(newline="") as f:
             folders = {row["run"] for row in csv.DictReader(f)}
         assert folders, table
@@ -51,3 +55,19 @@ def test_robustness_sweeps_evaluated_committed_runs() -> None:
             assert (ROOT / folder / "result.json").is_file(), (
                 f"{table.relative_to(ROOT)} evaluated {folder}, which is not a committed run"
             )
+
+
+def test_the_readme_quotes_the_robustness_tables_as_written() -> None:
+    # The README copies a sweep's tables; they must be the ones `cfc-rl robustness` wrote.
+    readme = (ROOT / "README.md").read_text()
+    quoted = [
+        path
+        for path in sorted((ROOT / "results").glob("*/robustness.md"))
+        if f"{path.parent.relative_to(ROOT)}/" in readme
+    ]
+    assert quoted
+    for path in quoted:
+        tables = re.findall(r"(?:^\|.*\n)+", path.read_text(), flags=re.MULTILINE)
+        assert tables, path
+        for table in tables:
+            assert table in readme, f"the README's copy of a table in {path} differs from it"
