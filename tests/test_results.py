@@ -8,8 +8,8 @@ the README quotes its tables as the sweep wrote them."""
 from __future__ import annotations
 
 import csv
-import re
 import dataclasses
+import re
 from pathlib import Path
 
 from cfc_rl.experiment.benchmark import stale_runs
