@@ -22,9 +22,12 @@ from cfc_rl.experiment.benchmark import (
     plan,
     read_headline,
     report,
+    select,
     stale_runs,
+    tune_cells,
     verdict,
 )
+from cfc_rl.experiment.compare import plan_jobs
 from cfc_rl.experiment.runs import RunError, RunFolder, dump_yaml
 from cfc_rl.experiment.tasks import load_task
 
@@ -595,3 +598,76 @@ def test_runs_of_agents_without_a_search_wait_or_are_tuned_first(
     assert cli.main(["benchmark", "run", "--grid", str(path), "--tune"]) == 0
     out = capsys.readouterr().out
     assert len(tuned) == 6 and "waiting" not in out and out.count("skipped") == 24
+
+
+def test_an_agent_with_a_smaller_budget_is_searched_run_and_reported_at_it(
+    tmp_path: Path, monkeypatch
+) -> None:
+    good = yaml.safe_load(write_grid(tmp_path).read_text())
+    tier = good["tiers"]["classic"]
+    pendulum = {**tier["tasks"][1], "agent_steps": {"ppo_gru": 500}}
+    spaces = {"ppo_gru": str(ROOT / "agents" / "spaces" / "gru.yaml")}
+    path = write_grid(
+        tmp_path,
+        tiers={"classic": {**tier, "tasks": [tier["tasks"][0], pendulum]}},
+        tuning={"trials": 2, "seeds": 1, "spaces": spaces},
+    )
+    grid = load_grid(path)
+    budgets = {(j.task["name"], j.agent["name"]): j.budget for j in plan(grid)}
+    assert budgets[("pendulum_p", "ppo_gru")] == 500
+    assert budgets[("pendulum_p", "ppo_cfc")] == budgets[("pendulum_p", "ppo_mlp")] == 2000
+    assert budgets[("cartpole_p", "ppo_gru")] == 1000
+
+    # its search trains at its budget
+    searched = []
+
+    def search(agent_file, task_file, space, **kwargs):
+        searched.append((Path(task_file).stem, kwargs["steps"]))
+        raise RuntimeError("stop after the call")
+
+    monkeypatch.setattr("cfc_rl.experiment.tune.search", search)
+    [cell] = select(grid, tasks=["pendulum_p"], agents=["ppo_gru"])
+    with pytest.raises(RuntimeError, match="stop after the call"):
+        tune_cells(grid, [cell])
+    assert searched == [("pendulum_p", 500)]
+
+    fill(grid)
+    # a run of it at the task's budget is not one of the cell's runs
+    [job] = plan_jobs(
+        [str(ROOT / "agents" / "ppo_gru.yaml")],
+        [str(ROOT / "envs" / "pendulum_p.yaml")],
+        seeds=[9],
+        steps=2000,
+        out=grid.runs,
+    )
+    fake_run(job, 1e6)
+    text = report(grid, tmp_path / "report")
+    summary = {(r["task"], r["agent"]): r for r in read_csv(tmp_path / "report" / "summary.csv")}
+    assert summary[("pendulum_p", "ppo_gru")]["steps"] == "500"
+    assert summary[("pendulum_p", "ppo_gru")]["seeds"] == "4"
+    assert float(summary[("pendulum_p", "ppo_gru")]["mean"]) == np.mean(
+        FINALS[("pendulum_p", "ppo_gru")]
+    )
+    assert summary[("cartpole_p", "ppo_gru")]["steps"] == "1000"
+    assert "### pendulum_p (2,000 steps; ppo_gru 500)" in text
+    assert "| ppo_gru (500 steps) | 4 |" in text and "| ppo_cfc | 4 |" in text
+    sentence = "ppo_gru on pendulum_p (500 steps of 2,000)"
+    assert sentence in text and sentence in (tmp_path / "report" / "headline.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("agent_steps", "message"),
+    [
+        ({"ppo_lstm": 10}, "agent_steps: 'ppo_lstm' is not an agent of the task"),
+        ({"ppo_gru": 1000}, "agent_steps.ppo_gru must be a number of steps below the task's 1000"),
+        ({"ppo_gru": 0}, "agent_steps.ppo_gru must be a number of steps below"),
+        ([500], "agent_steps must map agent names to budgets"),
+    ],
+)
+def test_a_smaller_budget_must_be_an_agents_and_smaller(
+    tmp_path: Path, agent_steps, message: str
+) -> None:
+    tier = yaml.safe_load(write_grid(tmp_path).read_text())["tiers"]["classic"]
+    task = {**tier["tasks"][0], "agent_steps": agent_steps}
+    with pytest.raises(ConfigError, match=message):
+        load_grid(write_grid(tmp_path, tiers={"classic": {**tier, "tasks": [task]}}))

@@ -14,13 +14,21 @@ The grid is a YAML file (``results/benchmark/grid.yaml``)::
         seeds: 5                    # seeds 0..4 (or a list of seeds)
         tasks:
           - {task: envs/pendulum_p.yaml, steps: 100000, agents: [ppo, agents/sac_mlp.yaml]}
+          - task: envs/halfcheetah_p.yaml
+            steps: 500000
+            agents: [ppo]
+            agent_steps: {ppo_ltc: 200000}   # a smaller budget for an agent that costs more
 
-``agents`` of a task names agent sets or agent files. :func:`run_benchmark` trains the grid's
-runs that are not complete into ``<runs>/<task>/<agent>/seed_<n>`` (the layout of ``cfc-rl
-compare``), so a study grows across machines: the repository keeps each run's small files
-(``config.yaml``, ``result.json``, ``evaluations.*``), and a run whose ``result.json`` is
-committed is never trained again. A complete run trained with other settings than the agent
-file now gives is an error, not a silent mix.
+``agents`` of a task names agent sets or agent files. ``agent_steps`` gives an agent a smaller
+budget than the task's where the task's is more than it can afford: it is searched and run at
+that budget, and the report writes the budget beside its rows.
+
+:func:`run_benchmark` trains the grid's runs that are not complete into
+``<runs>/<task>/<agent>/seed_<n>`` (the layout of ``cfc-rl compare``), so a study grows across
+machines: the repository keeps each run's small files (``config.yaml``, ``result.json``,
+``evaluations.*``), and a run whose ``result.json`` is committed is never trained again. A
+complete run trained with other settings than the agent file now gives is an error, not a
+silent mix.
 
 :func:`report` reads only those small files and writes, beside the grid:
 
@@ -90,24 +98,30 @@ logger = logging.getLogger(__name__)
 GRID_KEYS = ("runs", "zero", "focus", "agent_sets", "tiers", "tuning", "headline_in")
 TUNING_KEYS = ("trials", "seeds", "spaces")
 TIER_KEYS = ("seeds", "tasks", "zero", "focus")
-TASK_KEYS = ("task", "steps", "agents", "reference")
+TASK_KEYS = ("task", "steps", "agents", "reference", "agent_steps")
 REFERENCE_KEYS = ("agent", "return", "source")
 
 
 @dataclass(frozen=True)
 class GridTask:
-    """One task of a tier: its file, its budget, the agent files that run on it, and a published
-    figure one of them must reach (``{agent, return, source}``), if there is one."""
+    """One task of a tier: its file, its budget, the agent files that run on it, a published
+    figure one of them must reach (``{agent, return, source}``), if there is one, and the
+    agents with a smaller budget than the task's (``agent_steps``: (agent name, steps) pairs)."""
 
     task: str
     name: str
     steps: int
     agents: tuple[str, ...]
     reference: Mapping[str, Any] | None = None
+    agent_steps: tuple[tuple[str, int], ...] = ()
 
     @property
     def agent_names(self) -> tuple[str, ...]:
         return tuple(Path(a).stem for a in self.agents)
+
+    def steps_for(self, agent: str) -> int:
+        """The budget of an agent (by name) on the task: its own, or else the task's."""
+        return dict(self.agent_steps).get(agent, self.steps)
 
 
 @dataclass(frozen=True)
@@ -259,7 +273,10 @@ def load_grid(path: str | os.PathLike[str]) -> Grid:
                     reference["return"], (int, float)
                 ):
                     raise ConfigError(f"{path}: {at}reference.return must be a number")
-            grid_task = GridTask(task_file, Path(task_file).stem, steps, tuple(agents), reference)
+            agent_steps = _agent_steps(path, at, entry.get("agent_steps"), agents, steps)
+            grid_task = GridTask(
+                task_file, Path(task_file).stem, steps, tuple(agents), reference, agent_steps
+            )
             tasks.append(grid_task)
         for grid_task in tasks:
             for agent in grid_task.agent_names:
@@ -291,6 +308,29 @@ def load_grid(path: str | os.PathLike[str]) -> Grid:
         _headline_bounds(headline_in, headline_in.read_text())
     tuning = _tuning(path, data.get("tuning"), set(stems))
     return Grid(path, runs, tuple(tiers), tuning, headline_in)
+
+
+def _agent_steps(
+    path: Path, at: str, data: Any, agents: Sequence[str], steps: int
+) -> tuple[tuple[str, int], ...]:
+    """A task's ``agent_steps``: each an agent of the task with a budget below the task's."""
+    if data is None:
+        return ()
+    if not isinstance(data, Mapping) or not data:
+        raise ConfigError(f"{path}: {at}agent_steps must map agent names to budgets in steps")
+    names = [Path(a).stem for a in agents]
+    for agent, budget in data.items():
+        if agent not in names:
+            raise ConfigError(
+                f"{path}: {at}agent_steps: {agent!r} is not an agent of the task; agents: "
+                f"{', '.join(names)}"
+            )
+        if isinstance(budget, bool) or not isinstance(budget, int) or not 0 < budget < steps:
+            raise ConfigError(
+                f"{path}: {at}agent_steps.{agent} must be a number of steps below the task's "
+                f"{steps}, not {budget!r}"
+            )
+    return tuple((str(agent), int(budget)) for agent, budget in data.items())
 
 
 def _tuning(path: Path, data: Any, agents: set[str]) -> Tuning | None:
@@ -393,7 +433,7 @@ def plan(
                 [agent_file],
                 [grid_task.task],
                 seeds=tier_seeds,
-                steps=grid_task.steps,
+                steps=grid_task.steps_for(Path(agent_file).stem),
                 out=grid.runs,
                 device=device,
             )
@@ -486,7 +526,7 @@ def tune_cells(
                 tuning.spaces[agent],
                 trials=tuning.trials,
                 seeds=tuning.seeds,
-                steps=grid_task.steps,
+                steps=grid_task.steps_for(agent),
                 out=out,
                 only_trial_0=only_trial_0,
                 **search_kwargs,
@@ -651,11 +691,12 @@ class _Cell:
 
 
 def _collect(grid: Grid, tier: Tier) -> dict[tuple[str, str], _Cell]:
-    """Every (task, agent) of the tier with at least one complete run at the task's budget;
-    every seed folder counts (seeds beyond the tier's extend the study)."""
+    """Every (task, agent) of the tier with at least one complete run at the agent's budget on
+    the task; every seed folder counts (seeds beyond the tier's extend the study)."""
     cells = {}
     for grid_task in tier.tasks:
         for agent in grid_task.agent_names:
+            steps = grid_task.steps_for(agent)
             folders, results, machines, settings = [], [], [], None
             for folder in sorted(
                 (grid.runs / grid_task.name / agent).glob("seed_*"),
@@ -663,7 +704,7 @@ def _collect(grid: Grid, tier: Tier) -> dict[tuple[str, str], _Cell]:
             ):
                 run = RunFolder(folder)
                 result = run.read_result()
-                if result is None or result["total_timesteps"] != grid_task.steps:
+                if result is None or result["total_timesteps"] != steps:
                     continue
                 config = run.read_config()
                 these = {"agent": config.get("agent"), "task": config.get("task")}
@@ -682,7 +723,7 @@ def _collect(grid: Grid, tier: Tier) -> dict[tuple[str, str], _Cell]:
                 machines.append(config.get("machine"))
             if folders:
                 cells[(grid_task.name, agent)] = _Cell(
-                    grid_task.name, agent, grid_task.steps, folders, results, machines
+                    grid_task.name, agent, steps, folders, results, machines
                 )
     return cells
 
@@ -856,7 +897,7 @@ def report(grid: Grid, out: str | os.PathLike[str] | None = None) -> str:
                     "task": grid_task.name,
                     "agent": agent,
                     "seeds": len(results),
-                    "steps": grid_task.steps,
+                    "steps": cell.steps,
                     **interval_columns(cell.finals),
                     "normalised_mean": (
                         (float(cell.finals.mean()) - normalise[grid_task.name][0])
@@ -882,7 +923,7 @@ def report(grid: Grid, out: str | os.PathLike[str] | None = None) -> str:
         headline += _headline(
             tier,
             f"{_progress(tier, cells)} ({', '.join(t.name for t in tier.tasks)}; "
-            f"seeds {_seed_text(tier.seeds)}). {_machines(cells)}",
+            f"seeds {_seed_text(tier.seeds)}). {_machines(cells)}{_smaller_budgets(tier)}",
             tier_aggregates,
             tier_improvements,
         )
@@ -988,7 +1029,9 @@ def _tier_markdown(
         f"## Tier {tier.name}",
         "",
         f"Seeds {_seed_text(tier.seeds)}; {_progress(tier, cells)}. "
-        f"Zero of the normalised score: {tier.zero}." + (f" {_machines(cells)}" if cells else ""),
+        f"Zero of the normalised score: {tier.zero}."
+        + (f" {_machines(cells)}" if cells else "")
+        + _smaller_budgets(tier),
     ]
     if missing:
         lines.append(f"Incomplete (runs done / planned): {', '.join(missing)}.")
@@ -1059,7 +1102,8 @@ def _tier_markdown(
         lines.append("")
     for grid_task in tier.tasks:
         rows = sorted((r for r in summary if r["task"] == grid_task.name), key=lambda r: -r["iqm"])
-        lines += [f"### {grid_task.name} ({grid_task.steps:,} steps)", ""]
+        own = "".join(f"; {a} {s:,}" for a, s in grid_task.agent_steps)
+        lines += [f"### {grid_task.name} ({grid_task.steps:,} steps{own})", ""]
         tuned = [a for a in grid_task.agent_names if grid.searched(grid_task.name, a)]
         untuned = [a for a in grid_task.agent_names if a not in tuned]
         if not tuned:
@@ -1086,7 +1130,7 @@ def _tier_markdown(
             "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         lines += [
-            f"| {r['agent']} | {r['seeds']} "
+            f"| {_budgeted(r['agent'], r['steps'], grid_task)} | {r['seeds']} "
             f"| {r['iqm']:.1f} [{r['iqm_ci_low']:.1f}, {r['iqm_ci_high']:.1f}] "
             f"| {r['mean']:.1f} [{r['mean_ci_low']:.1f}, {r['mean_ci_high']:.1f}] "
             f"| {'' if np.isnan(r['normalised_mean']) else format(r['normalised_mean'], '.2f')} "
@@ -1102,6 +1146,26 @@ def _tier_markdown(
             "",
         ]
     return "\n".join(lines)
+
+
+def _budgeted(agent: str, steps: int, grid_task: GridTask) -> str:
+    """The agent's name, with its budget beside it where it is not the task's."""
+    return agent if steps == grid_task.steps else f"{agent} ({steps:,} steps)"
+
+
+def _smaller_budgets(tier: Tier) -> str:
+    """' Smaller budgets (...): <agent> on <task> (<steps> steps of <task's>); ...', or ''."""
+    named = [
+        f"{agent} on {t.name} ({steps:,} steps of {t.steps:,})"
+        for t in tier.tasks
+        for agent, steps in t.agent_steps
+    ]
+    if not named:
+        return ""
+    return (
+        " Trained and searched at a smaller budget than the task's, what they can afford "
+        f"(PROTOCOL.md): {'; '.join(named)}; their scores and comparisons are at that budget."
+    )
 
 
 def _progress(tier: Tier, cells: Mapping[tuple[str, str], _Cell]) -> str:

@@ -459,7 +459,9 @@ def _dry_run(grid: Any, cells: list, jobs: list, held: list, waiting: set[tuple[
             older = (grid.searches / t.name / Path(a).stem / "trials.csv").exists()
             only_trial_0 += older
             trials = 1 if older else grid.tuning.trials + 1
-            searches.append((t.name, Path(a).stem, t.steps * trials * grid.tuning.seeds))
+            searches.append(
+                (t.name, Path(a).stem, t.steps_for(Path(a).stem) * trials * grid.tuning.seeds)
+            )
         older = f"; {only_trial_0} made before trial 0 existed need only it" if only_trial_0 else ""
         print(
             f"{len(searches)} searches missing (trial 0 and {grid.tuning.trials} sampled trials "
