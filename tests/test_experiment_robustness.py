@@ -67,17 +67,24 @@ def test_conditions_are_the_ones_applied() -> None:
         conditions_task(task, {"speed": 2})
 
 
-def test_evaluation_records_its_conditions(runs) -> None:
+def test_evaluation_records_its_conditions(runs, tmp_path) -> None:
     run = runs["pendulum_p_irregular"][0]
+    final = (run / "evaluation_episodes.csv").read_text()
     default = evaluate_run(run, episodes=2)
-    shifted = evaluate_run(run, episodes=2, conditions={"period": 6, "noise": 0.1})
+    shifted = evaluate_run(
+        run, episodes=2, conditions={"period": 6, "noise": 0.1}, episodes_csv=tmp_path / "e.csv"
+    )
     assert default["conditions"]["irregular"] == (1, 4)
     assert shifted["conditions"]["irregular"] == (6, 6) and shifted["conditions"]["noise"] == 0.1
     assert shifted["mean_return"] != default["mean_return"]
-    with (run / "evaluation_episodes.csv").open() as f:
+    with (tmp_path / "e.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and {r["irregular"] for r in rows} == {"6-6"}
     assert {r["noise"] for r in rows} == {"0.1"}
+    assert [float(r["return"]) for r in rows] == shifted["returns"]
+    assert np.mean(shifted["returns"]) == pytest.approx(shifted["mean_return"])
+    # the run's record of its final evaluation is training's, whatever is evaluated later
+    assert (run / "evaluation_episodes.csv").read_text() == final
 
 
 def test_a_condition_the_policy_cannot_read_says_why(runs) -> None:
@@ -87,6 +94,7 @@ def test_a_condition_the_policy_cannot_read_says_why(runs) -> None:
 
 def test_a_sweep_of_two_runs_writes_the_table_and_the_plot(runs, tmp_path, capsys) -> None:
     out = tmp_path / "sweep"
+    finals = [(run / "evaluation_episodes.csv").read_text() for run in runs["pendulum_p_irregular"]]
     argv = ["robustness", *map(str, runs["pendulum_p_irregular"]), "--sweep", "period=1,3"]
     assert cli.main([*argv, "--sweep", "noise=0,0.2", "--episodes", "2", "--out", str(out)]) == 0
     with (out / "robustness.csv").open() as f:
@@ -102,6 +110,21 @@ def test_a_sweep_of_two_runs_writes_the_table_and_the_plot(runs, tmp_path, capsy
     assert len(per_run) == 8
     mean = np.mean([float(r["mean_return"]) for r in per_run[:2]])
     assert float(rows[0]["mean"]) == pytest.approx(mean)
+    with (out / "robustness_episodes.csv").open() as f:
+        episodes = list(csv.DictReader(f))
+    assert len(episodes) == 8 * 2
+    for run_row in per_run:
+        returns = [
+            float(e["return"])
+            for e in episodes
+            if (e["condition"], e["level"], e["run"])
+            == (run_row["condition"], run_row["level"], run_row["run"])
+        ]
+        assert np.mean(returns) == pytest.approx(float(run_row["mean_return"]))
+    # the runs' own final evaluations are untouched
+    assert [(r / "evaluation_episodes.csv").read_text() for r in runs["pendulum_p_irregular"]] == (
+        finals
+    )
     for name in ("robustness.md", "robustness_period.png", "robustness_noise.png"):
         assert (out / name).stat().st_size > 0
     assert "### period" in capsys.readouterr().out

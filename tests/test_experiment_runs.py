@@ -104,14 +104,16 @@ def test_train_then_evaluate_round_trip(tmp_path: Path, capsys, agent: str, task
         assert data["results"].shape == (len(rows), 2)
     assert not list(run.root.glob(".*"))  # no temporary files left
 
+    final = (run.root / "evaluation_episodes.csv").read_text()
     assert cli.main(["evaluate", str(run.root), "--episodes", "3", "--json"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     evaluation = json.loads(line)
     assert evaluation["episodes"] == 3
     assert {"mean_return", "std_return", "mean_length"} <= set(evaluation)
-    with (run.root / "evaluation_episodes.csv").open() as f:
+    with (run.root / "evaluate_episodes.csv").open() as f:
         episodes = list(csv.DictReader(f))
     assert len(episodes) == 3
+    assert (run.root / "evaluation_episodes.csv").read_text() == final  # training's, kept
     mean = np.mean([float(e["return"]) for e in episodes])
     assert mean == pytest.approx(evaluation["mean_return"])
 

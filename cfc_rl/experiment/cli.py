@@ -216,7 +216,7 @@ def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         os.environ["MUJOCO_GL"] = "egl"
     if args.json:
         logging.getLogger("cfc_rl").setLevel(logging.WARNING)
-    from cfc_rl.experiment.evaluate import VideoUnavailable, evaluate_run
+    from cfc_rl.experiment.evaluate import EVALUATE_CSV, VideoUnavailable, evaluate_run
 
     try:
         result = evaluate_run(
@@ -228,6 +228,7 @@ def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             seed=args.seed,
             device=args.device,
             video=args.video,
+            episodes_csv=Path(args.run_dir) / EVALUATE_CSV,
         )
     except VideoUnavailable as e:
         print(f"error: --video: {e}", file=sys.stderr)

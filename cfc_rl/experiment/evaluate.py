@@ -32,7 +32,10 @@ from cfc_rl.experiment.train import check_device, configs_from_record
 __all__ = ["VideoUnavailable", "evaluate_run", "load_run"]
 
 
+# The final evaluation's episodes, written by training; `cfc-rl evaluate` writes its own
+# beside them, so that a later evaluation (other conditions, seed, model) never replaces them.
 EPISODES_CSV = "evaluation_episodes.csv"
+EVALUATE_CSV = "evaluate_episodes.csv"
 VIDEO_FILE = "video.mp4"
 
 
@@ -203,9 +206,10 @@ def evaluate_run(
     seed: int | None = None,
     device: str = "auto",
     video: bool = False,
+    episodes_csv: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """Run episodes with a trained run's model and write them to ``evaluation_episodes.csv``
-    in the run folder. With the defaults it computes exactly the run's final evaluation.
+    """Run episodes with a trained run's model. With the defaults it computes exactly the run's
+    final evaluation.
 
     :param run_dir: a run folder written by :func:`~cfc_rl.experiment.train.train`
     :param model: ``"final"``, ``"best"`` or the path of a checkpoint (see :func:`load_run`)
@@ -218,9 +222,12 @@ def evaluate_run(
         final evaluation
     :param device: ``"auto"``, ``"cpu"`` or ``"cuda"``
     :param video: also record the first episode to ``video.mp4`` in the run folder
+    :param episodes_csv: where to write one row per episode, with the conditions (training
+        writes the final evaluation's to the run's ``evaluation_episodes.csv``, ``cfc-rl
+        evaluate`` to its ``evaluate_episodes.csv``); by default nothing is written
     :return: ``episodes``, ``mean_return``, ``std_return``, ``mean_length``, ``std_length``,
-        ``deterministic``, ``seed``, ``model``, ``conditions`` (the wrapper settings
-        applied), ``run`` and, with ``video``, ``video``
+        ``returns`` and ``lengths`` (per episode), ``deterministic``, ``seed``, ``model``,
+        ``conditions`` (the wrapper settings applied), ``run`` and, with ``video``, ``video``
     :raises VideoUnavailable: if ``video`` and the environment cannot render here
     :raises ConfigError: for conditions the run's policy cannot take
     """
@@ -262,7 +269,8 @@ def evaluate_run(
     fps = int(env.get_attr("metadata")[0].get("render_fps") or 30)
     env.close()
 
-    _write_episodes(run.root / EPISODES_CSV, returns, lengths, applied)
+    if episodes_csv is not None:
+        _write_episodes(Path(episodes_csv), returns, lengths, applied)
     result: dict[str, Any] = {
         "run": str(run.root),
         "episodes": len(returns),
@@ -270,6 +278,8 @@ def evaluate_run(
         "std_return": float(np.std(returns)),
         "mean_length": float(np.mean(lengths)),
         "std_length": float(np.std(lengths)),
+        "returns": [float(r) for r in returns],
+        "lengths": [int(n) for n in lengths],
         "deterministic": deterministic,
         "seed": seed,
         "model": model,

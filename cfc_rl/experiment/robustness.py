@@ -5,8 +5,9 @@ task (sensor noise, drop-out, flicker, the control period) moves away from train
 the run was trained), then aggregates per agent and level across the runs' seeds with 95%
 stratified-bootstrap intervals (rliable), into ``robustness.csv``, ``robustness.md`` and one
 plot per swept condition, ``robustness_<condition>.png`` (return against the level, one line
-per agent). This is the experiment that tells whether a cell that reads Δt generalises to
-control rates it never saw.
+per agent); each run's mean and episodes go to ``robustness_runs.csv`` and
+``robustness_episodes.csv``, and the run folders are left as they were. This is the
+experiment that tells whether a cell that reads Δt generalises to control rates it never saw.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def sweep(
     for folder in folders:
         if folder.read_result() is None:
             raise ConfigError(f"{folder.root} is not a complete run (no result.json)")
-    evaluations = []
+    evaluations, episodes_rows = [], []
     for condition, values in levels.items():
         for value in values:
             for folder in folders:
@@ -75,11 +76,18 @@ def sweep(
                     "mean_return": result["mean_return"],
                 }
                 evaluations.append(row)
+                episodes_rows += [
+                    {**row, "episode": i, "return": r, "length": n}
+                    for i, (r, n) in enumerate(
+                        zip(result["returns"], result["lengths"], strict=True)
+                    )
+                ]
                 if on_result:
                     on_result(row)
     rows = _aggregate(evaluations)
     out = Path(out)
     write_csv(out / "robustness_runs.csv", evaluations)
+    write_csv(out / "robustness_episodes.csv", episodes_rows)
     write_csv(out / "robustness.csv", rows)
     atomic_write_text(out / "robustness.md", sweep_markdown(rows))
     for condition in levels:

@@ -13,7 +13,8 @@ Layout of ``runs/<task>/<agent>/seed_<n>/``::
     monitor/             one Monitor CSV per training environment
     progress.csv         SB3's training log; tb/ holds the same as TensorBoard events
     evaluations.csv/.npz periodic evaluations during training (returns, lengths)
-    evaluation_episodes.csv   per-episode results of the last ``evaluate``
+    evaluation_episodes.csv   per-episode results of the final evaluation
+    evaluate_episodes.csv     per-episode results of the latest ``cfc-rl evaluate``
 
 Every file is written atomically (:func:`atomic_write`): to a temporary file in the same folder,
 then ``os.replace``, so an interruption leaves the old file or the new one, never half of one.
@@ -198,6 +199,7 @@ class RunFolder:
             "evaluations.npz",
             "evaluations.csv",
             "evaluation_episodes.csv",
+            "evaluate_episodes.csv",
             "best_model.zip",
             "best_vecnormalize.pkl",
             "best.json",

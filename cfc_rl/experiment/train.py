@@ -452,13 +452,18 @@ def _finish(
     """The final model and its statistics, the final evaluation (exactly what
     ``cfc-rl evaluate`` computes by default), and ``result.json`` (written last: it marks the
     run complete)."""
-    from cfc_rl.experiment.evaluate import evaluate_run
+    from cfc_rl.experiment.evaluate import EPISODES_CSV, evaluate_run
 
     atomic_write(run.model, model.save)
     normalization = model.get_vec_normalize_env()
     if normalization is not None:
         atomic_write(run.vecnormalize, lambda f: pickle.dump(normalization, f))
-    final = evaluate_run(run.root, seed=evaluation_seed(seed), device=str(model.device))
+    final = evaluate_run(
+        run.root,
+        seed=evaluation_seed(seed),
+        device=str(model.device),
+        episodes_csv=run.root / EPISODES_CSV,
+    )
     result = {
         "agent": agent.name,
         "task": task.name,
