@@ -161,33 +161,34 @@ class Grid:
         """The folder of the searches: ``tuning/<task>/<agent>/`` beside the grid."""
         return self.path.parent / "tuning"
 
-    def _trials(self, task: str, agent: str) -> list[dict[str, str]]:
-        """The rows of the agent's ``trials.csv`` on the task (none before its search)."""
+    def trials(self, task: str, agent: str) -> list[dict[str, Any]]:
+        """The trials of the agent's search on the task (none before it), from its
+        ``trials.csv``: each one's ``trial`` number, ``score`` (None if it has none) and
+        ``status``, as :func:`~cfc_rl.experiment.tune.best_row` takes them."""
         table = self.searches / task / agent / "trials.csv"
         if not table.exists():
             return []
         with table.open(newline="") as f:
-            return list(csv.DictReader(f))
+            return [
+                {
+                    "trial": int(row["trial"]),
+                    "score": float(row["score"]) if row.get("score") else None,
+                    "status": row.get("status"),
+                }
+                for row in csv.DictReader(f)
+            ]
 
     def searched(self, task: str, agent: str) -> bool:
         """Whether the agent's search on the task is done: its ``trials.csv`` is written and
         has trial 0 (the agent as it was; searches written before trial 0 existed lack it)."""
-        return any(row["trial"] == "0" for row in self._trials(task, agent))
+        return any(row["trial"] == 0 for row in self.trials(task, agent))
 
     def kept_trial_0(self, task: str, agent: str) -> bool:
         """Whether the agent's search on the task chose trial 0: the settings it had before
         (RL Zoo's), which no sampled trial beat."""
         from cfc_rl.experiment.tune import best_row
 
-        rows = [
-            {
-                "trial": int(row["trial"]),
-                "score": float(row["score"]) if row.get("score") else None,
-                "status": row.get("status"),
-            }
-            for row in self._trials(task, agent)
-        ]
-        best = best_row(rows)
+        best = best_row(self.trials(task, agent))
         return best is not None and best["trial"] == 0
 
     def tier(self, name: str) -> Tier:
@@ -553,7 +554,7 @@ def adopt(grid: Grid, grid_task: GridTask, agent_file: str) -> str:
         values for the task that adopt did not write (remove them to adopt the search)
     """
     from cfc_rl.experiment.tasks import load_task
-    from cfc_rl.experiment.tune import SEED_START
+    from cfc_rl.experiment.tune import SEED_START, best_row
 
     agent = Path(agent_file).stem
     folder = grid.searches / grid_task.name / agent
@@ -567,13 +568,12 @@ def adopt(grid: Grid, grid_task: GridTask, agent_file: str) -> str:
     path = Path(agent_file)
     lines = path.read_text().splitlines()
     overrides = (read_yaml(path) or {}).get("overrides") or {}
-    with (folder / "trials.csv").open() as f:
-        rows = list(csv.DictReader(f))
-    scores = [float(r["score"]) for r in rows if r["status"] == "complete" and r["score"]]
+    rows = grid.trials(grid_task.name, agent)
+    best = best_row(rows)
     entry = yaml.safe_dump({grid_task.name: values}, default_flow_style=None, sort_keys=False)
     block = [
         f"{ADOPTED} the best of {len(rows)} trials (seeds from {SEED_START}, mean final",
-        f"  # return {max(scores):.1f}); {os.path.relpath(folder / 'trials.md')}, protocol in",
+        f"  # return {best['score']:.1f}); {os.path.relpath(folder / 'trials.md')}, protocol in",
         f"  # {os.path.relpath(grid.path.parent / 'PROTOCOL.md')}.",
         *("  " + line for line in entry.splitlines()),
     ]
