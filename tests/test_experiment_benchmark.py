@@ -573,7 +573,7 @@ def test_runs_of_agents_without_a_search_wait_or_are_tuned_first(
     assert cli.main(["benchmark", "run", "--grid", str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert (
-        "3 searches missing (trial 0 and 2 sampled trials x 1 seeds each; 1 made before trial 0 "
+        "3 searches missing (trial 0 and 2 sampled trials x 1 seed each; 1 made before trial 0 "
         "existed need only it)" in out
     )
     assert (
@@ -671,3 +671,66 @@ def test_a_smaller_budget_must_be_an_agents_and_smaller(
     task = {**tier["tasks"][0], "agent_steps": agent_steps}
     with pytest.raises(ConfigError, match=message):
         load_grid(write_grid(tmp_path, tiers={"classic": {**tier, "tasks": [task]}}))
+
+
+def test_a_tier_searches_with_its_own_trials_and_seeds(tmp_path: Path, capsys, monkeypatch) -> None:
+    good = yaml.safe_load(write_grid(tmp_path).read_text())
+    classic = good["tiers"]["classic"]
+    spaces = {"ppo_gru": str(ROOT / "agents" / "spaces" / "gru.yaml")}
+    cheap = {**classic, "tasks": [classic["tasks"][1]], "tuning": {"seeds": 1}}
+    path = write_grid(
+        tmp_path,
+        tiers={"classic": {**classic, "tasks": [classic["tasks"][0]]}, "cheap": cheap},
+        tuning={"trials": 3, "seeds": 2, "spaces": spaces},
+    )
+    grid = load_grid(path)
+    assert grid.tuning_for(grid.tier("classic")) == grid.tuning
+    # the file's order (yaml.safe_dump sorts the keys): cheap, then classic
+    assert [tier.name for tier in grid.tiers] == ["cheap", "classic"]
+    assert (
+        grid.tuning_for(grid.tier("cheap")).trials,
+        grid.tuning_for(grid.tier("cheap")).seeds,
+    ) == (3, 1)
+
+    searched = []
+
+    def search(agent_file, task_file, space, **kwargs):
+        searched.append((Path(task_file).stem, kwargs["trials"], kwargs["seeds"]))
+        raise RuntimeError("stop after the call")
+
+    monkeypatch.setattr("cfc_rl.experiment.tune.search", search)
+    for task in ("cartpole_p", "pendulum_p"):
+        with pytest.raises(RuntimeError, match="stop after the call"):
+            tune_cells(grid, select(grid, tasks=[task], agents=["ppo_gru"]))
+    assert searched == [("cartpole_p", 3, 2), ("pendulum_p", 3, 1)]
+
+    assert cli.main(["benchmark", "run", "--grid", str(path), "--dry-run"]) == 0
+    assert (
+        "2 searches missing (trial 0 and per tier, cheap: 3 sampled trials x 1 seed; "
+        "classic: 3 sampled trials x 2 seeds each)" in capsys.readouterr().out
+    )
+    text = report(grid, tmp_path / "report")
+    assert (
+        "Searched per agent and task (PROTOCOL.md): trial 0 and 3 sampled trials, 2 seeds each."
+        in text
+    )
+    assert "trial 0 and 3 sampled trials, 1 seed each." in text
+
+
+@pytest.mark.parametrize(
+    ("tuning", "grid_tuning", "message"),
+    [
+        ({"seeds": 0}, True, r"tiers\.classic\.tuning\.seeds must be a positive integer, not 0"),
+        ({"spaces": {}}, True, r"unknown key tiers\.classic\.tuning\.spaces; known: trials, seeds"),
+        ([1], True, r"tiers\.classic\.tuning must be a mapping with keys trials, seeds"),
+        ({"trials": 2}, False, r"tiers\.classic\.tuning: the grid has no tuning section"),
+    ],
+)
+def test_a_tiers_search_budget_is_checked(
+    tmp_path: Path, tuning, grid_tuning: bool, message: str
+) -> None:
+    tier = yaml.safe_load(write_grid(tmp_path).read_text())["tiers"]["classic"]
+    spaces = {"ppo_gru": str(ROOT / "agents" / "spaces" / "gru.yaml")}
+    changes = {"tuning": {"trials": 2, "seeds": 2, "spaces": spaces}} if grid_tuning else {}
+    with pytest.raises(ConfigError, match=message):
+        load_grid(write_grid(tmp_path, tiers={"classic": {**tier, "tuning": tuning}}, **changes))

@@ -9,9 +9,14 @@ The grid is a YAML file (``results/benchmark/grid.yaml``)::
     agent_sets:                     # named lists of agent files
       ppo: [agents/ppo_cfc.yaml, agents/ppo_mlp.yaml]
     headline_in: README.md          # optional: the report's headline goes between its markers
+    tuning:                         # the search every agent gets on every task before its runs
+      trials: 8                     # sampled trials (trial 0, the agent as it is, comes on top)
+      seeds: 2                      # seeds per trial (from 1000)
+      spaces: {ppo_cfc: agents/spaces/cfc.yaml, ppo_mlp: agents/spaces/mlp.yaml}
     tiers:
       classic:
         seeds: 5                    # seeds 0..4 (or a list of seeds)
+        tuning: {seeds: 1}          # optional: the tier's own trials or seeds for its searches
         tasks:
           - {task: envs/pendulum_p.yaml, steps: 100000, agents: [ppo, agents/sac_mlp.yaml]}
           - task: envs/halfcheetah_p.yaml
@@ -58,7 +63,7 @@ import csv
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +102,7 @@ logger = logging.getLogger(__name__)
 
 GRID_KEYS = ("runs", "zero", "focus", "agent_sets", "tiers", "tuning", "headline_in")
 TUNING_KEYS = ("trials", "seeds", "spaces")
-TIER_KEYS = ("seeds", "tasks", "zero", "focus")
+TIER_KEYS = ("seeds", "tasks", "zero", "focus", "tuning")
 TASK_KEYS = ("task", "steps", "agents", "reference", "agent_steps")
 REFERENCE_KEYS = ("agent", "return", "source")
 
@@ -127,13 +132,15 @@ class GridTask:
 @dataclass(frozen=True)
 class Tier:
     """A group of tasks run with the same seeds, aggregated together; ``zero`` and ``focus``
-    are the grid's unless the tier names its own."""
+    are the grid's unless the tier names its own, and so is the search budget (``tuning``: the
+    tier's own ``trials`` or ``seeds``, as (key, value) pairs, replace the grid's)."""
 
     name: str
     seeds: tuple[int, ...]
     tasks: tuple[GridTask, ...]
     zero: str
     focus: tuple[str, ...]
+    tuning: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -190,6 +197,16 @@ class Grid:
 
         best = best_row(self.trials(task, agent))
         return best is not None and best["trial"] == 0
+
+    def tuning_for(self, tier: Tier) -> Tuning:
+        """The search every agent gets on the tier's tasks: the grid's, with the tier's own
+        ``trials`` or ``seeds``.
+
+        :raises ConfigError: if the grid has no ``tuning`` section
+        """
+        if self.tuning is None:
+            raise ConfigError(f"{self.path}: no tuning section (trials, seeds, spaces)")
+        return replace(self.tuning, **dict(tier.tuning))
 
     def tier(self, name: str) -> Tier:
         for tier in self.tiers:
@@ -299,7 +316,10 @@ def load_grid(path: str | os.PathLike[str]) -> Grid:
                 raise ConfigError(
                     f"{path}: {where[:-1]}: {name!r} (zero or focus) is not an agent of the tier"
                 )
-        tiers.append(Tier(str(tier_name), seeds, tuple(tasks), str(zero), tuple(focus)))
+        tier_tuning = _tier_tuning(path, where, tier_data.get("tuning"), "tuning" in data)
+        tiers.append(
+            Tier(str(tier_name), seeds, tuple(tasks), str(zero), tuple(focus), tier_tuning)
+        )
     runs = path.parent / str(data.get("runs", "runs"))
     headline_in = data.get("headline_in")
     if headline_in is not None:
@@ -334,6 +354,28 @@ def _agent_steps(
     return tuple((str(agent), int(budget)) for agent, budget in data.items())
 
 
+def _tier_tuning(
+    path: Path, where: str, data: Any, grid_has_tuning: bool
+) -> tuple[tuple[str, int], ...]:
+    """A tier's ``tuning``: its own ``trials`` or ``seeds`` (positive integers), or ()."""
+    if data is None:
+        return ()
+    keys = TUNING_KEYS[:2]
+    if not isinstance(data, Mapping) or not data:
+        raise ConfigError(f"{path}: {where}tuning must be a mapping with keys {', '.join(keys)}")
+    if not grid_has_tuning:
+        raise ConfigError(f"{path}: {where}tuning: the grid has no tuning section to change")
+    _check_keys(path, where + "tuning.", data, keys, required=())
+    for key, value in data.items():
+        _positive(path, f"{where}tuning.{key}", value)
+    return tuple((str(key), int(value)) for key, value in data.items())
+
+
+def _positive(path: Path, where: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{path}: {where} must be a positive integer, not {value!r}")
+
+
 def _tuning(path: Path, data: Any, agents: set[str]) -> Tuning | None:
     if data is None:
         return None
@@ -341,9 +383,7 @@ def _tuning(path: Path, data: Any, agents: set[str]) -> Tuning | None:
         raise ConfigError(f"{path}: tuning must be a mapping with keys {', '.join(TUNING_KEYS)}")
     _check_keys(path, "tuning.", data, TUNING_KEYS, required=TUNING_KEYS)
     for key in ("trials", "seeds"):
-        value = data[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{path}: tuning.{key} must be a positive integer, not {value!r}")
+        _positive(path, f"tuning.{key}", data[key])
     spaces = data["spaces"]
     if not isinstance(spaces, Mapping):
         raise ConfigError(f"{path}: tuning.spaces must map agent names to space files")
@@ -493,8 +533,9 @@ def tune_cells(
     on_done: Callable[[str, str, str], None] | None = None,
     **search_kwargs: Any,
 ) -> None:
-    """Tune every cell that has no search yet, with the grid's ``tuning`` budget, and write each
-    search's choice into its agent file (:func:`adopt`); a cell searched before is only adopted.
+    """Tune every cell that has no search yet, with its tier's budget (:meth:`Grid.tuning_for`),
+    and write each search's choice into its agent file (:func:`adopt`); a cell searched before
+    is only adopted.
 
     :param cells: from :func:`select`
     :param on_done: called with the task, the agent and what happened (progress display)
@@ -507,13 +548,13 @@ def tune_cells(
 
     if grid.tuning is None:
         raise ConfigError(f"{grid.path}: no tuning section (trials, seeds, spaces)")
-    tuning = grid.tuning
     for _, _, agent_file in cells:
-        if Path(agent_file).stem not in tuning.spaces:
+        if Path(agent_file).stem not in grid.tuning.spaces:
             raise ConfigError(
                 f"{grid.path}: tuning.spaces has no space for {Path(agent_file).stem}"
             )
-    for _, grid_task, agent_file in cells:
+    for tier, grid_task, agent_file in cells:
+        tuning = grid.tuning_for(tier)
         agent = Path(agent_file).stem
         out = grid.searches / grid_task.name / agent
         if grid.searched(grid_task.name, agent):
@@ -1030,6 +1071,7 @@ def _tier_markdown(
         "",
         f"Seeds {_seed_text(tier.seeds)}; {_progress(tier, cells)}. "
         f"Zero of the normalised score: {tier.zero}."
+        + _search_budget(grid, tier)
         + (f" {_machines(cells)}" if cells else "")
         + _smaller_budgets(tier),
     ]
@@ -1151,6 +1193,18 @@ def _tier_markdown(
 def _budgeted(agent: str, steps: int, grid_task: GridTask) -> str:
     """The agent's name, with its budget beside it where it is not the task's."""
     return agent if steps == grid_task.steps else f"{agent} ({steps:,} steps)"
+
+
+def _search_budget(grid: Grid, tier: Tier) -> str:
+    """' Searched per agent and task: trial 0 and <n> sampled trials, <s> seeds each.', or ''."""
+    if grid.tuning is None:
+        return ""
+    tuning = grid.tuning_for(tier)
+    seeds = f"{tuning.seeds} seed" + "s" * (tuning.seeds > 1)
+    return (
+        f" Searched per agent and task (PROTOCOL.md): trial 0 and {tuning.trials} sampled "
+        f"trials, {seeds} each."
+    )
 
 
 def _smaller_budgets(tier: Tier) -> str:

@@ -355,7 +355,8 @@ def _add_benchmark(parser: argparse.ArgumentParser) -> None:
         parents=[chosen],
         help="tune the grid's agents that have no search yet, with its equal budget",
         description="Search each chosen agent's settings on each chosen task with the grid's "
-        "tuning budget (trials, seeds, the agent's space), on seeds from 1000, and write the "
+        "tuning budget (trials, seeds: the tier's where it sets its own; the agent's space), "
+        "on seeds from 1000, and write the "
         "chosen values into the agent file as overrides.<task>. Searched cells are skipped.",
     )
     add_executor_arguments(tune)
@@ -453,20 +454,29 @@ def _dry_run(grid: Any, cells: list, jobs: list, held: list, waiting: set[tuple[
         print(f"{len(held)} runs waiting for a search: {cost([_cell(j) for j in held])}")
         # a search trains at most (trial 0 + trials) x seeds runs of the budget (ASHA stops
         # some early); one made before searches began with trial 0 needs only trial 0
-        searches, only_trial_0 = [], 0
-        for _, t, a in cells:
+        searches, only_trial_0, budgets = [], 0, {}
+        for tier, t, a in cells:
             if (t.name, Path(a).stem) not in waiting:
                 continue
+            tuning = grid.tuning_for(tier)
+            seeds = f"{tuning.seeds} seed" + "s" * (tuning.seeds > 1)
+            budgets[tier.name] = f"{tuning.trials} sampled trials x {seeds}"
             older = (grid.searches / t.name / Path(a).stem / "trials.csv").exists()
             only_trial_0 += older
-            trials = 1 if older else grid.tuning.trials + 1
+            trials = 1 if older else tuning.trials + 1
             searches.append(
-                (t.name, Path(a).stem, t.steps_for(Path(a).stem) * trials * grid.tuning.seeds)
+                (t.name, Path(a).stem, t.steps_for(Path(a).stem) * trials * tuning.seeds)
             )
+        each = (
+            next(iter(budgets.values()))
+            if len(set(budgets.values())) == 1
+            else "per tier, "
+            + "; ".join(f"{t.name}: {budgets[t.name]}" for t in grid.tiers if t.name in budgets)
+        )
         older = f"; {only_trial_0} made before trial 0 existed need only it" if only_trial_0 else ""
         print(
-            f"{len(searches)} searches missing (trial 0 and {grid.tuning.trials} sampled trials "
-            f"x {grid.tuning.seeds} seeds each{older}): at most {cost(searches)}"
+            f"{len(searches)} searches missing (trial 0 and {each} each{older}): "
+            f"at most {cost(searches)}"
         )
 
 
