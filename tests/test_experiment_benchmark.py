@@ -318,16 +318,38 @@ def test_plan_filters_and_dry_run(tmp_path: Path, capsys) -> None:
     # what the missing runs cost at the speeds measured: 3 runs of ppo_cfc at 10 steps/s
     assert "    2,000 steps  ~    3 min  " in out and "    2,000 steps      ? min  " in out
     assert (
-        "11 of 12 runs to train: about 0.2 CPU-hours at the committed runs' speeds (8 by agents "
-        "with no run yet: ppo_gru, ppo_mlp)" in out
+        "11 of 12 runs to train: about 0.2 CPU-hours at the committed runs' speeds (8 not "
+        "counted: no run yet of ppo_gru, ppo_mlp)" in out
     )
     speeds = measured_speeds(grid)
     assert speeds == {("pendulum_p", "ppo_cfc"): 10.0, (None, "ppo_cfc"): 10.0}
-    # an agent's speed on another task stands in for its speed on this one
-    assert estimate_seconds([("cartpole_p", "ppo_cfc", 500), ("x", "ppo_mlp", 5)], speeds) == (
-        50.0,
-        [("x", "ppo_mlp", 5)],
+    # no run on cartpole_p yet: nothing to scale ppo_cfc's speed by
+    assert estimate_seconds([("cartpole_p", "ppo_cfc", 500)], speeds) == (
+        0.0,
+        [("cartpole_p", "ppo_cfc", 500)],
     )
+    # ppo_mlp on cartpole_p: twice ppo_cfc's speed on pendulum_p, so on cartpole_p it is 40
+    speeds = {
+        ("pendulum_p", "ppo_cfc"): 10.0,
+        ("pendulum_p", "ppo_mlp"): 20.0,
+        ("cartpole_p", "ppo_mlp"): 40.0,
+        (None, "ppo_cfc"): 10.0,
+        (None, "ppo_mlp"): 30.0,
+    }
+    # cartpole_p relative to ppo_mlp's mean: 40 / 30; ppo_cfc there: 10 * 4 / 3
+    seconds, unknown = estimate_seconds(
+        [("cartpole_p", "ppo_cfc", 400), ("cartpole_p", "ppo_gru", 5)], speeds
+    )
+    assert seconds == pytest.approx(400 / (10 * 4 / 3)) and unknown == [
+        ("cartpole_p", "ppo_gru", 5)
+    ]
+    # on a task several agents ran, the geometric mean of their relative speeds
+    speeds[("cartpole_p", "ppo_cfc")] = 40.0
+    speeds[("halfcheetah_p", "ppo_cfc")], speeds[("halfcheetah_p", "ppo_mlp")] = 5.0, 60.0
+    seconds, _ = estimate_seconds(
+        [("halfcheetah_p", "ppo_gru", 1)], {**speeds, (None, "ppo_gru"): 2.0}
+    )
+    assert seconds == pytest.approx(1 / (2.0 * np.sqrt((5.0 / 10.0) * (60.0 / 30.0))))
 
 
 @pytest.mark.parametrize(

@@ -500,13 +500,19 @@ def estimate_seconds(
     cells: Sequence[tuple[str, str, int]], speeds: Mapping[tuple[str | None, str], float]
 ) -> tuple[float, list[tuple[str, str, int]]]:
     """The training time of runs given as (task, agent, steps): each at the steps/s its agent
-    had on the task, or else its mean over the tasks it ran on.
+    had on the task, or else at its mean speed over its tasks times the task's relative speed
+    (the geometric mean, over the agents that ran on the task, of their speed there over their
+    mean speed: MuJoCo tasks train several times slower than CartPole).
 
-    :return: the seconds of the runs with a measured speed, and the runs without one
+    :return: the seconds of the runs with a speed to go by, and the runs without one (the agent
+        or the task has no run yet)
     """
     seconds, unknown = 0.0, []
     for task, agent, steps in cells:
-        speed = speeds.get((task, agent)) or speeds.get((None, agent))
+        speed = speeds.get((task, agent))
+        relative = [v / speeds[(None, a)] for (t, a), v in speeds.items() if t == task]
+        if not speed and relative and (None, agent) in speeds:
+            speed = speeds[(None, agent)] * float(np.exp(np.mean(np.log(relative))))
         if speed:
             seconds += steps / speed
         else:

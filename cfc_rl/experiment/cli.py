@@ -443,11 +443,16 @@ def _dry_run(grid: Any, cells: list, jobs: list, held: list, waiting: set[tuple[
 
     def cost(runs: list[tuple[str, str, int]]) -> str:
         seconds, unknown = estimate_seconds(runs, speeds)
-        agents = sorted({agent for _, agent, _ in unknown})
-        never = (
-            f" ({len(unknown)} by agents with no run yet: {', '.join(agents)})" if unknown else ""
+        agents = sorted({a for _, a, _ in unknown if (None, a) not in speeds})
+        tasks = sorted({t for t, a, _ in unknown if (None, a) in speeds})
+        why = [
+            f"of {', '.join(agents)}" if agents else "",
+            f"on {', '.join(tasks)}" if tasks else "",
+        ]
+        never = f" ({len(unknown)} not counted: no run yet {'; none yet '.join(filter(None, why))})"
+        return f"about {seconds / 3600:.1f} CPU-hours at the committed runs' speeds" + (
+            never if unknown else ""
         )
-        return f"about {seconds / 3600:.1f} CPU-hours at the committed runs' speeds{never}"
 
     print(f"{len(todo)} of {len(jobs)} runs to train: {cost([_cell(j) for j in todo])}")
     if waiting and grid.tuning is not None:
