@@ -359,7 +359,10 @@ def test_tune_writes_the_best_agent_file_the_table_and_the_plot(local_ray, tmp_p
         ["--agent", str(mlp), "--task", str(task), "--space", str(space), "--trials", "4",
          "--seeds", "1", "--out", str(out), "--executor", "ray"]
     )  # fmt: skip
+    ctrl_c = signal.getsignal(signal.SIGINT)
     assert tune_command(args, parser) == 0
+    # Ray Tune's own Ctrl-C handler is gone: a Ctrl-C after the search stops what comes next
+    assert signal.getsignal(signal.SIGINT) is ctrl_c
     printed = capsys.readouterr().out
     assert "| trial |" in printed and "train it with: cfc-rl train --agent" in printed
     for name in ("trials.csv", "trials.md", "scores.png", "mlp_tuned_cartpole_p.yaml"):

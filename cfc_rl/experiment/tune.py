@@ -54,6 +54,7 @@ import multiprocessing
 import os
 import queue as queue_module
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -785,6 +786,9 @@ def search(
     import_ray()
     out.mkdir(parents=True, exist_ok=True)
     connected_here = connect("local" if executor == "local" else address, **(init_kwargs or {}))
+    # Ray Tune installs its own Ctrl-C handler for a run and leaves it behind: the next Ctrl-C
+    # after the search (in `benchmark run --tune`, while the runs train) would be swallowed.
+    sigint = signal.getsignal(signal.SIGINT)
     try:
         resolved, _ = plan.resolve(plan.space.first())
         build_on_nodes(extensions_for([{"name": resolved.name, **resolved.as_dict()}]))
@@ -795,6 +799,8 @@ def search(
             )
             sampled = _rows(plan, results, order)
     finally:
+        if sigint is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, sigint)
         if connected_here:
             import_ray().shutdown()
     return _write_outcome(plan, [_reference_row(plan, reference), *sampled], out, len(sampled))
