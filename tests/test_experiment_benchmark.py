@@ -16,6 +16,7 @@ from cfc_rl.experiment import cli
 from cfc_rl.experiment.benchmark import (
     HEADLINE_BEGIN,
     HEADLINE_END,
+    _reference_line,
     estimate_seconds,
     load_grid,
     measured_speeds,
@@ -188,13 +189,13 @@ def test_report_normalises_aggregates_and_judges(tmp_path: Path) -> None:
         "the settings before the search (trial 0) for ppo_cfc: they keep them." in text
     )
     assert "Tuned: none yet." in text  # pendulum_p
-    # a published figure inside the interval is reached; one above it is not
+    # a figure above the mean but inside its interval is not called reached
     assert (
         "Published reference: ppo_gru 320 (a paper). Here: mean 315.0 [305.0, 325.0] over 4 "
-        "seeds: reached." in text
+        "seeds: below it, but its interval reaches it." in text
     )
     assert "Published reference: ppo_cfc -500 (a blog). Here: mean -625.0" in text
-    assert text.count(": below it.") == 1
+    assert text.count(": below it, interval and all.") == 1
     names = ("curves_classic_cartpole_p", "curves_time_classic_pendulum_p", "profiles_classic")
     for name in names:
         assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
@@ -203,6 +204,22 @@ def test_report_normalises_aggregates_and_judges(tmp_path: Path) -> None:
     again = tmp_path / "again"
     assert report(grid, again) == text
     assert (again / "summary.csv").read_bytes() == (tmp_path / "summary.csv").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("mean", "high", "verdict"),
+    [
+        (320.0, 330.0, "at or above it"),
+        (315.0, 325.0, "below it, but its interval reaches it"),
+        (300.0, 319.9, "below it, interval and all"),
+    ],
+)
+def test_the_reference_line_says_where_the_mean_stands(mean, high, verdict) -> None:
+    reference = {"agent": "ppo_gru", "return": 320.0, "source": "a paper"}
+    row = {"agent": "ppo_gru", "mean": mean, "mean_ci_low": 290.0, "mean_ci_high": high}
+    line = _reference_line(reference, [{**row, "seeds": 5}])
+    assert line.endswith(f"over 5 seeds: {verdict}.")
+    assert _reference_line(reference, []).endswith("No run of ppo_gru yet.")
 
 
 def test_report_writes_its_headline_into_the_named_readme(tmp_path: Path, capsys) -> None:
@@ -595,7 +612,7 @@ def test_runs_of_agents_without_a_search_wait_or_are_tuned_first(
     assert cli.main(["benchmark", "run", "--grid", str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert (
-        "3 searches missing (trial 0 and 2 sampled trials x 1 seed each; 1 made before trial 0 "
+        "3 searches missing (trial 0 and 2 sampled trials, 1 seed each; 1 made before trial 0 "
         "existed need only it)" in out
     )
     assert (
@@ -728,8 +745,8 @@ def test_a_tier_searches_with_its_own_trials_and_seeds(tmp_path: Path, capsys, m
 
     assert cli.main(["benchmark", "run", "--grid", str(path), "--dry-run"]) == 0
     assert (
-        "2 searches missing (trial 0 and per tier, cheap: 3 sampled trials x 1 seed; "
-        "classic: 3 sampled trials x 2 seeds each)" in capsys.readouterr().out
+        "2 searches missing (per tier, cheap: trial 0 and 3 sampled trials, 1 seed each; "
+        "classic: trial 0 and 3 sampled trials, 2 seeds each)" in capsys.readouterr().out
     )
     text = report(grid, tmp_path / "report")
     assert (

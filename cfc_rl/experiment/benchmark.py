@@ -152,6 +152,11 @@ class Tuning:
     seeds: int
     spaces: Mapping[str, str]
 
+    def describe(self) -> str:
+        """'trial 0 and <n> sampled trials, <s> seed(s) each': what one search trains."""
+        seeds = f"{self.seeds} seed" + "s" * (self.seeds > 1)
+        return f"trial 0 and {self.trials} sampled trials, {seeds} each"
+
 
 @dataclass(frozen=True)
 class Grid:
@@ -507,12 +512,16 @@ def estimate_seconds(
     :return: the seconds of the runs with a speed to go by, and the runs without one (the agent
         or the task has no run yet)
     """
+    relative: dict[str, list[float]] = {}
+    for (task, agent), speed in speeds.items():
+        if task is not None:
+            relative.setdefault(task, []).append(speed / speeds[(None, agent)])
+    task_factor = {task: float(np.exp(np.mean(np.log(r)))) for task, r in relative.items()}
     seconds, unknown = 0.0, []
     for task, agent, steps in cells:
         speed = speeds.get((task, agent))
-        relative = [v / speeds[(None, a)] for (t, a), v in speeds.items() if t == task]
-        if not speed and relative and (None, agent) in speeds:
-            speed = speeds[(None, agent)] * float(np.exp(np.mean(np.log(relative))))
+        if not speed and task in task_factor and (None, agent) in speeds:
+            speed = speeds[(None, agent)] * task_factor[task]
         if speed:
             seconds += steps / speed
         else:
@@ -1205,12 +1214,7 @@ def _search_budget(grid: Grid, tier: Tier) -> str:
     """' Searched per agent and task: trial 0 and <n> sampled trials, <s> seeds each.', or ''."""
     if grid.tuning is None:
         return ""
-    tuning = grid.tuning_for(tier)
-    seeds = f"{tuning.seeds} seed" + "s" * (tuning.seeds > 1)
-    return (
-        f" Searched per agent and task (PROTOCOL.md): trial 0 and {tuning.trials} sampled "
-        f"trials, {seeds} each."
-    )
+    return f" Searched per agent and task (PROTOCOL.md): {grid.tuning_for(tier).describe()}."
 
 
 def _smaller_budgets(tier: Tier) -> str:
@@ -1322,17 +1326,23 @@ def _verdicts(focus: str, rows: Any) -> str:
 
 
 def _reference_line(reference: Mapping[str, Any], rows: list[dict[str, Any]]) -> str:
-    """Whether the agent reaches its published figure: reached when the upper end of its mean's
-    interval is at or above it (the data do not put it below), below otherwise."""
+    """Where the agent's mean stands against its published figure: at or above it; below it
+    with the figure inside the mean's 95% interval (the data do not put it below); or below
+    the whole interval."""
     agent, figure = reference["agent"], float(reference["return"])
     published = f"Published reference: {agent} {figure:g} ({reference['source']})."
     row = next((r for r in rows if r["agent"] == agent), None)
     if row is None:
         return f"{published} No run of {agent} yet."
-    reached = "reached" if row["mean_ci_high"] >= figure else "below it"
+    if row["mean"] >= figure:
+        verdict = "at or above it"
+    elif row["mean_ci_high"] >= figure:
+        verdict = "below it, but its interval reaches it"
+    else:
+        verdict = "below it, interval and all"
     return (
         f"{published} Here: mean {row['mean']:.1f} [{row['mean_ci_low']:.1f}, "
-        f"{row['mean_ci_high']:.1f}] over {row['seeds']} seeds: {reached}."
+        f"{row['mean_ci_high']:.1f}] over {row['seeds']} seeds: {verdict}."
     )
 
 

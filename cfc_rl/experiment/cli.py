@@ -464,8 +464,7 @@ def _dry_run(grid: Any, cells: list, jobs: list, held: list, waiting: set[tuple[
             if (t.name, Path(a).stem) not in waiting:
                 continue
             tuning = grid.tuning_for(tier)
-            seeds = f"{tuning.seeds} seed" + "s" * (tuning.seeds > 1)
-            budgets[tier.name] = f"{tuning.trials} sampled trials x {seeds}"
+            budgets[tier.name] = tuning.describe()
             older = (grid.searches / t.name / Path(a).stem / "trials.csv").exists()
             only_trial_0 += older
             trials = 1 if older else tuning.trials + 1
@@ -479,10 +478,7 @@ def _dry_run(grid: Any, cells: list, jobs: list, held: list, waiting: set[tuple[
             + "; ".join(f"{t.name}: {budgets[t.name]}" for t in grid.tiers if t.name in budgets)
         )
         older = f"; {only_trial_0} made before trial 0 existed need only it" if only_trial_0 else ""
-        print(
-            f"{len(searches)} searches missing (trial 0 and {each} each{older}): "
-            f"at most {cost(searches)}"
-        )
+        print(f"{len(searches)} searches missing ({each}{older}): at most {cost(searches)}")
 
 
 def _cell(job: Any) -> tuple[str, str, int]:
