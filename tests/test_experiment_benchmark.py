@@ -327,8 +327,14 @@ def test_plan_filters_and_dry_run(tmp_path: Path, capsys) -> None:
         plan(grid, agents=["ppo_lstm"])
     with pytest.raises(ConfigError, match="no tier 'mujoco'; tiers: classic"):
         plan(grid, tiers=["mujoco"])
-    fake_run(jobs[0], -500.0, steps_per_s=10.0)
     argv = ["benchmark", "run", "--grid", str(path), "--tasks", "pendulum_p", "--dry-run"]
+    assert cli.main(argv) == 0
+    # no run at all: no speed to go by, and no "about 0.0 CPU-hours"
+    assert (
+        "12 of 12 runs to train: no estimate (no run yet of ppo_cfc, ppo_gru, ppo_mlp)"
+        in capsys.readouterr().out
+    )
+    fake_run(jobs[0], -500.0, steps_per_s=10.0)
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "11 of 12 runs to train" in out and "ppo_cfc/seed_1" not in out

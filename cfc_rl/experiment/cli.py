@@ -449,10 +449,13 @@ def _dry_run(grid: Any, cells: list, jobs: list, held: list, waiting: set[tuple[
             f"of {', '.join(agents)}" if agents else "",
             f"on {', '.join(tasks)}" if tasks else "",
         ]
-        never = f" ({len(unknown)} not counted: no run yet {'; none yet '.join(filter(None, why))})"
-        return f"about {seconds / 3600:.1f} CPU-hours at the committed runs' speeds" + (
-            never if unknown else ""
-        )
+        about = f"about {seconds / 3600:.1f} CPU-hours at the committed runs' speeds"
+        if not unknown:
+            return about
+        reason = f"no run yet {'; none yet '.join(filter(None, why))}"
+        if len(unknown) == len(runs):
+            return f"no estimate ({reason})"
+        return f"{about} ({len(unknown)} not counted: {reason})"
 
     print(f"{len(todo)} of {len(jobs)} runs to train: {cost([_cell(j) for j in todo])}")
     if waiting and grid.tuning is not None:
