@@ -554,3 +554,54 @@ def test_trial_0_alone_needs_a_search_of_the_space_without_it(tmp_path):
     with pytest.raises(ConfigError, match="are not those of a search of"):
         search(mlp, task, space, out=out, only_trial_0=True)
     assert sorted(p.name for p in out.iterdir()) == ["trials.csv"]  # nothing else written
+
+
+def test_a_stopped_search_resumes_with_the_trials_it_finished(local_ray, tmp_path):
+    mlp, _, task = _files(tmp_path / "files")
+    space = tmp_path / "space.yaml"
+    space.write_text("hyperparams.learning_rate: {loguniform: [1.0e-4, 3.0e-3]}\n")
+    out = tmp_path / "tune"
+    options = ["--trials", "4", "--seeds", "1", "--steps", "2048", "--out", str(out)]
+    argv = ["tune", "--agent", str(mlp), "--task", str(task), "--space", str(space), *options]
+    # Ctrl-C to the whole command (its Ray and trials too) once the sampled trials have begun:
+    # trial 0 is complete by then
+    command = subprocess.Popen(
+        [sys.executable, "-m", "cfc_rl.experiment.cli", *argv],
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not (out / "trial_order.txt").exists():
+        assert command.poll() is None and time.monotonic() < deadline, command.communicate()
+        time.sleep(0.2)
+    os.killpg(command.pid, signal.SIGINT)
+    _, err = command.communicate(timeout=120)
+    assert command.returncode == 130, err
+    assert f"search stopped: {out} keeps its finished trials" in err
+    assert f"continue with: cfc-rl {' '.join(argv)}" in err
+    assert (out / "search_state.yaml").exists() and not (out / "trials.csv").exists()
+    (trial_0,) = (out / "trials").glob("*_00000")  # trial 0's id, from Ray's variant generator
+    trained = (trial_0 / "seed_1000" / "result.json").stat().st_mtime_ns
+
+    # The same search resumes: trial 0 keeps its result (not trained again), the sampled trials
+    # (those that began before Ctrl-C among them) are numbered 1 to 4, and the folder is left as
+    # a complete one.
+    outcome = search(mlp, task, space, trials=4, seeds=1, steps=2048, out=out)
+    assert [(r["trial"], r["status"] != "error") for r in outcome.rows] == [
+        (n, True) for n in range(5)
+    ]
+    assert outcome.rows[0]["trial_id"] == trial_0.name
+    assert (trial_0 / "seed_1000" / "result.json").stat().st_mtime_ns == trained
+    started = (out / "ray_results" / "mlp_cartpole_p_sampled").glob("run_trial_*")
+    assert sorted(r["trial_id"] for r in outcome.rows[1:]) == sorted(
+        d.name.split("_")[2] for d in started
+    )
+    assert not (out / "search_state.yaml").exists() and not (out / "trial_order.txt").exists()
+
+    # Any other search in the folder starts afresh, trial 0 included.
+    outcome = search(mlp, task, space, trials=1, seeds=1, steps=2048, out=out)
+    assert [r["trial"] for r in outcome.rows] == [0, 1]
+    assert outcome.rows[0]["trial_id"] != trial_0.name
+    assert len(list((out / "ray_results" / "mlp_cartpole_p_sampled").glob("run_trial_*"))) == 1

@@ -271,7 +271,8 @@ def _show(result) -> None:
 
 
 def _interrupted(error: KeyboardInterrupt, args: argparse.Namespace) -> int:
-    """Ctrl-C on many runs: the ones in training saved checkpoints; the same command goes on."""
+    """Ctrl-C: what finished is kept (runs in training saved checkpoints); the same command
+    goes on."""
     what = str(error) or "interrupted"
     print(f"\n{what}; continue with: {shlex.join(['cfc-rl', *args.argv])}", file=sys.stderr)
     return 130
@@ -393,13 +394,16 @@ def _benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     if args.benchmark_command == "tune" or (args.tune and not args.dry_run):
         if args.benchmark_command == "run":
             plan(grid, seeds=args.seeds, **chosen)  # its errors before a search starts
-        tune_cells(
-            grid,
-            cells,
-            on_done=lambda task, agent, what: print(f"{task}/{agent}: {what}", flush=True),
-            device=args.device,
-            **executor_options(args),
-        )
+        try:
+            tune_cells(
+                grid,
+                cells,
+                on_done=lambda task, agent, what: print(f"{task}/{agent}: {what}", flush=True),
+                device=args.device,
+                **executor_options(args),
+            )
+        except KeyboardInterrupt as e:
+            return _interrupted(e, args)
         if args.benchmark_command == "tune":
             return 0
     args.out = str(grid.runs)  # with --storage, the run folders must lie inside it
@@ -516,7 +520,10 @@ def _add_tune(parser: argparse.ArgumentParser) -> None:
 def _tune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from cfc_rl.experiment.tune import tune_command
 
-    return tune_command(args, parser)
+    try:
+        return tune_command(args, parser)
+    except KeyboardInterrupt as e:
+        return _interrupted(e, args)
 
 
 def _add_robustness(parser: argparse.ArgumentParser) -> None:

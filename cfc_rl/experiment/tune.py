@@ -39,6 +39,12 @@ might end below them; a sampled trial replaces them only by scoring higher. The 
 - ``trials/<trial id>/seed_<n>``: the trials' run folders (on this machine, or with
   ``--storage``; without it a Ray worker trains in a temporary folder and keeps only the numbers),
   and ``ray_results/``: Ray Tune's own records.
+
+A search that stops before its end (Ctrl-C, a machine that goes away) leaves
+``search_state.yaml`` in the output folder: what it trains. Run the same search into the same
+folder and it resumes: Ray Tune restores its trials, TPE and ASHA; finished trials keep their
+results, unfinished ones start again, their runs resuming from their last checkpoint. A search
+of anything else there starts afresh.
 """
 
 from __future__ import annotations
@@ -46,7 +52,6 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import datetime
 import io
 import logging
 import math
@@ -54,7 +59,6 @@ import multiprocessing
 import os
 import queue as queue_module
 import shutil
-import signal
 import sys
 import threading
 import time
@@ -106,6 +110,9 @@ VALUES = ("n_envs", "normalize", "frame_stack")
 SEED_START = 1000  # trial seeds: 1000, 1001, ... (the benchmarks use 0, 1, 2, ...)
 METRIC = "score"  # what trials report: mean return over seeds
 REFERENCE = "reference"  # trial 0's config: the agent as it is, no values from the space
+SEARCH_STATE = "search_state.yaml"  # in the output folder while a search is unfinished
+TRIAL_ORDER = "trial_order.txt"  # in the output folder: the sampled trials' ids as they start
+RAY_SIGINT_VARIABLE = "TUNE_DISABLE_SIGINT_HANDLER"
 TIME_ATTR = "steps"  # ASHA's clock: environment steps
 ASHA_REDUCTION = 3  # ASHA keeps the best third at each rung
 ASHA_RUNGS = 3  # rungs at about budget/9, budget/3 (and the budget)
@@ -785,25 +792,132 @@ def search(
             raise ConfigError(f"{out / 'trials.csv'} already has trial 0")
     import_ray()
     out.mkdir(parents=True, exist_ok=True)
+    resume = _start_or_resume(plan, out, trials, search_seed, grace_steps, only_trial_0)
     connected_here = connect("local" if executor == "local" else address, **(init_kwargs or {}))
-    # Ray Tune installs its own Ctrl-C handler for a run and leaves it behind: the next Ctrl-C
-    # after the search (in `benchmark run --tune`, while the runs train) would be swallowed.
-    sigint = signal.getsignal(signal.SIGINT)
+    # Ray Tune's own Ctrl-C handler would end the search quietly, as if its unfinished trials
+    # were complete, and stay installed after it: Ctrl-C is KeyboardInterrupt here instead.
+    sigint_handler = os.environ.get(RAY_SIGINT_VARIABLE)
+    os.environ[RAY_SIGINT_VARIABLE] = "1"
     try:
         resolved, _ = plan.resolve(plan.space.first())
         build_on_nodes(extensions_for([{"name": resolved.name, **resolved.as_dict()}]))
-        reference = _fit_reference(plan, out, cpus_per_job, max_retries, verbose)
+        reference = _fit_reference(plan, out, cpus_per_job, max_retries, verbose, resume)
         if not only_trial_0:
-            results, order = _fit(
-                plan, trials, out, cpus_per_job, max_retries, search_seed, grace_steps, verbose
+            results = _fit(
+                plan,
+                trials,
+                out,
+                cpus_per_job,
+                max_retries,
+                search_seed,
+                grace_steps,
+                verbose,
+                resume,
             )
-            sampled = _rows(plan, results, order)
+            sampled = _rows(plan, results, _started_order(out))
+    except KeyboardInterrupt:
+        raise SearchInterrupted(
+            f"search stopped: {out} keeps its finished trials, and the same search resumes them"
+        ) from None
     finally:
-        if sigint is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, sigint)
+        if sigint_handler is None:
+            os.environ.pop(RAY_SIGINT_VARIABLE, None)
+        else:
+            os.environ[RAY_SIGINT_VARIABLE] = sigint_handler
         if connected_here:
             import_ray().shutdown()
-    return _write_outcome(plan, [_reference_row(plan, reference), *sampled], out, len(sampled))
+    outcome = _write_outcome(plan, [_reference_row(plan, reference), *sampled], out, len(sampled))
+    (out / SEARCH_STATE).unlink()
+    (out / TRIAL_ORDER).unlink(missing_ok=True)
+    return outcome
+
+
+class SearchInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a search; its output folder keeps what it needs to resume."""
+
+
+def _search_state(
+    plan: TrialPlan,
+    trials: int,
+    search_seed: int,
+    grace_steps: int | None,
+    only_trial_0: bool,
+) -> str:
+    """What a search trains, as text: a search left unfinished in the same folder is resumed
+    only if it trained exactly this."""
+    from cfc_rl.experiment.runs import dump_yaml
+
+    agent, task = plan.resolve({})
+    return dump_yaml(
+        {
+            "agent_file": plan.agent_data,
+            "agent": agent.as_dict(),
+            "task": task.as_dict(),
+            "space": [[d.key, d.kind, list(d.values)] for d in plan.space.dimensions],
+            "seeds": list(plan.seeds),
+            "device": plan.device,
+            "trials": trials,
+            "search_seed": search_seed,
+            "grace_steps": grace_steps,
+            "only_trial_0": only_trial_0,
+        }
+    )
+
+
+def _start_or_resume(
+    plan: TrialPlan,
+    out: Path,
+    trials: int,
+    search_seed: int,
+    grace_steps: int | None,
+    only_trial_0: bool,
+) -> bool:
+    """Whether ``out`` holds an unfinished search of exactly this plan (its ``SEARCH_STATE``
+    file, removed when a search completes), to resume; otherwise clear what an earlier search
+    left of Ray Tune's records there and note this one as started."""
+    from cfc_rl.experiment.runs import atomic_write_text
+
+    state = _search_state(plan, trials, search_seed, grace_steps, only_trial_0)
+    path = out / SEARCH_STATE
+    if path.exists() and path.read_text() == state:
+        logger.info("tune: resuming the unfinished search in %s: finished trials are kept", out)
+        return True
+    for what in ("trial_0", "sampled"):
+        shutil.rmtree(_experiment_path(plan, out, what), ignore_errors=True)
+    (out / TRIAL_ORDER).unlink(missing_ok=True)
+    atomic_write_text(path, state)
+    return False
+
+
+def _experiment_path(plan: TrialPlan, out: Path, what: str) -> Path:
+    """Ray Tune's folder of one part of the search (``trial_0`` or ``sampled``)."""
+    return out / "ray_results" / f"{plan.agent_name}_{plan.task.name}_{what}"
+
+
+def _tuner(
+    plan: TrialPlan,
+    out: Path,
+    what: str,
+    resume: bool,
+    cpus_per_job: float,
+    make: Callable[[], Any],
+) -> Any:
+    """Ray Tune's Tuner for one part of the search: restored from its folder when resuming
+    (finished trials keep their results, unfinished ones start again, their runs resuming from
+    their checkpoints), else ``make()``."""
+    from ray import tune as ray_tune
+
+    path = str(_experiment_path(plan, out, what))
+    if resume and ray_tune.Tuner.can_restore(path):
+        # errored too: Ctrl-C reaches the trials' processes, which can fail before Ray saves
+        return ray_tune.Tuner.restore(
+            path,
+            trainable=_trainable(plan, cpus_per_job),
+            resume_unfinished=True,
+            resume_errored=True,
+        )
+    shutil.rmtree(path, ignore_errors=True)
+    return make()
 
 
 def _trainable(plan: TrialPlan, cpus_per_job: float) -> Any:
@@ -820,10 +934,10 @@ def _run_config(
 ) -> Any:
     from ray import tune as ray_tune
 
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = _experiment_path(plan, out, what)
     return ray_tune.RunConfig(
-        name=f"{plan.agent_name}_{plan.task.name}_{what}{stamp}",
-        storage_path=str(out / "ray_results"),
+        name=path.name,
+        storage_path=str(path.parent),
         failure_config=ray_tune.FailureConfig(max_failures=max_retries),
         callbacks=callbacks,
         verbose=verbose,
@@ -831,7 +945,7 @@ def _run_config(
 
 
 def _fit_reference(
-    plan: TrialPlan, out: Path, cpus_per_job: float, max_retries: int, verbose: int
+    plan: TrialPlan, out: Path, cpus_per_job: float, max_retries: int, verbose: int, resume: bool
 ) -> Any:
     """Trial 0: the agent as it is, trained in full on the plan's seeds (no scheduler stops
     it); returns its Ray Tune result."""
@@ -844,11 +958,18 @@ def _fit_reference(
         len(plan.seeds),
         plan.budget,
     )
-    tuner = ray_tune.Tuner(
-        _trainable(plan, cpus_per_job),
-        param_space={REFERENCE: True},
-        tune_config=ray_tune.TuneConfig(num_samples=1),
-        run_config=_run_config(plan, out, "trial_0_", max_retries, verbose, []),
+    tuner = _tuner(
+        plan,
+        out,
+        "trial_0",
+        resume,
+        cpus_per_job,
+        lambda: ray_tune.Tuner(
+            _trainable(plan, cpus_per_job),
+            param_space={REFERENCE: True},
+            tune_config=ray_tune.TuneConfig(num_samples=1),
+            run_config=_run_config(plan, out, "trial_0", max_retries, verbose, []),
+        ),
     )
     (result,) = tuner.fit()
     if result.error is None:
@@ -865,9 +986,10 @@ def _fit(
     search_seed: int,
     grace_steps: int | None,
     verbose: int,
+    resume: bool,
 ) -> Any:
-    """Ray Tune's run: the Tuner, its searcher and scheduler; returns its ResultGrid and the
-    trial ids in the order the trials started."""
+    """Ray Tune's run: the Tuner, its searcher and scheduler (restored with them when
+    resuming); returns its ResultGrid."""
     import optuna
     import ray
     from ray import tune as ray_tune
@@ -880,24 +1002,32 @@ def _fit(
     grace = grace_steps or max(task_eval, budget // ASHA_REDUCTION ** (ASHA_RUNGS - 1))
     cpus = len(plan.seeds) * cpus_per_job
     slots = max(1, int(ray.cluster_resources().get("CPU", 0.0) // cpus))
-    progress = _progress_callback(trials)
-    tuner = ray_tune.Tuner(
-        _trainable(plan, cpus_per_job),
-        param_space=plan.space.param_space(),
-        tune_config=ray_tune.TuneConfig(
-            metric=METRIC,
-            mode="max",
-            search_alg=OptunaSearch(sampler=optuna.samplers.TPESampler(seed=search_seed)),
-            scheduler=ASHAScheduler(
-                time_attr=TIME_ATTR,
-                max_t=budget,
-                grace_period=min(grace, budget),
-                reduction_factor=ASHA_REDUCTION,
+    tuner = _tuner(
+        plan,
+        out,
+        "sampled",
+        resume,
+        cpus_per_job,
+        lambda: ray_tune.Tuner(
+            _trainable(plan, cpus_per_job),
+            param_space=plan.space.param_space(),
+            tune_config=ray_tune.TuneConfig(
+                metric=METRIC,
+                mode="max",
+                search_alg=OptunaSearch(sampler=optuna.samplers.TPESampler(seed=search_seed)),
+                scheduler=ASHAScheduler(
+                    time_attr=TIME_ATTR,
+                    max_t=budget,
+                    grace_period=min(grace, budget),
+                    reduction_factor=ASHA_REDUCTION,
+                ),
+                num_samples=trials,
+                max_concurrent_trials=slots,  # TPE proposes from more finished trials
             ),
-            num_samples=trials,
-            max_concurrent_trials=slots,  # TPE proposes from more finished trials
+            run_config=_run_config(
+                plan, out, "sampled", max_retries, verbose, [_progress_callback(trials, out)]
+            ),
         ),
-        run_config=_run_config(plan, out, "", max_retries, verbose, [progress]),
     )
     logger.info(
         "tune: %d trials of %s on %s, %d seed(s) each, %d steps, about %d at once",
@@ -908,21 +1038,28 @@ def _fit(
         budget,
         slots,
     )
-    return tuner.fit(), progress.order
+    return tuner.fit()
 
 
-def _progress_callback(total: int) -> Any:
-    """A Ray Tune callback that logs one line per finished trial and notes the order in which
-    the trials start (their ids are random)."""
+def _started_order(out: Path) -> dict[str, int]:
+    """The sampled trials' ids in the order they first started (``TRIAL_ORDER``)."""
+    path = out / TRIAL_ORDER
+    ids = path.read_text().split() if path.exists() else []
+    return {trial_id: n for n, trial_id in enumerate(dict.fromkeys(ids))}
+
+
+def _progress_callback(total: int, out: Path) -> Any:
+    """A Ray Tune callback that logs one line per finished trial and appends each trial's id
+    to ``out/TRIAL_ORDER`` when it starts (their ids are random; the file outlives a search
+    that is stopped and resumed, the callback's memory does not)."""
     from ray.tune import Callback
 
-    class Progress(Callback):
-        def __init__(self) -> None:
-            self.finished = 0
-            self.order: dict[str, int] = {}
+    order = out / TRIAL_ORDER
 
+    class Progress(Callback):
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self.order.setdefault(trial.trial_id, len(self.order))
+            with order.open("a") as f:
+                f.write(f"{trial.trial_id}\n")
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             result = trial.last_result or {}
@@ -934,14 +1071,15 @@ def _progress_callback(total: int) -> Any:
             self._line(trials, trial, "failed")
 
         def _line(self, trials: list, trial: Any, what: str) -> None:
-            self.finished += 1
-            running = sum(t.status == "RUNNING" for t in trials if t is not trial)
+            others = [t for t in trials if t is not trial]
+            finished = 1 + sum(t.status in ("TERMINATED", "ERROR") for t in others)
+            running = sum(t.status == "RUNNING" for t in others)
             logger.info(
                 "tune: %d/%d finished, %d running; trial %d (%s) %s",
-                self.finished,
+                finished,
                 total,
                 running,
-                self.order.get(trial.trial_id, -1) + 1,
+                _started_order(out).get(trial.trial_id, -1) + 1,
                 trial.trial_id,
                 what,
             )
