@@ -561,10 +561,10 @@ def test_a_stopped_search_resumes_with_the_trials_it_finished(local_ray, tmp_pat
     space = tmp_path / "space.yaml"
     space.write_text("hyperparams.learning_rate: {loguniform: [1.0e-4, 3.0e-3]}\n")
     out = tmp_path / "tune"
-    options = ["--trials", "4", "--seeds", "1", "--steps", "2048", "--out", str(out)]
+    options = ["--trials", "6", "--seeds", "1", "--steps", "2048", "--out", str(out)]
     argv = ["tune", "--agent", str(mlp), "--task", str(task), "--space", str(space), *options]
-    # Ctrl-C to the whole command (its Ray and trials too) once the sampled trials have begun:
-    # trial 0 is complete by then
+    # Ctrl-C to the whole command (its Ray and trials too) once trial 0 is complete; it trains
+    # beside the first sampled trial, so others are still to come
     command = subprocess.Popen(
         [sys.executable, "-m", "cfc_rl.experiment.cli", *argv],
         start_new_session=True,
@@ -573,29 +573,31 @@ def test_a_stopped_search_resumes_with_the_trials_it_finished(local_ray, tmp_pat
         text=True,
     )
     deadline = time.monotonic() + 300
-    while not (out / "trial_order.txt").exists():
+    trained_trial_0 = None
+    while trained_trial_0 is None:
         assert command.poll() is None and time.monotonic() < deadline, command.communicate()
         time.sleep(0.2)
+        trained_trial_0 = next(_trial_0_runs(out), None)
     os.killpg(command.pid, signal.SIGINT)
     _, err = command.communicate(timeout=120)
     assert command.returncode == 130, err
     assert f"search stopped: {out} keeps its finished trials" in err
     assert f"continue with: cfc-rl {' '.join(argv)}" in err
     assert (out / "search_state.yaml").exists() and not (out / "trials.csv").exists()
-    (trial_0,) = (out / "trials").glob("*_00000")  # trial 0's id, from Ray's variant generator
-    trained = (trial_0 / "seed_1000" / "result.json").stat().st_mtime_ns
+    trial_0 = trained_trial_0.parent.parent
+    trained = trained_trial_0.stat().st_mtime_ns
 
     # The same search resumes: trial 0 keeps its result (not trained again), the sampled trials
     # (those that began before Ctrl-C among them) are numbered 1 to 4, and the folder is left as
     # a complete one.
-    outcome = search(mlp, task, space, trials=4, seeds=1, steps=2048, out=out)
+    outcome = search(mlp, task, space, trials=6, seeds=1, steps=2048, out=out)
     assert [(r["trial"], r["status"] != "error") for r in outcome.rows] == [
-        (n, True) for n in range(5)
+        (n, True) for n in range(7)
     ]
     assert outcome.rows[0]["trial_id"] == trial_0.name
-    assert (trial_0 / "seed_1000" / "result.json").stat().st_mtime_ns == trained
-    started = (out / "ray_results" / "mlp_cartpole_p_sampled").glob("run_trial_*")
-    assert sorted(r["trial_id"] for r in outcome.rows[1:]) == sorted(
+    assert trained_trial_0.stat().st_mtime_ns == trained
+    started = (out / "ray_results" / "mlp_cartpole_p").glob("run_trial_*")
+    assert sorted(r["trial_id"] for r in outcome.rows) == sorted(
         d.name.split("_")[2] for d in started
     )
     assert not (out / "search_state.yaml").exists() and not (out / "trial_order.txt").exists()
@@ -604,4 +606,67 @@ def test_a_stopped_search_resumes_with_the_trials_it_finished(local_ray, tmp_pat
     outcome = search(mlp, task, space, trials=1, seeds=1, steps=2048, out=out)
     assert [r["trial"] for r in outcome.rows] == [0, 1]
     assert outcome.rows[0]["trial_id"] != trial_0.name
-    assert len(list((out / "ray_results" / "mlp_cartpole_p_sampled").glob("run_trial_*"))) == 1
+    assert len(list((out / "ray_results" / "mlp_cartpole_p").glob("run_trial_*"))) == 2
+
+
+def _trial_0_runs(out: Path):
+    """The result.json of trial 0's run, once it is complete (its params.json says trial 0)."""
+    for params in (out / "ray_results" / "mlp_cartpole_p").glob("run_trial_*/params.json"):
+        if json.loads(params.read_text()).get("reference"):
+            trial_id = params.parent.name.split("_")[2]
+            yield from (out / "trials" / trial_id / "seed_1000").glob("result.json")
+
+
+def test_trial_0_is_suggested_first_and_neither_tpe_nor_asha_sees_it():
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from cfc_rl.experiment.tune import REFERENCE, _asha_without_trial_0, _trial_0_first
+
+    class Recording:
+        def __init__(self):
+            self.completed = []
+
+        def suggest(self, trial_id):
+            return {"x": 0.5}
+
+        def on_trial_complete(self, trial_id, result=None, error=False):
+            self.completed.append(trial_id)
+
+        def on_trial_result(self, trial_id, result):
+            self.completed.append(f"result of {trial_id}")
+
+    inner = Recording()
+    searcher = _trial_0_first({REFERENCE: True, "x": None}, inner)
+    assert searcher.suggest("a") == {REFERENCE: True, "x": None}
+    assert searcher.suggest("b") == {"x": 0.5}
+    for trial_id in ("a", "b"):
+        searcher.on_trial_result(trial_id, {"score": 1.0})
+        searcher.on_trial_complete(trial_id, {"score": 1.0})
+    assert inner.completed == ["result of b", "b"]
+    # stopped and resumed, it does not suggest trial 0 again
+    again = _trial_0_first({REFERENCE: True, "x": None}, inner)
+    again.set_state(searcher.get_state())
+    assert again.suggest("c") == {"x": 0.5}
+
+    asha = _asha_without_trial_0(time_attr="steps", max_t=100, grace_period=10, reduction_factor=3)
+    asha.set_search_properties("score", "max")
+    trial_0 = SimpleNamespace(config={REFERENCE: True, "x": None}, trial_id="a")
+    sampled = [SimpleNamespace(config={"x": 0.1 * n}, trial_id=f"s{n}") for n in range(3)]
+    asha.on_trial_add(None, trial_0)
+    for trial in sampled:
+        asha.on_trial_add(None, trial)
+    # at its first rung, ASHA stops a sampled trial that is behind; trial 0 never, even at
+    # max_t and far behind, and its results do not move the rungs
+    for steps in (10, 100):
+        assert asha.on_trial_result(None, trial_0, {"steps": steps, "score": -1e9}) == (
+            TrialScheduler.CONTINUE
+        )
+    decisions = [
+        asha.on_trial_result(None, trial, {"steps": 10, "score": score})
+        for trial, score in zip(sampled, (3.0, 2.0, 1.0), strict=True)
+    ]
+    assert decisions == [TrialScheduler.CONTINUE, TrialScheduler.STOP, TrialScheduler.STOP]
+    asha.on_trial_complete(None, trial_0, {"steps": 100, "score": -1e9})
+    asha.on_trial_remove(None, trial_0)

@@ -24,7 +24,8 @@ seeds once all of them have reached it, is reported to ASHA, which stops the tri
 behind at its rungs; a trial's score is the mean over seeds of the final returns.
 
 Trial 0 comes first and is not sampled: the agent as its files give it before the search (for
-the benchmark's agents, RL Zoo's settings for the task), trained in full on the same seeds. A
+the benchmark's agents, RL Zoo's settings for the task), trained in full on the same seeds,
+beside the first sampled trials where the CPUs allow; neither TPE nor ASHA takes its results. A
 space need not contain those settings (RL Zoo trains CartPole with ``n_steps: 32`` and a
 learning rate that decays to zero), and a search that could only choose among other settings
 might end below them; a sampled trial replaces them only by scoring higher. The output folder gets:
@@ -524,8 +525,8 @@ def run_trial(config: Mapping[str, Any], plan: TrialPlan) -> None:
     """The Ray Tune function trainable: train the plan's seeds with the trial's values and
     report the mean evaluation return over seeds at each periodic evaluation, then the score.
 
-    :param config: the trial's sampled values (Ray Tune's config), or ``{REFERENCE: True}`` for
-        trial 0 (the agent as it is)
+    :param config: the trial's sampled values (Ray Tune's config), or for trial 0 (the agent
+        as it is) ``REFERENCE: True``
     :param plan: everything else (:func:`make_plan`)
     """
     from ray import tune as ray_tune
@@ -801,19 +802,18 @@ def search(
     try:
         resolved, _ = plan.resolve(plan.space.first())
         build_on_nodes(extensions_for([{"name": resolved.name, **resolved.as_dict()}]))
-        reference = _fit_reference(plan, out, cpus_per_job, max_retries, verbose, resume)
+        reference, results = _fit(
+            plan,
+            0 if only_trial_0 else trials,
+            out,
+            cpus_per_job,
+            max_retries,
+            search_seed,
+            grace_steps,
+            verbose,
+            resume,
+        )
         if not only_trial_0:
-            results = _fit(
-                plan,
-                trials,
-                out,
-                cpus_per_job,
-                max_retries,
-                search_seed,
-                grace_steps,
-                verbose,
-                resume,
-            )
             sampled = _rows(plan, results, _started_order(out))
     except KeyboardInterrupt:
         raise SearchInterrupted(
@@ -882,32 +882,26 @@ def _start_or_resume(
     if path.exists() and path.read_text() == state:
         logger.info("tune: resuming the unfinished search in %s: finished trials are kept", out)
         return True
-    for what in ("trial_0", "sampled"):
-        shutil.rmtree(_experiment_path(plan, out, what), ignore_errors=True)
+    shutil.rmtree(_experiment_path(plan, out), ignore_errors=True)
     (out / TRIAL_ORDER).unlink(missing_ok=True)
     atomic_write_text(path, state)
     return False
 
 
-def _experiment_path(plan: TrialPlan, out: Path, what: str) -> Path:
-    """Ray Tune's folder of one part of the search (``trial_0`` or ``sampled``)."""
-    return out / "ray_results" / f"{plan.agent_name}_{plan.task.name}_{what}"
+def _experiment_path(plan: TrialPlan, out: Path) -> Path:
+    """Ray Tune's folder of the search."""
+    return out / "ray_results" / f"{plan.agent_name}_{plan.task.name}"
 
 
 def _tuner(
-    plan: TrialPlan,
-    out: Path,
-    what: str,
-    resume: bool,
-    cpus_per_job: float,
-    make: Callable[[], Any],
+    plan: TrialPlan, out: Path, resume: bool, cpus_per_job: float, make: Callable[[], Any]
 ) -> Any:
-    """Ray Tune's Tuner for one part of the search: restored from its folder when resuming
-    (finished trials keep their results, unfinished ones start again, their runs resuming from
-    their checkpoints), else ``make()``."""
+    """Ray Tune's Tuner of the search: restored from its folder when resuming (finished trials
+    keep their results, unfinished ones start again, their runs resuming from their
+    checkpoints), else ``make()``."""
     from ray import tune as ray_tune
 
-    path = str(_experiment_path(plan, out, what))
+    path = str(_experiment_path(plan, out))
     if resume and ray_tune.Tuner.can_restore(path):
         # errored too: Ctrl-C reaches the trials' processes, which can fail before Ray saves
         return ray_tune.Tuner.restore(
@@ -929,54 +923,6 @@ def _trainable(plan: TrialPlan, cpus_per_job: float) -> Any:
     return ray_tune.with_resources(ray_tune.with_parameters(run_trial, plan=plan), resources)
 
 
-def _run_config(
-    plan: TrialPlan, out: Path, what: str, max_retries: int, verbose: int, callbacks: list
-) -> Any:
-    from ray import tune as ray_tune
-
-    path = _experiment_path(plan, out, what)
-    return ray_tune.RunConfig(
-        name=path.name,
-        storage_path=str(path.parent),
-        failure_config=ray_tune.FailureConfig(max_failures=max_retries),
-        callbacks=callbacks,
-        verbose=verbose,
-    )
-
-
-def _fit_reference(
-    plan: TrialPlan, out: Path, cpus_per_job: float, max_retries: int, verbose: int, resume: bool
-) -> Any:
-    """Trial 0: the agent as it is, trained in full on the plan's seeds (no scheduler stops
-    it); returns its Ray Tune result."""
-    from ray import tune as ray_tune
-
-    logger.info(
-        "tune: trial 0 of %s on %s: the agent as it is, %d seed(s), %d steps",
-        plan.agent_name,
-        plan.task.name,
-        len(plan.seeds),
-        plan.budget,
-    )
-    tuner = _tuner(
-        plan,
-        out,
-        "trial_0",
-        resume,
-        cpus_per_job,
-        lambda: ray_tune.Tuner(
-            _trainable(plan, cpus_per_job),
-            param_space={REFERENCE: True},
-            tune_config=ray_tune.TuneConfig(num_samples=1),
-            run_config=_run_config(plan, out, "trial_0", max_retries, verbose, []),
-        ),
-    )
-    (result,) = tuner.fit()
-    if result.error is None:
-        logger.info("tune: trial 0 complete, score %.1f", result.metrics[METRIC])
-    return result
-
-
 def _fit(
     plan: TrialPlan,
     trials: int,
@@ -987,13 +933,18 @@ def _fit(
     grace_steps: int | None,
     verbose: int,
     resume: bool,
-) -> Any:
-    """Ray Tune's run: the Tuner, its searcher and scheduler (restored with them when
-    resuming); returns its ResultGrid."""
+) -> tuple[Any, list[Any]]:
+    """Ray Tune's run of trial 0 and ``trials`` sampled trials: the Tuner, its searcher and
+    scheduler (restored with them when resuming).
+
+    Trial 0 is the searcher's first suggestion and trains side by side with the first sampled
+    ones (one seed uses one CPU: it would leave the others idle); neither TPE nor ASHA sees it.
+
+    :return: trial 0's result and the sampled trials' results
+    """
     import optuna
     import ray
     from ray import tune as ray_tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial otherwise
@@ -1002,10 +953,10 @@ def _fit(
     grace = grace_steps or max(task_eval, budget // ASHA_REDUCTION ** (ASHA_RUNGS - 1))
     cpus = len(plan.seeds) * cpus_per_job
     slots = max(1, int(ray.cluster_resources().get("CPU", 0.0) // cpus))
+    reference = {REFERENCE: True, **dict.fromkeys(plan.space.keys)}
     tuner = _tuner(
         plan,
         out,
-        "sampled",
         resume,
         cpus_per_job,
         lambda: ray_tune.Tuner(
@@ -1014,23 +965,31 @@ def _fit(
             tune_config=ray_tune.TuneConfig(
                 metric=METRIC,
                 mode="max",
-                search_alg=OptunaSearch(sampler=optuna.samplers.TPESampler(seed=search_seed)),
-                scheduler=ASHAScheduler(
+                search_alg=_trial_0_first(
+                    reference,
+                    OptunaSearch(sampler=optuna.samplers.TPESampler(seed=search_seed)),
+                ),
+                scheduler=_asha_without_trial_0(
                     time_attr=TIME_ATTR,
                     max_t=budget,
                     grace_period=min(grace, budget),
                     reduction_factor=ASHA_REDUCTION,
                 ),
-                num_samples=trials,
+                num_samples=trials + 1,
                 max_concurrent_trials=slots,  # TPE proposes from more finished trials
             ),
-            run_config=_run_config(
-                plan, out, "sampled", max_retries, verbose, [_progress_callback(trials, out)]
+            run_config=ray_tune.RunConfig(
+                name=_experiment_path(plan, out).name,
+                storage_path=str(out / "ray_results"),
+                failure_config=ray_tune.FailureConfig(max_failures=max_retries),
+                callbacks=[_progress_callback(trials, out)],
+                verbose=verbose,
             ),
         ),
     )
     logger.info(
-        "tune: %d trials of %s on %s, %d seed(s) each, %d steps, about %d at once",
+        "tune: trial 0 (the agent as it is) and %d sampled trials of %s on %s, %d seed(s) "
+        "each, %d steps, about %d at once",
         trials,
         plan.agent_name,
         plan.task.name,
@@ -1038,7 +997,80 @@ def _fit(
         budget,
         slots,
     )
-    return tuner.fit()
+    results = list(tuner.fit())
+    (first,) = [r for r in results if (r.config or {}).get(REFERENCE)]
+    return first, [r for r in results if r is not first]
+
+
+def _trial_0_first(reference: dict[str, Any], searcher: Any) -> Any:
+    """A Ray Tune searcher that suggests ``reference`` (trial 0) first, then ``searcher``'s
+    trials; trial 0's results never reach ``searcher``."""
+    from ray.tune.search import Searcher
+
+    class TrialZeroFirst(Searcher):
+        def __init__(self) -> None:
+            super().__init__()
+            self.searcher = searcher
+            self.reference_id: str | None = None
+
+        def set_search_properties(self, metric: Any, mode: Any, config: Any, **spec: Any) -> bool:
+            self._metric, self._mode = metric, mode
+            return self.searcher.set_search_properties(metric, mode, config, **spec)
+
+        def set_max_concurrency(self, max_concurrent: int) -> bool:
+            return self.searcher.set_max_concurrency(max_concurrent)
+
+        def suggest(self, trial_id: str) -> Any:
+            if self.reference_id is None:
+                self.reference_id = trial_id
+                return dict(reference)
+            return self.searcher.suggest(trial_id)
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            if trial_id != self.reference_id:
+                self.searcher.on_trial_result(trial_id, result)
+
+        def on_trial_complete(self, trial_id: str, result: Any = None, error: bool = False) -> None:
+            if trial_id != self.reference_id:
+                self.searcher.on_trial_complete(trial_id, result=result, error=error)
+
+        # Ray Tune saves a wrapper's state with these and the searcher it wraps on its own
+        def get_state(self) -> dict[str, Any]:
+            return {"reference_id": self.reference_id}
+
+        def set_state(self, state: dict[str, Any]) -> None:
+            self.reference_id = state["reference_id"]
+
+    return TrialZeroFirst()
+
+
+def _asha_without_trial_0(**asha: Any) -> Any:
+    """Ray Tune's ASHA scheduler, except for trial 0: it trains in full, and its results
+    take no place in the rungs."""
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    def is_trial_0(trial: Any) -> bool:
+        return bool(trial.config.get(REFERENCE))
+
+    class ASHAWithoutTrial0(ASHAScheduler):
+        def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+            if not is_trial_0(trial):
+                super().on_trial_add(tune_controller, trial)
+
+        def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+            if is_trial_0(trial):
+                return TrialScheduler.CONTINUE
+            return super().on_trial_result(tune_controller, trial, result)
+
+        def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+            if not is_trial_0(trial):
+                super().on_trial_complete(tune_controller, trial, result)
+
+        def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
+            if not is_trial_0(trial):
+                super().on_trial_remove(tune_controller, trial)
+
+    return ASHAWithoutTrial0(**asha)
 
 
 def _started_order(out: Path) -> dict[str, int]:
@@ -1048,18 +1080,24 @@ def _started_order(out: Path) -> dict[str, int]:
     return {trial_id: n for n, trial_id in enumerate(dict.fromkeys(ids))}
 
 
-def _progress_callback(total: int, out: Path) -> Any:
-    """A Ray Tune callback that logs one line per finished trial and appends each trial's id
-    to ``out/TRIAL_ORDER`` when it starts (their ids are random; the file outlives a search
-    that is stopped and resumed, the callback's memory does not)."""
+def _progress_callback(sampled: int, out: Path) -> Any:
+    """A Ray Tune callback that logs one line per finished trial and appends each sampled
+    trial's id to ``out/TRIAL_ORDER`` when it starts (their ids are random; the file outlives
+    a search that is stopped and resumed, the callback's memory does not)."""
     from ray.tune import Callback
 
     order = out / TRIAL_ORDER
 
+    def number(trial: Any) -> int:
+        if trial.config.get(REFERENCE):
+            return 0
+        return _started_order(out).get(trial.trial_id, -1) + 1
+
     class Progress(Callback):
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            with order.open("a") as f:
-                f.write(f"{trial.trial_id}\n")
+            if not trial.config.get(REFERENCE):
+                with order.open("a") as f:
+                    f.write(f"{trial.trial_id}\n")
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             result = trial.last_result or {}
@@ -1077,9 +1115,9 @@ def _progress_callback(total: int, out: Path) -> Any:
             logger.info(
                 "tune: %d/%d finished, %d running; trial %d (%s) %s",
                 finished,
-                total,
+                sampled + 1,
                 running,
-                _started_order(out).get(trial.trial_id, -1) + 1,
+                number(trial),
                 trial.trial_id,
                 what,
             )
