@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -220,6 +221,25 @@ def test_the_reference_line_says_where_the_mean_stands(mean, high, verdict) -> N
     line = _reference_line(reference, [{**row, "seeds": 5}])
     assert line.endswith(f"over 5 seeds: {verdict}.")
     assert _reference_line(reference, []).endswith("No run of ppo_gru yet.")
+
+
+def test_the_headline_scores_the_group_with_the_most_agents(tmp_path: Path) -> None:
+    grid = load_grid(write_grid(tmp_path))
+    fill(grid)
+    # ppo_gru has not run on pendulum_p yet: ppo_cfc and ppo_mlp share two tasks, all three
+    # agents one; the headline compares all three on that one
+    shutil.rmtree(tmp_path / "runs" / "pendulum_p" / "ppo_gru")
+    report(grid, tmp_path / "out")
+    text = (tmp_path / "out" / "README.md").read_text()
+    assert "Tasks: cartpole_p, pendulum_p." in text and "Tasks: cartpole_p." in text
+    headline = (tmp_path / "out" / "headline.md").read_text()
+    assert "Normalised scores over cartpole_p (ppo_mlp 0, the best agent 1)." in headline
+    rows = [line.split(" | ")[:2] for line in headline.splitlines() if line.startswith("| ppo_")]
+    assert rows == [
+        ["| ppo_cfc", "1.00 [1.00, 1.00]"],
+        ["| ppo_gru", "0.52 [0.48, 0.56]"],
+        ["| ppo_mlp", "0.00 [-0.04, 0.04]"],
+    ]
 
 
 def test_report_writes_its_headline_into_the_named_readme(tmp_path: Path, capsys) -> None:

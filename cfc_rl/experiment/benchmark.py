@@ -1263,13 +1263,15 @@ def _headline(
     aggregates: list[dict[str, Any]],
     improvements: list[dict[str, Any]],
 ) -> list[str]:
-    """The tier in a few lines for the project's README: its normalised scores over the most
-    tasks any group of agents shares, and per focus agent the probability that it improves on
-    each other agent, with its speed ratio."""
+    """The tier in a few lines for the project's README: the normalised scores of the group of
+    agents that ran on the same tasks with the most agents in it (then the most tasks: while
+    the study grows, all the agents on fewer tasks rather than a few on more), and per focus
+    agent the probability that it improves on each other agent, with its speed ratio."""
     overall = [r for r in improvements if r["tasks"] == "all"]
     if not aggregates and not overall:
         return []
-    tasks = max((r["tasks"] for r in aggregates), key=lambda ts: len(ts.split()), default="")
+    groups = [r["tasks"] for r in aggregates]
+    tasks = max(groups, key=lambda ts: (groups.count(ts), len(ts.split())), default="")
     scores = {r["agent"]: r for r in aggregates if r["tasks"] == tasks}
     focus = list(dict.fromkeys(r["focus"] for r in overall))
     agents = list(dict.fromkeys([*sorted(scores, key=lambda a: -scores[a]["iqm"]),
