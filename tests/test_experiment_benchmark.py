@@ -634,12 +634,19 @@ def test_runs_of_agents_without_a_search_wait_or_are_tuned_first(
     older = tmp_path / "tuning" / "pendulum_p" / "ppo_gru"  # made before trial 0 existed
     older.mkdir(parents=True)
     (older / "trials.csv").write_text("trial\n1\n")
+    stopped = tmp_path / "tuning" / "cartpole_p" / "ppo_gru"  # begun, not finished
+    stopped.mkdir(parents=True)
+    (stopped / "search_state.yaml").write_text("trials: 2\n")
     # ppo_mlp has no space: it is not tuned, and its runs do not wait
     assert cli.main(["benchmark", "run", "--grid", str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert (
         "3 searches missing (trial 0 and 2 sampled trials, 1 seed each; 1 made before trial 0 "
         "existed need only it)" in out
+    )
+    assert (
+        "searches begun, not finished (run again, they keep their finished trials): "
+        "cartpole_p/ppo_gru\n" in out
     )
     assert (
         "runs waiting for their agent's search (run with --tune, or cfc-rl benchmark tune):\n"

@@ -435,6 +435,7 @@ def _dry_run(grid: Any, cells: list, jobs: list, held: list, waiting: set[tuple[
     """The runs to train, then what they, the runs waiting for a search and the missing
     searches would cost at the speeds the committed runs measured (one core per run)."""
     from cfc_rl.experiment.benchmark import estimate_seconds, measured_speeds, stale_runs
+    from cfc_rl.experiment.tune import SEARCH_STATE
 
     speeds = measured_speeds(grid)
     todo = [job for job in jobs if not job.is_complete()]
@@ -486,6 +487,14 @@ def _dry_run(grid: Any, cells: list, jobs: list, held: list, waiting: set[tuple[
         )
         older = f"; {only_trial_0} made before trial 0 existed need only it" if only_trial_0 else ""
         print(f"{len(searches)} searches missing ({each}{older}): at most {cost(searches)}")
+        begun = [
+            f"{task}/{agent}"
+            for task, agent, _ in searches
+            if (grid.searches / task / agent / SEARCH_STATE).exists()
+        ]
+        if begun:
+            keep = "run again, they keep their finished trials"
+            print(f"searches begun, not finished ({keep}): {', '.join(begun)}")
 
 
 def _cell(job: Any) -> tuple[str, str, int]:
