@@ -358,7 +358,8 @@ def _add_benchmark(parser: argparse.ArgumentParser) -> None:
         description="Search each chosen agent's settings on each chosen task with the grid's "
         "tuning budget (trials, seeds: the tier's where it sets its own; the agent's space), "
         "on seeds from 1000, and write the "
-        "chosen values into the agent file as overrides.<task>. Searched cells are skipped.",
+        "chosen values into the agent file as overrides.<task>. Searched cells are skipped; a "
+        "search begun and not finished goes on, keeping its finished trials.",
     )
     add_executor_arguments(tune)
     report = steps.add_parser(
@@ -654,7 +655,12 @@ COMMANDS: dict[
         _add_export,
         _export,
     ),
-    "tune": ("search hyperparameters with Ray Tune (Optuna TPE + ASHA)", _add_tune, _tune),
+    "tune": (
+        "search hyperparameters with Ray Tune (Optuna TPE + ASHA); the same command resumes a "
+        "stopped search",
+        _add_tune,
+        _tune,
+    ),
     "robustness": (
         "evaluate runs as a condition (noise, control period...) moves away from training",
         _add_robustness,
