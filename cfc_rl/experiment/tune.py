@@ -533,7 +533,7 @@ def run_trial(config: Mapping[str, Any], plan: TrialPlan) -> None:
 
     from cfc_rl.experiment.jobs import Job
 
-    values = {} if config.get(REFERENCE) else plan.space.decode(config)
+    values = {} if _is_trial_0(config) else plan.space.decode(config)
     agent, task = plan.resolve(values)
     trial_id = ray_tune.get_context().get_trial_id() or "trial"
     if plan.runs is not None:
@@ -797,7 +797,7 @@ def search(
     connected_here = connect("local" if executor == "local" else address, **(init_kwargs or {}))
     # Ray Tune's own Ctrl-C handler would end the search quietly, as if its unfinished trials
     # were complete, and stay installed after it: Ctrl-C is KeyboardInterrupt here instead.
-    sigint_handler = os.environ.get(RAY_SIGINT_VARIABLE)
+    ray_sigint_setting = os.environ.get(RAY_SIGINT_VARIABLE)
     os.environ[RAY_SIGINT_VARIABLE] = "1"
     try:
         resolved, _ = plan.resolve(plan.space.first())
@@ -820,10 +820,10 @@ def search(
             f"search stopped: {out} keeps its finished trials, and the same search resumes them"
         ) from None
     finally:
-        if sigint_handler is None:
+        if ray_sigint_setting is None:
             os.environ.pop(RAY_SIGINT_VARIABLE, None)
         else:
-            os.environ[RAY_SIGINT_VARIABLE] = sigint_handler
+            os.environ[RAY_SIGINT_VARIABLE] = ray_sigint_setting
         if connected_here:
             import_ray().shutdown()
     outcome = _write_outcome(plan, [_reference_row(plan, reference), *sampled], out, len(sampled))
@@ -873,8 +873,8 @@ def _start_or_resume(
     only_trial_0: bool,
 ) -> bool:
     """Whether ``out`` holds an unfinished search of exactly this plan (its ``SEARCH_STATE``
-    file, removed when a search completes), to resume; otherwise clear what an earlier search
-    left of Ray Tune's records there and note this one as started."""
+    file, removed when a search completes), to resume; otherwise note this one as started
+    (:func:`_fit` clears Ray Tune's records of an earlier search)."""
     from cfc_rl.experiment.runs import atomic_write_text
 
     state = _search_state(plan, trials, search_seed, grace_steps, only_trial_0)
@@ -882,7 +882,6 @@ def _start_or_resume(
     if path.exists() and path.read_text() == state:
         logger.info("tune: resuming the unfinished search in %s: finished trials are kept", out)
         return True
-    shutil.rmtree(_experiment_path(plan, out), ignore_errors=True)
     (out / TRIAL_ORDER).unlink(missing_ok=True)
     atomic_write_text(path, state)
     return False
@@ -891,27 +890,6 @@ def _start_or_resume(
 def _experiment_path(plan: TrialPlan, out: Path) -> Path:
     """Ray Tune's folder of the search."""
     return out / "ray_results" / f"{plan.agent_name}_{plan.task.name}"
-
-
-def _tuner(
-    plan: TrialPlan, out: Path, resume: bool, cpus_per_job: float, make: Callable[[], Any]
-) -> Any:
-    """Ray Tune's Tuner of the search: restored from its folder when resuming (finished trials
-    keep their results, unfinished ones start again, their runs resuming from their
-    checkpoints), else ``make()``."""
-    from ray import tune as ray_tune
-
-    path = str(_experiment_path(plan, out))
-    if resume and ray_tune.Tuner.can_restore(path):
-        # errored too: Ctrl-C reaches the trials' processes, which can fail before Ray saves
-        return ray_tune.Tuner.restore(
-            path,
-            trainable=_trainable(plan, cpus_per_job),
-            resume_unfinished=True,
-            resume_errored=True,
-        )
-    shutil.rmtree(path, ignore_errors=True)
-    return make()
 
 
 def _trainable(plan: TrialPlan, cpus_per_job: float) -> Any:
@@ -953,13 +931,21 @@ def _fit(
     grace = grace_steps or max(task_eval, budget // ASHA_REDUCTION ** (ASHA_RUNGS - 1))
     cpus = len(plan.seeds) * cpus_per_job
     slots = max(1, int(ray.cluster_resources().get("CPU", 0.0) // cpus))
-    reference = {REFERENCE: True, **dict.fromkeys(plan.space.keys)}
-    tuner = _tuner(
-        plan,
-        out,
-        resume,
-        cpus_per_job,
-        lambda: ray_tune.Tuner(
+    path = _experiment_path(plan, out)
+    if resume and ray_tune.Tuner.can_restore(str(path)):
+        # finished trials keep their results; unfinished ones start again, their runs resuming
+        # from their checkpoints; errored ones too: Ctrl-C reaches the trials' processes, which
+        # can fail before Ray saves
+        tuner = ray_tune.Tuner.restore(
+            str(path),
+            trainable=_trainable(plan, cpus_per_job),
+            resume_unfinished=True,
+            resume_errored=True,
+        )
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+        reference = {REFERENCE: True, **dict.fromkeys(plan.space.keys)}
+        tuner = ray_tune.Tuner(
             _trainable(plan, cpus_per_job),
             param_space=plan.space.param_space(),
             tune_config=ray_tune.TuneConfig(
@@ -979,14 +965,13 @@ def _fit(
                 max_concurrent_trials=slots,  # TPE proposes from more finished trials
             ),
             run_config=ray_tune.RunConfig(
-                name=_experiment_path(plan, out).name,
-                storage_path=str(out / "ray_results"),
+                name=path.name,
+                storage_path=str(path.parent),
                 failure_config=ray_tune.FailureConfig(max_failures=max_retries),
                 callbacks=[_progress_callback(trials, out)],
                 verbose=verbose,
             ),
-        ),
-    )
+        )
     logger.info(
         "tune: trial 0 (the agent as it is) and %d sampled trials of %s on %s, %d seed(s) "
         "each, %d steps, about %d at once",
@@ -998,8 +983,13 @@ def _fit(
         slots,
     )
     results = list(tuner.fit())
-    (first,) = [r for r in results if (r.config or {}).get(REFERENCE)]
+    (first,) = [r for r in results if _is_trial_0(r.config or {})]
     return first, [r for r in results if r is not first]
+
+
+def _is_trial_0(config: Mapping[str, Any]) -> bool:
+    """Whether a trial's Ray Tune config is trial 0's (the agent as it is)."""
+    return bool(config.get(REFERENCE))
 
 
 def _trial_0_first(reference: dict[str, Any], searcher: Any) -> Any:
@@ -1049,25 +1039,22 @@ def _asha_without_trial_0(**asha: Any) -> Any:
     take no place in the rungs."""
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-    def is_trial_0(trial: Any) -> bool:
-        return bool(trial.config.get(REFERENCE))
-
     class ASHAWithoutTrial0(ASHAScheduler):
         def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
-            if not is_trial_0(trial):
+            if not _is_trial_0(trial.config):
                 super().on_trial_add(tune_controller, trial)
 
         def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-            if is_trial_0(trial):
+            if _is_trial_0(trial.config):
                 return TrialScheduler.CONTINUE
             return super().on_trial_result(tune_controller, trial, result)
 
         def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
-            if not is_trial_0(trial):
+            if not _is_trial_0(trial.config):
                 super().on_trial_complete(tune_controller, trial, result)
 
         def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
-            if not is_trial_0(trial):
+            if not _is_trial_0(trial.config):
                 super().on_trial_remove(tune_controller, trial)
 
     return ASHAWithoutTrial0(**asha)
@@ -1089,13 +1076,13 @@ def _progress_callback(sampled: int, out: Path) -> Any:
     order = out / TRIAL_ORDER
 
     def number(trial: Any) -> int:
-        if trial.config.get(REFERENCE):
+        if _is_trial_0(trial.config):
             return 0
         return _started_order(out).get(trial.trial_id, -1) + 1
 
     class Progress(Callback):
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            if not trial.config.get(REFERENCE):
+            if not _is_trial_0(trial.config):
                 with order.open("a") as f:
                     f.write(f"{trial.trial_id}\n")
 
