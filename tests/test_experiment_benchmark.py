@@ -234,12 +234,70 @@ def test_the_headline_scores_the_group_with_the_most_agents(tmp_path: Path) -> N
     assert "Tasks: cartpole_p, pendulum_p." in text and "Tasks: cartpole_p." in text
     headline = (tmp_path / "out" / "headline.md").read_text()
     assert "Normalised scores over cartpole_p (ppo_mlp 0, the best agent 1)." in headline
-    rows = [line.split(" | ")[:2] for line in headline.splitlines() if line.startswith("| ppo_")]
+    rows = [line.split(" | ")[:3] for line in headline.splitlines() if line.startswith("| ppo_")]
+    # and the probability of improvement over that task too, though cfc and mlp share two
+    improvement = {(r["other"], r["tasks"]): r for r in read_csv(tmp_path / "out/improvement.csv")}
+    assert float(improvement[("ppo_mlp", "all")]["n_tasks"]) == 2
     assert rows == [
-        ["| ppo_cfc", "1.00 [1.00, 1.00]"],
-        ["| ppo_gru", "0.52 [0.48, 0.56]"],
-        ["| ppo_mlp", "0.00 [-0.04, 0.04]"],
+        ["| ppo_cfc", "1.00 [1.00, 1.00]", ""],
+        ["| ppo_gru", "0.52 [0.48, 0.56]", "1.00 [1.00, 1.00] wins"],
+        ["| ppo_mlp", "0.00 [-0.04, 0.04]", "1.00 [1.00, 1.00] wins"],
     ]
+    assert "Over these tasks, ppo_cfc wins against ppo_gru, ppo_mlp." in headline
+
+
+def test_the_headline_judges_over_the_tasks_it_scores(tmp_path: Path) -> None:
+    grid = load_grid(write_grid(tmp_path))
+    fill(grid)
+    # without ppo_mlp's runs on pendulum_p only cartpole_p is normalised: the headline scores
+    # that task, and cfc against gru there (it wins), not over both tasks they ran (a tie)
+    shutil.rmtree(tmp_path / "runs" / "pendulum_p" / "ppo_mlp")
+    report(grid, tmp_path / "out")
+    improvement = {(r["other"], r["tasks"]): r for r in read_csv(tmp_path / "out/improvement.csv")}
+    assert improvement[("ppo_gru", "all")]["verdict"] == "ties"
+    assert improvement[("ppo_gru", "cartpole_p")]["verdict"] == "wins"
+    headline = (tmp_path / "out" / "headline.md").read_text()
+    assert "Normalised scores over cartpole_p (ppo_mlp 0, the best agent 1)." in headline
+    assert "| ppo_gru | 0.52 [0.48, 0.56] | 1.00 [1.00, 1.00] wins | 4.00x |" in headline
+    assert "Over these tasks, ppo_cfc wins against ppo_gru, ppo_mlp." in headline
+
+
+def test_the_headline_judges_over_its_tasks_where_the_agents_share_more(tmp_path: Path) -> None:
+    path = write_grid(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    irregular = {"task": str(ROOT / "envs" / "pendulum_p_irregular.yaml"), "steps": 2000}
+    data["tiers"]["classic"]["tasks"].append(
+        {
+            **irregular,
+            "agents": [str(ROOT / "agents" / f"{a}.yaml") for a in ("ppo_cfc", "ppo_mlp")],
+        }
+    )
+    path.write_text(yaml.safe_dump(data))
+    grid = load_grid(path)
+    # on the third task only cfc and mlp ran, and mlp is the better: no agent is above the zero,
+    # so the aggregates (and the headline) cover the other two, where cfc beats mlp every time
+    finals = {**FINALS, ("pendulum_p_irregular", "ppo_mlp"): [-200.0] * 4}
+    finals[("pendulum_p_irregular", "ppo_cfc")] = [-900.0] * 4
+    for job in plan(grid):
+        fake_run(job, finals[(job.task["name"], job.agent["name"])][job.seed])
+    report(grid, tmp_path / "out")
+    improvement = {(r["other"], r["tasks"]): r for r in read_csv(tmp_path / "out/improvement.csv")}
+    assert float(improvement[("ppo_mlp", "all")]["probability"]) == pytest.approx(2 / 3)
+    assert improvement[("ppo_mlp", "cartpole_p pendulum_p")]["n_tasks"] == "2"
+    assert float(improvement[("ppo_mlp", "cartpole_p pendulum_p")]["probability"]) == 1.0
+    assert ("ppo_gru", "cartpole_p pendulum_p") not in improvement  # gru shares just these
+    headline = (tmp_path / "out" / "headline.md").read_text()
+    assert "Normalised scores over cartpole_p, pendulum_p (ppo_mlp 0" in headline
+    assert "| ppo_mlp | 0.00 [-0.06, 0.06] | 1.00 [1.00, 1.00] wins |" in headline
+    text = (tmp_path / "out" / "README.md").read_text()
+    assert (
+        "| against | cartpole_p | pendulum_p | pendulum_p_irregular | cartpole_p, pendulum_p "
+        in text
+    )
+    assert (
+        "- Per task: ppo_cfc wins against ppo_gru (cartpole_p), ppo_mlp (cartpole_p, pendulum_p)"
+        in text
+    )
 
 
 def test_report_writes_its_headline_into_the_named_readme(tmp_path: Path, capsys) -> None:
@@ -267,9 +325,7 @@ def test_report_writes_its_headline_into_the_named_readme(tmp_path: Path, capsys
         "| ppo_gru | 0.74 [0.71, 0.79] | 0.50 [0.50, 0.50] ties | 2.00x |",
         "| ppo_mlp | 0.00 [-0.06, 0.06] | 1.00 [1.00, 1.00] wins | 0.35x |",
     ]
-    assert (
-        "Over the tasks both ran, ppo_cfc wins against ppo_mlp; ties against ppo_gru." in headline
-    )
+    assert "Over these tasks, ppo_cfc wins against ppo_mlp; ties against ppo_gru." in headline
     # a report written elsewhere leaves the README alone
     before = readme.read_text()
     (tmp_path / "runs" / "cartpole_p" / "ppo_gru" / "seed_0" / "result.json").unlink()

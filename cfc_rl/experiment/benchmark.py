@@ -43,7 +43,8 @@ silent mix.
   it holds 0.5) and what it costs (the ratio of training steps/s), and per task the final
   returns, wall clock, steps/s and parameters;
 - ``headline.md``: per tier, the normalised scores with each focus agent's probability of
-  improvement and speed ratio (its training steps/s over the other's), in one table; with
+  improvement and speed ratio (its training steps/s over the other's), in one table, all over
+  the same tasks (while a tier is incomplete, those of the most agents); with
   ``headline_in``, the report also writes it into that file between the lines
   :data:`HEADLINE_BEGIN` and :data:`HEADLINE_END` (the project's README);
 - ``summary.csv``, ``aggregate.csv``, ``improvement.csv``: the same numbers, unrounded;
@@ -878,11 +879,12 @@ def verdict(low: float, high: float) -> str:
 
 
 def _improvements(
-    grid: Grid, tier: Tier, cells: Mapping[tuple[str, str], _Cell]
+    tier: Tier, cells: Mapping[tuple[str, str], _Cell], headline_tasks: Sequence[str] = ()
 ) -> list[dict[str, Any]]:
     """For each focus agent and each other agent: the probability that a run of the focus agent
-    returns more than one of the other's, per task and over all the tasks both ran on (rliable,
-    95% stratified-bootstrap intervals)."""
+    returns more than one of the other's, per task, over all the tasks both ran on (``tasks``
+    "all") and, where it is fewer of them, over the headline's tasks (``tasks`` those names;
+    rliable, 95% stratified-bootstrap intervals)."""
     rows = []
     agents = dict.fromkeys(a for t in tier.tasks for a in t.agent_names)
     for focus in tier.focus:
@@ -894,7 +896,10 @@ def _improvements(
             ]
             if not shared:
                 continue
-            for scope in [*([[t] for t in shared] if len(shared) > 1 else []), shared]:
+            scopes = [*([[t] for t in shared] if len(shared) > 1 else []), shared]
+            if len(headline_tasks) > 1 and set(headline_tasks) < set(shared):
+                scopes.append(list(headline_tasks))
+            for scope in scopes:
                 x = _score_matrix([cells[(t, focus)] for t in scope], None)
                 y = _score_matrix([cells[(t, other)] for t in scope], None)
                 p, low, high = probability_of_improvement_interval(x, y)
@@ -908,7 +913,7 @@ def _improvements(
                         "tier": tier.name,
                         "focus": focus,
                         "other": other,
-                        "tasks": scope[0] if scope is not shared else "all",
+                        "tasks": "all" if scope is shared else " ".join(scope),
                         "n_tasks": len(scope),
                         "probability": p,
                         "ci_low": low,
@@ -967,7 +972,8 @@ def report(grid: Grid, out: str | os.PathLike[str] | None = None) -> str:
                 }
                 tier_summary.append(row)
         tier_aggregates = _aggregates(tier, cells, normalise) if normalise else []
-        tier_improvements = _improvements(grid, tier, cells)
+        headline_tasks = _headline_group(tier_aggregates)
+        tier_improvements = _improvements(tier, cells, headline_tasks)
         summary_rows += tier_summary
         aggregate_rows += tier_aggregates
         improvement_rows += tier_improvements
@@ -980,6 +986,7 @@ def report(grid: Grid, out: str | os.PathLike[str] | None = None) -> str:
             tier,
             f"{_progress(tier, cells)} ({', '.join(t.name for t in tier.tasks)}; "
             f"seeds {_seed_text(tier.seeds)}). {_machines(cells)}{_smaller_budgets(tier)}",
+            headline_tasks,
             tier_aggregates,
             tier_improvements,
         )
@@ -1121,14 +1128,19 @@ def _tier_markdown(
         rows = [r for r in improvements if r["focus"] == focus]
         if not rows:
             continue
-        scopes = list(dict.fromkeys(r["tasks"] for r in rows))
+        # the tasks in the tier's order, then the headline's tasks, then all both ran
+        order = [t.name for t in tier.tasks]
+        scopes = sorted(
+            dict.fromkeys(r["tasks"] for r in rows),
+            key=lambda s: (s == "all", s not in order, order.index(s) if s in order else 0),
+        )
         lines += [
             f"### Does {focus} improve on the others, and at what cost?",
             "",
             "Probability of improvement [95% CI], verdict; speed: the focus agent's training "
             "steps/s over the other's (geometric mean over the tasks both ran).",
             "",
-            "| against | " + " | ".join(scopes) + " | speed |",
+            "| against | " + " | ".join(s.replace(" ", ", ") for s in scopes) + " | speed |",
             "|---|" + "---:|" * (len(scopes) + 1),
         ]
         overall = {r["other"]: r for r in rows if r["tasks"] == "all"}
@@ -1149,7 +1161,7 @@ def _tier_markdown(
         for word in ("wins", "ties", "loses"):
             others: dict[str, list[str]] = {}
             for r in rows:
-                if r["tasks"] != "all" and r["verdict"] == word:
+                if r["n_tasks"] == 1 and r["tasks"] != "all" and r["verdict"] == word:
                     others.setdefault(r["other"], []).append(r["tasks"])
             if others:
                 named = ", ".join(f"{o} ({', '.join(ts)})" for o, ts in others.items())
@@ -1257,27 +1269,47 @@ def _machines(cells: Mapping[tuple[str, str], _Cell]) -> str:
     return "Runs made on: " + "; ".join(f"{m} ({n} runs)" for m, n in counts.items()) + "."
 
 
+def _headline_group(aggregates: list[dict[str, Any]]) -> tuple[str, ...]:
+    """The tasks the headline scores: those of the group of agents that ran on the same tasks
+    with the most agents in it (then the most tasks: while the study grows, all the agents on
+    fewer tasks rather than a few on more); none without aggregates."""
+    groups = [r["tasks"] for r in aggregates]
+    return tuple(
+        max(groups, key=lambda ts: (groups.count(ts), len(ts.split())), default="").split()
+    )
+
+
 def _headline(
     tier: Tier,
     progress: str,
+    tasks: Sequence[str],
     aggregates: list[dict[str, Any]],
     improvements: list[dict[str, Any]],
 ) -> list[str]:
-    """The tier in a few lines for the project's README: the normalised scores of the group of
-    agents that ran on the same tasks with the most agents in it (then the most tasks: while
-    the study grows, all the agents on fewer tasks rather than a few on more), and per focus
-    agent the probability that it improves on each other agent, with its speed ratio."""
-    overall = [r for r in improvements if r["tasks"] == "all"]
-    if not aggregates and not overall:
+    """The tier in a few lines for the project's README: the normalised scores over ``tasks``
+    (:func:`_headline_group`) and per focus agent the probability, over the same tasks, that it
+    improves on each other agent, with its speed ratio. Without aggregates, each probability is
+    over the tasks both agents ran."""
+    label = " ".join(tasks)
+    scores = {r["agent"]: r for r in aggregates if r["tasks"] == label}
+    if scores:
+        # over the headline's tasks: its own rows where the two agents share more tasks, the
+        # per-task rows where the headline has one task, else (they share just these) "all"
+        chosen = {}
+        for r in improvements:
+            pair = (r["focus"], r["other"])
+            if r["tasks"] == label or (r["tasks"] == "all" and pair not in chosen):
+                chosen[pair] = r
+        overall = [r for pair, r in chosen.items() if pair[1] in scores and pair[0] in scores]
+    else:
+        overall = [r for r in improvements if r["tasks"] == "all"]
+    if not scores and not overall:
         return []
-    groups = [r["tasks"] for r in aggregates]
-    tasks = max(groups, key=lambda ts: (groups.count(ts), len(ts.split())), default="")
-    scores = {r["agent"]: r for r in aggregates if r["tasks"] == tasks}
     focus = list(dict.fromkeys(r["focus"] for r in overall))
     agents = list(dict.fromkeys([*sorted(scores, key=lambda a: -scores[a]["iqm"]),
                                  *(r["other"] for r in overall)]))  # fmt: skip
     scored = (
-        f" Normalised scores over {', '.join(tasks.split())} ({tier.zero} 0, the best agent 1)."
+        f" Normalised scores over {', '.join(tasks)} ({tier.zero} 0, the best agent 1)."
         if scores
         else ""
     )
@@ -1291,11 +1323,9 @@ def _headline(
     for agent in agents:
         row = [agent]
         if scores:
-            score = scores.get(agent)
+            score = scores[agent]
             row.append(
                 f"{score['iqm']:.2f} [{score['iqm_ci_low']:.2f}, {score['iqm_ci_high']:.2f}]"
-                if score
-                else ""
             )
         for name in focus:
             r = next((r for r in overall if r["focus"] == name and r["other"] == agent), None)
@@ -1310,9 +1340,15 @@ def _headline(
             )
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
+    where = "Over these tasks" if scores else "Over the tasks both ran"
     for name in focus:
         rows = [r for r in overall if r["focus"] == name]
-        lines.append(f"Over the tasks both ran, {_verdicts(name, rows)}.")
+        lines.append(f"{where}, {_verdicts(name, rows)}.")
+    others = sorted({a for t in tier.tasks for a in t.agent_names} - set(agents))
+    if scores and others:
+        lines.append(
+            f"Not in this table (no complete runs on all these tasks yet): {', '.join(others)}."
+        )
     lines.append("")
     return lines
 
