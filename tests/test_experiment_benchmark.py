@@ -862,3 +862,35 @@ def test_a_tiers_search_budget_is_checked(
     changes = {"tuning": {"trials": 2, "seeds": 2, "spaces": spaces}} if grid_tuning else {}
     with pytest.raises(ConfigError, match=message):
         load_grid(write_grid(tmp_path, tiers={"classic": {**tier, "tuning": tuning}}, **changes))
+
+
+def test_the_headline_takes_the_tasks_the_most_agents_share(tmp_path: Path) -> None:
+    path = write_grid(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    irregular = {"task": str(ROOT / "envs" / "pendulum_p_irregular.yaml"), "steps": 2000}
+    data["tiers"]["classic"]["tasks"].append({**irregular, "agents": ["ppo"]})
+    path.write_text(yaml.safe_dump(data))
+    grid = load_grid(path)
+    # mlp ran all three tasks, cfc the first two, gru the first and the third: no agent's own
+    # tasks are shared by all three agents, cartpole_p alone is
+    finals = {**FINALS, ("pendulum_p_irregular", "ppo_mlp"): [-900.0] * 4}
+    finals[("pendulum_p_irregular", "ppo_gru")] = [-300.0] * 4
+    for job in plan(grid):
+        cell = (job.task["name"], job.agent["name"])
+        if cell not in (("pendulum_p_irregular", "ppo_cfc"), ("pendulum_p", "ppo_gru")):
+            fake_run(job, finals[cell][job.seed])
+    report(grid, tmp_path / "out")
+    headline = (tmp_path / "out" / "headline.md").read_text()
+    assert "Normalised scores over cartpole_p (ppo_mlp 0, the best agent 1)." in headline
+    rows = [line.split(" | ")[:3] for line in headline.splitlines() if line.startswith("| ppo_")]
+    assert rows == [
+        ["| ppo_cfc", "1.00 [1.00, 1.00]", ""],
+        ["| ppo_gru", "0.52 [0.48, 0.56]", "1.00 [1.00, 1.00] wins"],
+        ["| ppo_mlp", "0.00 [-0.04, 0.04]", "1.00 [1.00, 1.00] wins"],
+    ]
+    assert "Not in this table" not in headline
+    # the report keeps each agent's own tasks too
+    text = (tmp_path / "out" / "README.md").read_text()
+    for tasks in ("cartpole_p, pendulum_p, pendulum_p_irregular", "cartpole_p, pendulum_p",
+                  "cartpole_p, pendulum_p_irregular", "cartpole_p"):  # fmt: skip
+        assert f"Tasks: {tasks}.\n" in text

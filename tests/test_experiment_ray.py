@@ -66,13 +66,20 @@ CFC = (
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """A Ray on this machine for the module; the workers unpickle this module's job wrappers
-    by value (they cannot import a test module)."""
+    """A Ray of its own on this machine for the module, and for the commands it starts (not a
+    cluster `ray start` began here); the workers unpickle this module's job wrappers by value
+    (they cannot import a test module)."""
+    address = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = "local"
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     yield
     ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     ray.shutdown()
+    if address is None:
+        os.environ.pop("RAY_ADDRESS")
+    else:
+        os.environ["RAY_ADDRESS"] = address
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -588,7 +595,7 @@ def test_a_stopped_search_resumes_with_the_trials_it_finished(local_ray, tmp_pat
     trained = trained_trial_0.stat().st_mtime_ns
 
     # The same search resumes: trial 0 keeps its result (not trained again), the sampled trials
-    # (those that began before Ctrl-C among them) are numbered 1 to 4, and the folder is left as
+    # (those that began before Ctrl-C among them) are numbered 1 to 6, and the folder is left as
     # a complete one.
     outcome = search(mlp, task, space, trials=6, seeds=1, steps=2048, out=out)
     assert [(r["trial"], r["status"] != "error") for r in outcome.rows] == [
@@ -670,3 +677,78 @@ def test_trial_0_is_suggested_first_and_neither_tpe_nor_asha_sees_it():
     assert decisions == [TrialScheduler.CONTINUE, TrialScheduler.STOP, TrialScheduler.STOP]
     asha.on_trial_complete(None, trial_0, {"steps": 100, "score": -1e9})
     asha.on_trial_remove(None, trial_0)
+
+
+def test_asha_keeps_its_rungs_when_a_stopped_search_resumes(local_ray, tmp_path, monkeypatch):
+    from ray import tune as ray_tune
+
+    from cfc_rl.experiment.tune import METRIC, TIME_ATTR, _asha_without_trial_0, _saved_rungs
+
+    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "0")  # Ray saves its state at every step
+    interrupted = tmp_path / "interrupted"
+
+    def trainable(config):
+        for step in (1, 3, 9):
+            ray_tune.report({METRIC: config["x"], TIME_ATTR: step})
+
+    class CtrlCAfterTwo(ray_tune.Callback):
+        """Ctrl-C in the driver once two trials are complete (only the first time)."""
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            if not interrupted.exists() and sum(t.status == "TERMINATED" for t in trials) >= 2:
+                interrupted.touch()
+                raise KeyboardInterrupt
+
+    # one trial at a time, in order: x = 1 and 2 pass the rungs (at 1 and 3 steps); after the
+    # resume x = 0.5 is below them at the first rung, and stops there
+    scheduler = _asha_without_trial_0(
+        time_attr=TIME_ATTR, max_t=9, grace_period=1, reduction_factor=3
+    )
+    tuner = ray_tune.Tuner(
+        trainable,
+        param_space={"x": ray_tune.grid_search([1.0, 2.0, 0.5])},
+        tune_config=ray_tune.TuneConfig(
+            metric=METRIC, mode="max", scheduler=scheduler, max_concurrent_trials=1
+        ),
+        run_config=ray_tune.RunConfig(
+            name="search",
+            storage_path=str(tmp_path),
+            callbacks=[CtrlCAfterTwo(), _saved_rungs(scheduler)],
+            verbose=0,
+        ),
+    )
+    with pytest.raises(KeyboardInterrupt):
+        tuner.fit()
+    restored = ray_tune.Tuner.restore(
+        str(tmp_path / "search"), trainable=trainable, resume_unfinished=True
+    )
+    steps = {r.config["x"]: r.metrics[TIME_ATTR] for r in restored.fit()}
+    assert steps == {1.0: 9, 2.0: 9, 0.5: 1}
+
+
+def test_a_search_resumes_whatever_the_agent_file_says_of_other_tasks(tmp_path, caplog):
+    from cfc_rl.experiment.tune import SEARCH_STATE, _start_or_resume
+
+    mlp, _, task = _files(tmp_path / "files")
+    space = tmp_path / "space.yaml"
+    space.write_text("hyperparams.learning_rate: {loguniform: [1.0e-4, 3.0e-3]}\n")
+    out = tmp_path / "tune"
+    out.mkdir()
+
+    def begun() -> bool:
+        plan = make_plan(mlp, task, space, check_model=False)
+        return _start_or_resume(plan, out, 4, 0, None, False)
+
+    assert not begun() and (out / SEARCH_STATE).exists()
+    # another task's search adopted its values into the agent file: this one still resumes
+    other = "overrides:\n  pendulum_p:\n    hyperparams: {learning_rate: 0.002}\n"
+    mlp.write_text(MLP + other)
+    assert begun()
+    # a change of what it trains on its own task starts it afresh, and says what differs
+    mlp.write_text(MLP.replace("n_epochs: 1", "n_epochs: 2") + other)
+    with caplog.at_level(logging.WARNING, logger="cfc_rl"):
+        assert not begun()
+    assert (
+        f"{out} holds an unfinished search of other settings (what differs: agent)" in caplog.text
+    )
+    assert begun()

@@ -827,23 +827,53 @@ def _seeded(function: Callable[[], Any]) -> Any:
         np.random.set_state(state)
 
 
-def _aggregates(
+def _coverage(
     tier: Tier, cells: Mapping[tuple[str, str], _Cell], normalise: Mapping[str, tuple[float, float]]
-) -> list[dict[str, Any]]:
-    """Per group of agents that ran on the same normalisable tasks: each agent's IQM and mean
-    normalised score across those tasks, with 95% stratified-bootstrap intervals."""
-    by_tasks: dict[tuple[str, ...], list[str]] = {}
-    agents = dict.fromkeys(a for t in tier.tasks for a in t.agent_names)
-    for agent in agents:
+) -> dict[str, tuple[str, ...]]:
+    """Each agent's normalisable tasks with complete runs, in the tier's order (agents with
+    none left out)."""
+    coverage = {}
+    for agent in dict.fromkeys(a for t in tier.tasks for a in t.agent_names):
         tasks = tuple(
             t.name for t in tier.tasks if (t.name, agent) in cells and t.name in normalise
         )
         if tasks:
-            by_tasks.setdefault(tasks, []).append(agent)
+            coverage[agent] = tasks
+    return coverage
+
+
+def _headline_group(coverage: Mapping[str, tuple[str, ...]]) -> tuple[str, ...]:
+    """The tasks the headline scores: those that the most agents all ran (then the most tasks:
+    while the study grows, all the agents on fewer tasks rather than a few on more); none
+    without coverage. The candidates are the agents' task sets and their intersections."""
+    candidates = set(coverage.values())
+    while True:
+        more = {tuple(t for t in a if t in b) for a in candidates for b in candidates} - {()}
+        if more <= candidates:
+            break
+        candidates |= more
+    members = {ts: sum(set(ts) <= set(c) for c in coverage.values()) for ts in candidates}
+    return max(sorted(candidates), key=lambda ts: (members[ts], len(ts)), default=())
+
+
+def _aggregates(
+    tier: Tier,
+    cells: Mapping[tuple[str, str], _Cell],
+    normalise: Mapping[str, tuple[float, float]],
+    headline_tasks: tuple[str, ...] = (),
+) -> list[dict[str, Any]]:
+    """Per group of agents that ran on the same normalisable tasks (each agent's tasks, and the
+    headline's): each agent's IQM and mean normalised score across those tasks, with 95%
+    stratified-bootstrap intervals."""
+    agents = dict.fromkeys(a for t in tier.tasks for a in t.agent_names)
+    groups = {
+        *_coverage(tier, cells, normalise).values(),
+        *([headline_tasks] if headline_tasks else []),
+    }
     # Agents on more tasks also appear in the groups of fewer tasks they cover, so that every
     # group compares all the agents that ran on its tasks.
     rows = []
-    for tasks in sorted(by_tasks, key=lambda ts: (-len(ts), ts)):
+    for tasks in sorted(groups, key=lambda ts: (-len(ts), ts)):
         members = [a for a in agents if all((t, a) in cells for t in tasks)]
         scores = {a: _score_matrix([cells[(t, a)] for t in tasks], normalise) for a in members}
 
@@ -971,8 +1001,8 @@ def report(grid: Grid, out: str | os.PathLike[str] | None = None) -> str:
                     "params": int(results[0]["params"]),
                 }
                 tier_summary.append(row)
-        tier_aggregates = _aggregates(tier, cells, normalise) if normalise else []
-        headline_tasks = _headline_group(tier_aggregates)
+        headline_tasks = _headline_group(_coverage(tier, cells, normalise))
+        tier_aggregates = _aggregates(tier, cells, normalise, headline_tasks) if normalise else []
         tier_improvements = _improvements(tier, cells, headline_tasks)
         summary_rows += tier_summary
         aggregate_rows += tier_aggregates
@@ -1267,16 +1297,6 @@ def _machines(cells: Mapping[tuple[str, str], _Cell]) -> str:
             name = machine or "not recorded"
             counts[name] = counts.get(name, 0) + 1
     return "Runs made on: " + "; ".join(f"{m} ({n} runs)" for m, n in counts.items()) + "."
-
-
-def _headline_group(aggregates: list[dict[str, Any]]) -> tuple[str, ...]:
-    """The tasks the headline scores: those of the group of agents that ran on the same tasks
-    with the most agents in it (then the most tasks: while the study grows, all the agents on
-    fewer tasks rather than a few on more); none without aggregates."""
-    groups = [r["tasks"] for r in aggregates]
-    return tuple(
-        max(groups, key=lambda ts: (groups.count(ts), len(ts.split())), default="").split()
-    )
 
 
 def _headline(

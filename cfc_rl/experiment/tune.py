@@ -848,9 +848,10 @@ def _search_state(
     from cfc_rl.experiment.runs import dump_yaml
 
     agent, task = plan.resolve({})
+    # the agent as it trains on this task: the agent file's overrides for other tasks, which
+    # their searches write, change nothing here
     return dump_yaml(
         {
-            "agent_file": plan.agent_data,
             "agent": agent.as_dict(),
             "task": task.as_dict(),
             "space": [[d.key, d.kind, list(d.values)] for d in plan.space.dimensions],
@@ -879,10 +880,22 @@ def _start_or_resume(
 
     state = _search_state(plan, trials, search_seed, grace_steps, only_trial_0)
     path = out / SEARCH_STATE
-    if path.exists() and path.read_text() == state:
-        logger.info("tune: resuming the unfinished search in %s: finished trials are kept", out)
-        return True
-    (out / TRIAL_ORDER).unlink(missing_ok=True)
+    if path.exists():
+        if path.read_text() == state:
+            logger.info(
+                "tune: resuming the unfinished search in %s: finished trials are kept, and it "
+                "runs as many trials at once as when it began",
+                out,
+            )
+            return True
+        before, now = yaml.safe_load(path.read_text()) or {}, yaml.safe_load(state)
+        differ = [k for k in now if before.get(k) != now[k]] or ["its records"]
+        logger.warning(
+            "tune: %s holds an unfinished search of other settings (what differs: %s); "
+            "starting afresh",
+            out,
+            ", ".join(differ),
+        )
     atomic_write_text(path, state)
     return False
 
@@ -932,7 +945,8 @@ def _fit(
     cpus = len(plan.seeds) * cpus_per_job
     slots = max(1, int(ray.cluster_resources().get("CPU", 0.0) // cpus))
     path = _experiment_path(plan, out)
-    if resume and ray_tune.Tuner.can_restore(str(path)):
+    restored = resume and ray_tune.Tuner.can_restore(str(path))
+    if restored:
         # finished trials keep their results; unfinished ones start again, their runs resuming
         # from their checkpoints; errored ones too: Ctrl-C reaches the trials' processes, which
         # can fail before Ray saves
@@ -944,7 +958,14 @@ def _fit(
         )
     else:
         shutil.rmtree(path, ignore_errors=True)
+        (out / TRIAL_ORDER).unlink(missing_ok=True)
         reference = {REFERENCE: True, **dict.fromkeys(plan.space.keys)}
+        scheduler = _asha_without_trial_0(
+            time_attr=TIME_ATTR,
+            max_t=budget,
+            grace_period=min(grace, budget),
+            reduction_factor=ASHA_REDUCTION,
+        )
         tuner = ray_tune.Tuner(
             _trainable(plan, cpus_per_job),
             param_space=plan.space.param_space(),
@@ -955,12 +976,7 @@ def _fit(
                     reference,
                     OptunaSearch(sampler=optuna.samplers.TPESampler(seed=search_seed)),
                 ),
-                scheduler=_asha_without_trial_0(
-                    time_attr=TIME_ATTR,
-                    max_t=budget,
-                    grace_period=min(grace, budget),
-                    reduction_factor=ASHA_REDUCTION,
-                ),
+                scheduler=scheduler,
                 num_samples=trials + 1,
                 max_concurrent_trials=slots,  # TPE proposes from more finished trials
             ),
@@ -968,19 +984,19 @@ def _fit(
                 name=path.name,
                 storage_path=str(path.parent),
                 failure_config=ray_tune.FailureConfig(max_failures=max_retries),
-                callbacks=[_progress_callback(trials, out)],
+                callbacks=[_progress_callback(trials, out), _saved_rungs(scheduler)],
                 verbose=verbose,
             ),
         )
     logger.info(
         "tune: trial 0 (the agent as it is) and %d sampled trials of %s on %s, %d seed(s) "
-        "each, %d steps, about %d at once",
+        "each, %d steps%s",
         trials,
         plan.agent_name,
         plan.task.name,
         len(plan.seeds),
         budget,
-        slots,
+        "" if restored else f", about {slots} at once",
     )
     results = list(tuner.fit())
     (first,) = [r for r in results if _is_trial_0(r.config or {})]
@@ -1058,6 +1074,27 @@ def _asha_without_trial_0(**asha: Any) -> Any:
                 super().on_trial_remove(tune_controller, trial)
 
     return ASHAWithoutTrial0(**asha)
+
+
+def _saved_rungs(scheduler: Any) -> Any:
+    """A Ray Tune callback that saves the scores ``scheduler`` (ASHA) recorded at its rungs with
+    the search's state, and puts them back when the search resumes. Ray Tune saves the
+    searcher's state and the callbacks', not the scheduler's: its rungs would start empty and
+    stop fewer trials than in a search that was never stopped. Both are in the same snapshot,
+    so a trial still running in it has the rungs it had passed, and passes them again."""
+    from ray.tune import Callback
+
+    class SavedRungs(Callback):
+        def get_state(self) -> dict[str, Any]:
+            return {"rungs": [[dict(r) for _, r in b._rungs] for b in scheduler._brackets]}
+
+        def set_state(self, state: dict[str, Any]) -> None:
+            for bracket, saved in zip(scheduler._brackets, state["rungs"], strict=True):
+                for (_, recorded), scores in zip(bracket._rungs, saved, strict=True):
+                    recorded.clear()
+                    recorded.update(scores)
+
+    return SavedRungs()
 
 
 def _started_order(out: Path) -> dict[str, int]:
@@ -1206,7 +1243,6 @@ def _write_outcome(
     from cfc_rl.experiment.runs import atomic_write_text
 
     files = [out / "trials.csv", out / "trials.md", out / "scores.png"]
-    _write_csv(files[0], plan, rows)
     best = best_row(rows)
     atomic_write_text(files[1], trials_markdown(plan, rows, best))
     _plot(files[2], plan, rows, best)
@@ -1214,6 +1250,7 @@ def _write_outcome(
     if best is not None:
         agent_file = _write_agent_file(plan, best, out, trials)
         files.append(agent_file)
+    _write_csv(files[0], plan, rows)  # last: the benchmark takes it as the search's end
     return SearchOutcome(rows=rows, best=best, agent_file=agent_file, files=files)
 
 
