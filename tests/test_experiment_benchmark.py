@@ -82,6 +82,22 @@ def write_grid(folder: Path, **changes) -> Path:
     return path
 
 
+def write_grid_with_irregular(folder: Path, agents: list[str]) -> Path:
+    """The grid of :func:`write_grid` with a third task, irregular Pendulum-P, for ``agents``
+    (agent set or agent file names)."""
+    path = write_grid(folder)
+    data = yaml.safe_load(path.read_text())
+    data["tiers"]["classic"]["tasks"].append(
+        {
+            "task": str(ROOT / "envs" / "pendulum_p_irregular.yaml"),
+            "steps": 2000,
+            "agents": [a if a == "ppo" else str(ROOT / "agents" / f"{a}.yaml") for a in agents],
+        }
+    )
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
 def fake_run(job, final: float, steps_per_s: float = 100.0) -> None:
     """The small files a finished run leaves, with the given final return."""
     run = RunFolder(Path(job.run_dir))
@@ -260,20 +276,23 @@ def test_the_headline_judges_over_the_tasks_it_scores(tmp_path: Path) -> None:
     assert "Normalised scores over cartpole_p (ppo_mlp 0, the best agent 1)." in headline
     assert "| ppo_gru | 0.52 [0.48, 0.56] | 1.00 [1.00, 1.00] wins | 4.00x |" in headline
     assert "Over these tasks, ppo_cfc wins against ppo_gru, ppo_mlp." in headline
+    assert "Not in this table" not in headline
+
+
+def test_the_headline_names_the_agents_it_leaves_out(tmp_path: Path) -> None:
+    grid = load_grid(write_grid(tmp_path))
+    fill(grid)
+    shutil.rmtree(tmp_path / "runs" / "cartpole_p" / "ppo_gru")
+    shutil.rmtree(tmp_path / "runs" / "pendulum_p" / "ppo_gru")
+    report(grid, tmp_path / "out")
+    headline = (tmp_path / "out" / "headline.md").read_text()
+    assert "Normalised scores over cartpole_p, pendulum_p (ppo_mlp 0" in headline
+    assert "| ppo_gru" not in headline
+    assert "Not in this table (no complete runs on all these tasks yet): ppo_gru." in headline
 
 
 def test_the_headline_judges_over_its_tasks_where_the_agents_share_more(tmp_path: Path) -> None:
-    path = write_grid(tmp_path)
-    data = yaml.safe_load(path.read_text())
-    irregular = {"task": str(ROOT / "envs" / "pendulum_p_irregular.yaml"), "steps": 2000}
-    data["tiers"]["classic"]["tasks"].append(
-        {
-            **irregular,
-            "agents": [str(ROOT / "agents" / f"{a}.yaml") for a in ("ppo_cfc", "ppo_mlp")],
-        }
-    )
-    path.write_text(yaml.safe_dump(data))
-    grid = load_grid(path)
+    grid = load_grid(write_grid_with_irregular(tmp_path, ["ppo_cfc", "ppo_mlp"]))
     # on the third task only cfc and mlp ran, and mlp is the better: no agent is above the zero,
     # so the aggregates (and the headline) cover the other two, where cfc beats mlp every time
     finals = {**FINALS, ("pendulum_p_irregular", "ppo_mlp"): [-200.0] * 4}
@@ -298,6 +317,33 @@ def test_the_headline_judges_over_its_tasks_where_the_agents_share_more(tmp_path
         "- Per task: ppo_cfc wins against ppo_gru (cartpole_p), ppo_mlp (cartpole_p, pendulum_p)"
         in text
     )
+
+
+def test_the_headline_takes_the_tasks_the_most_agents_share(tmp_path: Path) -> None:
+    grid = load_grid(write_grid_with_irregular(tmp_path, ["ppo"]))
+    # mlp ran all three tasks, cfc the first two, gru the first and the third: no agent's own
+    # tasks are shared by all three agents, cartpole_p alone is
+    finals = {**FINALS, ("pendulum_p_irregular", "ppo_mlp"): [-900.0] * 4}
+    finals[("pendulum_p_irregular", "ppo_gru")] = [-300.0] * 4
+    for job in plan(grid):
+        cell = (job.task["name"], job.agent["name"])
+        if cell not in (("pendulum_p_irregular", "ppo_cfc"), ("pendulum_p", "ppo_gru")):
+            fake_run(job, finals[cell][job.seed])
+    report(grid, tmp_path / "out")
+    headline = (tmp_path / "out" / "headline.md").read_text()
+    assert "Normalised scores over cartpole_p (ppo_mlp 0, the best agent 1)." in headline
+    rows = [line.split(" | ")[:3] for line in headline.splitlines() if line.startswith("| ppo_")]
+    assert rows == [
+        ["| ppo_cfc", "1.00 [1.00, 1.00]", ""],
+        ["| ppo_gru", "0.52 [0.48, 0.56]", "1.00 [1.00, 1.00] wins"],
+        ["| ppo_mlp", "0.00 [-0.04, 0.04]", "1.00 [1.00, 1.00] wins"],
+    ]
+    assert "Not in this table" not in headline
+    # the report keeps each agent's own tasks too
+    text = (tmp_path / "out" / "README.md").read_text()
+    for tasks in ("cartpole_p, pendulum_p, pendulum_p_irregular", "cartpole_p, pendulum_p",
+                  "cartpole_p, pendulum_p_irregular", "cartpole_p"):  # fmt: skip
+        assert f"Tasks: {tasks}.\n" in text
 
 
 def test_report_writes_its_headline_into_the_named_readme(tmp_path: Path, capsys) -> None:
@@ -862,35 +908,3 @@ def test_a_tiers_search_budget_is_checked(
     changes = {"tuning": {"trials": 2, "seeds": 2, "spaces": spaces}} if grid_tuning else {}
     with pytest.raises(ConfigError, match=message):
         load_grid(write_grid(tmp_path, tiers={"classic": {**tier, "tuning": tuning}}, **changes))
-
-
-def test_the_headline_takes_the_tasks_the_most_agents_share(tmp_path: Path) -> None:
-    path = write_grid(tmp_path)
-    data = yaml.safe_load(path.read_text())
-    irregular = {"task": str(ROOT / "envs" / "pendulum_p_irregular.yaml"), "steps": 2000}
-    data["tiers"]["classic"]["tasks"].append({**irregular, "agents": ["ppo"]})
-    path.write_text(yaml.safe_dump(data))
-    grid = load_grid(path)
-    # mlp ran all three tasks, cfc the first two, gru the first and the third: no agent's own
-    # tasks are shared by all three agents, cartpole_p alone is
-    finals = {**FINALS, ("pendulum_p_irregular", "ppo_mlp"): [-900.0] * 4}
-    finals[("pendulum_p_irregular", "ppo_gru")] = [-300.0] * 4
-    for job in plan(grid):
-        cell = (job.task["name"], job.agent["name"])
-        if cell not in (("pendulum_p_irregular", "ppo_cfc"), ("pendulum_p", "ppo_gru")):
-            fake_run(job, finals[cell][job.seed])
-    report(grid, tmp_path / "out")
-    headline = (tmp_path / "out" / "headline.md").read_text()
-    assert "Normalised scores over cartpole_p (ppo_mlp 0, the best agent 1)." in headline
-    rows = [line.split(" | ")[:3] for line in headline.splitlines() if line.startswith("| ppo_")]
-    assert rows == [
-        ["| ppo_cfc", "1.00 [1.00, 1.00]", ""],
-        ["| ppo_gru", "0.52 [0.48, 0.56]", "1.00 [1.00, 1.00] wins"],
-        ["| ppo_mlp", "0.00 [-0.04, 0.04]", "1.00 [1.00, 1.00] wins"],
-    ]
-    assert "Not in this table" not in headline
-    # the report keeps each agent's own tasks too
-    text = (tmp_path / "out" / "README.md").read_text()
-    for tasks in ("cartpole_p, pendulum_p, pendulum_p_irregular", "cartpole_p, pendulum_p",
-                  "cartpole_p, pendulum_p_irregular", "cartpole_p"):  # fmt: skip
-        assert f"Tasks: {tasks}.\n" in text

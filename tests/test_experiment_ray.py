@@ -69,17 +69,13 @@ def local_ray():
     """A Ray of its own on this machine for the module, and for the commands it starts (not a
     cluster `ray start` began here); the workers unpickle this module's job wrappers by value
     (they cannot import a test module)."""
-    address = os.environ.get("RAY_ADDRESS")
-    os.environ["RAY_ADDRESS"] = "local"
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    yield
-    ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-    ray.shutdown()
-    if address is None:
-        os.environ.pop("RAY_ADDRESS")
-    else:
-        os.environ["RAY_ADDRESS"] = address
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_ADDRESS", "local")
+        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+        yield
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+        ray.shutdown()
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

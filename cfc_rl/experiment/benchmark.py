@@ -63,7 +63,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -142,6 +142,11 @@ class Tier:
     zero: str
     focus: tuple[str, ...]
     tuning: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def agent_names(self) -> tuple[str, ...]:
+        """Every agent of the tier, in the order its tasks first name them."""
+        return tuple(dict.fromkeys(a for t in self.tasks for a in t.agent_names))
 
 
 @dataclass(frozen=True)
@@ -441,7 +446,7 @@ def select(
     """
     chosen = [grid.tier(name) for name in tiers] if tiers else list(grid.tiers)
     every_task = {t.name for tier in chosen for t in tier.tasks}
-    every_agent = {a for tier in chosen for t in tier.tasks for a in t.agent_names}
+    every_agent = {a for tier in chosen for a in tier.agent_names}
     for kind, wanted, known in (("task", tasks, every_task), ("agent", agents, every_agent)):
         for name in wanted or ():
             if name not in known:
@@ -833,7 +838,7 @@ def _coverage(
     """Each agent's normalisable tasks with complete runs, in the tier's order (agents with
     none left out)."""
     coverage = {}
-    for agent in dict.fromkeys(a for t in tier.tasks for a in t.agent_names):
+    for agent in tier.agent_names:
         tasks = tuple(
             t.name for t in tier.tasks if (t.name, agent) in cells and t.name in normalise
         )
@@ -860,21 +865,16 @@ def _aggregates(
     tier: Tier,
     cells: Mapping[tuple[str, str], _Cell],
     normalise: Mapping[str, tuple[float, float]],
-    headline_tasks: tuple[str, ...] = (),
+    groups: Iterable[tuple[str, ...]],
 ) -> list[dict[str, Any]]:
-    """Per group of agents that ran on the same normalisable tasks (each agent's tasks, and the
-    headline's): each agent's IQM and mean normalised score across those tasks, with 95%
-    stratified-bootstrap intervals."""
-    agents = dict.fromkeys(a for t in tier.tasks for a in t.agent_names)
-    groups = {
-        *_coverage(tier, cells, normalise).values(),
-        *([headline_tasks] if headline_tasks else []),
-    }
+    """Per group of normalisable tasks (each agent's, and the headline's): the IQM and mean
+    normalised score across them of each agent that ran them all, with 95% stratified-bootstrap
+    intervals."""
     # Agents on more tasks also appear in the groups of fewer tasks they cover, so that every
     # group compares all the agents that ran on its tasks.
     rows = []
-    for tasks in sorted(groups, key=lambda ts: (-len(ts), ts)):
-        members = [a for a in agents if all((t, a) in cells for t in tasks)]
+    for tasks in sorted(set(groups), key=lambda ts: (-len(ts), ts)):
+        members = [a for a in tier.agent_names if all((t, a) in cells for t in tasks)]
         scores = {a: _score_matrix([cells[(t, a)] for t in tasks], normalise) for a in members}
 
         for agent in members:
@@ -916,9 +916,8 @@ def _improvements(
     "all") and, where it is fewer of them, over the headline's tasks (``tasks`` those names;
     rliable, 95% stratified-bootstrap intervals)."""
     rows = []
-    agents = dict.fromkeys(a for t in tier.tasks for a in t.agent_names)
     for focus in tier.focus:
-        for other in agents:
+        for other in tier.agent_names:
             if other == focus:
                 continue
             shared = [
@@ -1001,8 +1000,10 @@ def report(grid: Grid, out: str | os.PathLike[str] | None = None) -> str:
                     "params": int(results[0]["params"]),
                 }
                 tier_summary.append(row)
-        headline_tasks = _headline_group(_coverage(tier, cells, normalise))
-        tier_aggregates = _aggregates(tier, cells, normalise, headline_tasks) if normalise else []
+        coverage = _coverage(tier, cells, normalise)
+        headline_tasks = _headline_group(coverage)
+        groups = [*coverage.values(), *([headline_tasks] if headline_tasks else [])]
+        tier_aggregates = _aggregates(tier, cells, normalise, groups)
         tier_improvements = _improvements(tier, cells, headline_tasks)
         summary_rows += tier_summary
         aggregate_rows += tier_aggregates
@@ -1364,7 +1365,7 @@ def _headline(
     for name in focus:
         rows = [r for r in overall if r["focus"] == name]
         lines.append(f"{where}, {_verdicts(name, rows)}.")
-    others = sorted({a for t in tier.tasks for a in t.agent_names} - set(agents))
+    others = sorted(set(tier.agent_names) - set(agents))
     if scores and others:
         lines.append(
             f"Not in this table (no complete runs on all these tasks yet): {', '.join(others)}."
@@ -1419,11 +1420,7 @@ def _plot_profiles(
     """Performance profiles (the fraction of runs above each normalised score) of the agents
     that ran on all of the tier's normalisable tasks; no file when there are none."""
     tasks = [t.name for t in tier.tasks if t.name in normalise]
-    agents = [
-        a
-        for a in dict.fromkeys(a for t in tier.tasks for a in t.agent_names)
-        if tasks and all((t, a) in cells for t in tasks)
-    ]
+    agents = [a for a in tier.agent_names if tasks and all((t, a) in cells for t in tasks)]
     if not agents:
         path.unlink(missing_ok=True)
         return

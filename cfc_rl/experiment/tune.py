@@ -881,15 +881,16 @@ def _start_or_resume(
     state = _search_state(plan, trials, search_seed, grace_steps, only_trial_0)
     path = out / SEARCH_STATE
     if path.exists():
-        if path.read_text() == state:
+        saved = path.read_text()
+        if saved == state:
             logger.info(
                 "tune: resuming the unfinished search in %s: finished trials are kept, and it "
                 "runs as many trials at once as when it began",
                 out,
             )
             return True
-        before, now = yaml.safe_load(path.read_text()) or {}, yaml.safe_load(state)
-        differ = [k for k in now if before.get(k) != now[k]] or ["its records"]
+        before, now = yaml.safe_load(saved) or {}, yaml.safe_load(state)
+        differ = [k for k in {**before, **now} if before.get(k) != now.get(k)] or ["its records"]
         logger.warning(
             "tune: %s holds an unfinished search of other settings (what differs: %s); "
             "starting afresh",
