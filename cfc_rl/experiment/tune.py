@@ -64,6 +64,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -999,7 +1000,12 @@ def _fit(
         budget,
         "" if restored else f", about {slots} at once",
     )
-    results = list(tuner.fit())
+    with warnings.catch_warnings():
+        # A resumed trial counts Ray's iterations from 1 again, so Optuna hears of steps it has
+        # recorded and warns once per step; it keeps the first value, and no intermediate value
+        # steers this search (ASHA stops trials on env steps, TPE reads the final scores).
+        warnings.filterwarnings("ignore", "The reported value is ignored", UserWarning)
+        results = list(tuner.fit())
     (first,) = [r for r in results if _is_trial_0(r.config or {})]
     return first, [r for r in results if r is not first]
 
