@@ -348,3 +348,24 @@ def test_unsupported_layouts_name_what_is_missing() -> None:
     with pytest.raises(export.ExportError, match=r"takes a Box or a Dict of 'obs'"):
         export._frame_pieces(spaces.Dict({"image": spaces.Box(0, 1, (2,))}))
     assert export._frame_pieces(spaces.Box(-1, 1, (3,))) == ((3,), False)
+
+
+def test_a_file_that_fails_the_check_leaves_an_earlier_export(runs, tmp_path, monkeypatch) -> None:
+    out = tmp_path / "mlp.pt"
+    export.export_run(runs["ppo_mlp"], format="torchscript", out=out)
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    assert set(before) == {"mlp.pt", "mlp.pt.json"}
+    monkeypatch.setattr(export, "CHECK_ATOL", -1.0)  # no file can pass
+    with pytest.raises(export.ExportError, match=r"away from the policy's .* not kept"):
+        export.export_run(runs["ppo_mlp"], format="torchscript", out=out)
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+
+
+def test_an_out_that_is_a_folder_is_refused_before_exporting(tmp_path, monkeypatch) -> None:
+    def must_not_load(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the run was loaded")
+
+    monkeypatch.setattr(export, "load_run_parts", must_not_load)
+    with pytest.raises(export.ExportError, match=r"is a folder: give the file to write"):
+        export.export_run(tmp_path / "run", format="torchscript", out=tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -64,6 +64,7 @@ import os
 import pickle
 import re
 import sys
+import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -1068,33 +1069,46 @@ def export_run(
     :param out: the file to write; defaults to :func:`default_output`
     :param model: ``"final"``, ``"best"`` or the path of a checkpoint
     :return: the JSON's content, with ``"path"`` and ``"metadata_path"`` added
-    :raises ExportError: for an unsupported policy or layout, a missing package, or a file
-        that does not compute the policy's actions
+    :raises ExportError: for an unsupported policy or layout, a missing package, an ``out``
+        that is a folder, or a file that does not compute the policy's actions (an earlier
+        export at ``out`` is then left as it was)
     :raises FileNotFoundError: if the run has no such model (yet)
     """
     import torch
 
     _check_packages(format)
     run = RunFolder(Path(run_dir))
+    path = Path(out) if out is not None else default_output(run, model, format)
+    if path.is_dir():
+        raise ExportError(
+            f"{path} is a folder: give the file to write, e.g. {path / f'policy{FORMATS[format]}'}"
+        )
     parts = load_run_parts(run_dir, model)
     module = build_exported_policy(parts)
-    path = Path(out) if out is not None else default_output(run, model, format)
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = _example_inputs(module, batch=3, steps=6, seed=0)
     state = torch.zeros(3, module.state_size, dtype=module.state_dtype)
     example = _inputs(module, rows[0][0], state, rows[0][1], rows[0][2])
-    with torch.no_grad():
-        expected = _run_steps(module, module, rows)
-        call = _write(module, format, path, example)
-        got = _run_steps(module, call, rows)
-    difference = _difference(expected, got)
-    if not difference <= CHECK_ATOL:
-        path.unlink(missing_ok=True)
-        raise ExportError(
-            f"the written {format} file gives actions or states up to {difference:.3g} away from "
-            f"the policy's (more than {CHECK_ATOL:g}); it was removed. Please report this with "
-            "the run's config.yaml"
-        )
+    # Written and checked beside the destination, which it replaces only once it passes: a
+    # file that fails the check leaves an earlier export (and its JSON) as they were.
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    staged = Path(name)
+    try:
+        with torch.no_grad():
+            expected = _run_steps(module, module, rows)
+            call = _write(module, format, staged, example)
+            got = _run_steps(module, call, rows)
+        difference = _difference(expected, got)
+        if not difference <= CHECK_ATOL:
+            raise ExportError(
+                f"the written {format} file gives actions or states up to {difference:.3g} away "
+                f"from the policy's (more than {CHECK_ATOL:g}); it was not kept. Please report "
+                "this with the run's config.yaml"
+            )
+        os.replace(staged, path)
+    finally:
+        staged.unlink(missing_ok=True)
     metadata = _metadata(module, parts, run, model, format, path)
     metadata["check"] = {"steps": len(rows), "batch": 3, "max_abs_diff": difference}
     metadata_path = metadata_file(path)
