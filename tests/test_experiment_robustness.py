@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -134,3 +135,16 @@ def test_a_sweep_of_two_runs_writes_the_table_and_the_plot(runs, tmp_path, capsy
         2,
         2,
     ]
+
+
+def test_a_video_without_its_writer_fails_before_the_episodes(runs, tmp_path, monkeypatch) -> None:
+    from cfc_rl.experiment import evaluate
+
+    def no_episodes(*args, **kwargs):
+        raise AssertionError("episodes ran")
+
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # `import imageio_ffmpeg` fails
+    monkeypatch.setattr(evaluate, "evaluate_policy", no_episodes)
+    with pytest.raises(evaluate.VideoUnavailable, match="MP4 needs imageio and imageio-ffmpeg"):
+        evaluate_run(runs["cartpole_p"][0], video=True, episodes_csv=tmp_path / "e.csv")
+    assert not (tmp_path / "e.csv").exists()

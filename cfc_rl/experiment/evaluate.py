@@ -247,6 +247,8 @@ def evaluate_run(
     n_envs = 1 if video else min(4, episodes)
     model_path, statistics = model_files(run, model, task.train.normalize)
     policy = load_model(algorithm(agent.algo).cls, model_path, device=device)
+    # Before the episodes: a missing writer must not cost an evaluation, nor replace its CSV.
+    mp4 = _mp4_writer() if video else None
     try:
         env = _run_env(agent, task, statistics, n_envs, seed, "rgb_array" if video else None)
     except RunError:
@@ -286,7 +288,7 @@ def evaluate_run(
         "conditions": applied,
     }
     if recorder is not None:
-        result["video"] = str(_write_video(run.root / VIDEO_FILE, recorder.frames, fps))
+        result["video"] = str(_write_video(mp4, run.root / VIDEO_FILE, recorder.frames, fps))
     return result
 
 
@@ -324,7 +326,11 @@ def _write_episodes(
     atomic_write_text(path, text.getvalue())
 
 
-def _write_video(path: Path, frames: list[np.ndarray], fps: int) -> Path:
+def _mp4_writer() -> Any:
+    """``imageio.v2``, with the MP4 writer it needs (imageio-ffmpeg).
+
+    :raises VideoUnavailable: saying what to install
+    """
     try:
         import imageio.v2 as imageio
         import imageio_ffmpeg  # noqa: F401  (the MP4 writer imageio needs)
@@ -333,6 +339,10 @@ def _write_video(path: Path, frames: list[np.ndarray], fps: int) -> Path:
             f"writing MP4 needs imageio and imageio-ffmpeg ({e}); install them with "
             "pip install -e '.[video]'"
         ) from e
+    return imageio
+
+
+def _write_video(imageio: Any, path: Path, frames: list[np.ndarray], fps: int) -> Path:
     if not frames:
         raise VideoUnavailable("the environment returned no frames to record")
     atomic_write(path, lambda f: imageio.mimwrite(f, frames, format="mp4", fps=fps))
