@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from cfc_rl.envs import ConfigError, SensorNoise, base_dt, make_task
-from cfc_rl.experiment import cli
+from cfc_rl.experiment import cli, robustness
 from cfc_rl.experiment.evaluate import conditions_task, evaluate_run
 from cfc_rl.experiment.tasks import load_task
 from cfc_rl.experiment.train import train
@@ -148,3 +148,28 @@ def test_a_video_without_its_writer_fails_before_the_episodes(runs, tmp_path, mo
     with pytest.raises(evaluate.VideoUnavailable, match="MP4 needs imageio and imageio-ffmpeg"):
         evaluate_run(runs["cartpole_p"][0], video=True, episodes_csv=tmp_path / "e.csv")
     assert not (tmp_path / "e.csv").exists()
+
+
+def test_a_sweep_checks_its_runs_and_levels_before_the_first_evaluation(
+    runs, tmp_path, monkeypatch
+) -> None:
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("a run was evaluated")
+
+    monkeypatch.setattr(robustness, "evaluate_run", no_evaluation)
+    irregular, cartpole = runs["pendulum_p_irregular"], runs["cartpole_p"]
+    out = tmp_path / "sweep"
+    # a bad level of the second condition, and one the runs of the second task cannot take
+    with pytest.raises(ConfigError, match=r"wrappers\.noise"):
+        robustness.sweep(irregular, {"period": [1, 2], "noise": [0, -1]}, out=out)
+    with pytest.raises(ConfigError, match="trained without it"):
+        robustness.sweep(cartpole, {"noise": [0], "period": [1, 2]}, out=out)
+    # the same agent (gru) on two tasks would be aggregated into one column
+    with pytest.raises(ConfigError, match=r"more than one task .*pendulum_p_irregular.*cartpole_p"):
+        robustness.sweep([*irregular, *cartpole], {"noise": [0]}, out=out)
+    with pytest.raises(ConfigError, match="given twice"):
+        robustness.sweep([irregular[0], irregular[0]], {"noise": [0]}, out=out)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="a file, not a folder"):
+        robustness.sweep(irregular, {"noise": [0]}, out=tmp_path / "file")
+    assert not out.exists()

@@ -169,6 +169,20 @@ def conditions_task(task: Task, conditions: Mapping[str, Any]) -> Task:
         raise ConfigError(f"--set: {str(e).split(': ', 1)[-1]}") from None
 
 
+def shifted_task(task: Task, conditions: Mapping[str, Any]) -> Task:
+    """:func:`conditions_task`, checked against the run's task: the observations must keep the
+    layout its policy was trained on.
+
+    :param task: the run's task
+    :param conditions: the conditions to change (see :data:`CONDITIONS`)
+    :raises ConfigError: for an unknown condition, a bad value, or a layout the policy cannot
+        take, naming it
+    """
+    shifted = conditions_task(task, conditions)
+    _check_layout(task, shifted, conditions)
+    return shifted
+
+
 def _check_layout(trained: Task, shifted: Task, conditions: Mapping[str, Any]) -> None:
     """The changed conditions must give the observations the policy was trained on: Δt, for
     one, exists only where the run was trained with irregular time."""
@@ -237,9 +251,7 @@ def evaluate_run(
     run = RunFolder(Path(run_dir))
     agent, task = configs_from_record(run.read_config())
     if conditions:
-        shifted = conditions_task(task, conditions)
-        _check_layout(task, shifted, conditions)
-        task = shifted
+        task = shifted_task(task, conditions)
     episodes = task.eval.episodes if episodes is None else episodes
     deterministic = task.eval.deterministic if deterministic is None else deterministic
     seed = default_seed(run) if seed is None else seed

@@ -12,6 +12,7 @@ experiment that tells whether a cell that reads Δt generalises to control rates
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -20,8 +21,9 @@ from typing import Any
 
 from cfc_rl.envs import ConfigError
 from cfc_rl.experiment.compare import interval_columns
-from cfc_rl.experiment.evaluate import CONDITIONS, evaluate_run
+from cfc_rl.experiment.evaluate import CONDITIONS, evaluate_run, shifted_task
 from cfc_rl.experiment.runs import RunFolder, atomic_write, atomic_write_text, write_csv
+from cfc_rl.experiment.train import configs_from_record
 
 __all__ = ["sweep", "sweep_markdown"]
 
@@ -47,8 +49,9 @@ def sweep(
     :param device: ``"auto"``, ``"cpu"`` or ``"cuda"``
     :param on_result: called with each evaluation's row as it finishes (progress)
     :return: one row per (condition, level, agent), as written to ``robustness.csv``
-    :raises ConfigError: before any evaluation, for an unknown condition, an empty sweep or a
-        run that is not complete
+    :raises ConfigError: before any evaluation, for an unknown condition, an empty sweep, a
+        level a run cannot take, a run that is not complete or given twice, runs of more than
+        one task, or an ``out`` that is a file
     """
     unknown = sorted(set(levels) - set(CONDITIONS))
     if unknown:
@@ -57,10 +60,11 @@ def sweep(
         )
     if not levels or any(len(values) == 0 for values in levels.values()):
         raise ConfigError("--sweep needs a condition and at least one level, e.g. noise=0,0.1")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: a file, not a folder for the table and the plots")
     folders = [RunFolder(Path(run)) for run in runs]
-    for folder in folders:
-        if folder.read_result() is None:
-            raise ConfigError(f"{folder.root} is not a complete run (no result.json)")
+    _check_runs(folders, levels)
     evaluations, episodes_rows = [], []
     for condition, values in levels.items():
         for value in values:
@@ -85,7 +89,6 @@ def sweep(
                 if on_result:
                     on_result(row)
     rows = _aggregate(evaluations)
-    out = Path(out)
     write_csv(out / "robustness_runs.csv", evaluations)
     write_csv(out / "robustness_episodes.csv", episodes_rows)
     write_csv(out / "robustness.csv", rows)
@@ -93,6 +96,37 @@ def sweep(
     for condition in levels:
         _plot(out / f"robustness_{condition}.png", condition, rows)
     return rows
+
+
+def _check_runs(folders: list[RunFolder], levels: Mapping[str, Sequence[Any]]) -> None:
+    """Before the first evaluation (a sweep runs for hours): each run given once, complete, all
+    of one task (an agent's runs are aggregated across them), and able to take every level."""
+    seen: dict[Path, Path] = {}
+    tasks: dict[str, Path] = {}
+    checked: set[str] = set()
+    for folder in folders:
+        where = folder.root.resolve()
+        if where in seen:
+            raise ConfigError(f"{folder.root} is given twice (also as {seen[where]})")
+        seen[where] = folder.root
+        if folder.read_result() is None:
+            raise ConfigError(f"{folder.root} is not a complete run (no result.json)")
+        record = folder.read_config()
+        tasks.setdefault(record["task"].get("name") or record["task"]["id"], folder.root)
+        if len(tasks) > 1:
+            (first, first_run), (other, other_run) = list(tasks.items())[:2]
+            raise ConfigError(
+                f"the runs are of more than one task ({first}: {first_run}, {other}: "
+                f"{other_run}); a sweep aggregates each agent's runs of one task"
+            )
+        key = json.dumps(record["task"], sort_keys=True)  # all the check depends on
+        if key in checked:
+            continue
+        checked.add(key)
+        _, task = configs_from_record(record)
+        for condition, values in levels.items():
+            for value in values:
+                shifted_task(task, {condition: value})
 
 
 def _aggregate(evaluations: list[dict[str, Any]]) -> list[dict[str, Any]]:
