@@ -173,3 +173,23 @@ def test_a_sweep_checks_its_runs_and_levels_before_the_first_evaluation(
     with pytest.raises(ConfigError, match="a file, not a folder"):
         robustness.sweep(irregular, {"noise": [0]}, out=tmp_path / "file")
     assert not out.exists()
+
+
+def test_a_condition_or_level_given_twice_is_refused(runs, tmp_path, monkeypatch, capsys) -> None:
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("a run was evaluated")
+
+    monkeypatch.setattr(robustness, "evaluate_run", no_evaluation)
+    run = str(runs["pendulum_p_irregular"][0])
+    out = tmp_path / "sweep"
+    # each run would count twice in the level's interval
+    with pytest.raises(ConfigError, match="--sweep period: the level 2 is given twice"):
+        robustness.sweep([run], {"period": [1, 2, 2]}, out=out)
+    # the first --sweep's levels would be dropped
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(
+            ["robustness", run, "--sweep", "period=1,2", "--sweep", "period=4", "--out", str(out)]
+        )
+    assert exit_.value.code == 2
+    assert "--sweep period is given twice" in capsys.readouterr().err
+    assert not out.exists()

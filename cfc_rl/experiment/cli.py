@@ -554,6 +554,11 @@ def _add_robustness(parser: argparse.ArgumentParser) -> None:
 def _robustness(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from cfc_rl.experiment.robustness import sweep, sweep_markdown
 
+    conditions = [name for name, _ in args.sweep]
+    twice = next((name for i, name in enumerate(conditions) if name in conditions[:i]), None)
+    if twice is not None:
+        parser.error(f"--sweep {twice} is given twice: give all its levels at once")
+
     def show(row: dict[str, Any]) -> None:
         level = f"{row['condition']}={row['level']}"
         print(f"{level:14s} {row['mean_return']:9.1f}  {row['run']}", flush=True)

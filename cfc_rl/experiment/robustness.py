@@ -50,8 +50,8 @@ def sweep(
     :param on_result: called with each evaluation's row as it finishes (progress)
     :return: one row per (condition, level, agent), as written to ``robustness.csv``
     :raises ConfigError: before any evaluation, for an unknown condition, an empty sweep, a
-        level a run cannot take, a run that is not complete or given twice, runs of more than
-        one task, or an ``out`` that is a file
+        level given twice or one a run cannot take, a run that is not complete or given twice,
+        runs of more than one task, or an ``out`` that is a file
     """
     unknown = sorted(set(levels) - set(CONDITIONS))
     if unknown:
@@ -60,6 +60,11 @@ def sweep(
         )
     if not levels or any(len(values) == 0 for values in levels.values()):
         raise ConfigError("--sweep needs a condition and at least one level, e.g. noise=0,0.1")
+    for condition, values in levels.items():
+        # a level given twice would count every run twice in its interval
+        twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        if twice is not None:
+            raise ConfigError(f"--sweep {condition}: the level {twice} is given twice")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: a file, not a folder for the table and the plots")
