@@ -508,12 +508,14 @@ def test_rollouts_carry_the_actor_state_and_reset_it_at_episode_starts() -> None
     assert checked
 
 
-def test_the_buffer_of_dict_observations_keeps_elapsed_time_raw() -> None:
+def test_the_buffer_of_dict_observations_keeps_elapsed_time_raw(tmp_path) -> None:
     env = make_vec_env("cfc_rl/Pendulum-P-v1", n_envs=2, seed=0, env_kwargs={"irregular": (1, 4)})
     everything = VecNormalize(env)  # normalises "dt" too: refused for training
-    model = small_model(everything)
+    model = small_model(everything, tensorboard_log=str(tmp_path))
     with pytest.raises(ValueError, match=r"VecNormalize normalises 'dt'.*norm_obs_keys=\['obs'\]"):
         model.learn(10)
+    # Refused before anything happens: no environment reset, no log folder.
+    assert model._last_obs is None and not any(tmp_path.iterdir())
 
     venv = VecNormalize(env, norm_obs_keys=["obs"])
     model = small_model(venv, learning_starts=30)

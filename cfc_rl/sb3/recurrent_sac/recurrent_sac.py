@@ -225,6 +225,8 @@ class RecurrentSAC(SAC):
         tb_log_name: str = "run",
         progress_bar: bool = False,
     ) -> tuple[int, BaseCallback]:
+        # Before SB3's setup, which resets the environments and creates the logger's folder.
+        self._check_time_is_raw()
         env_is_reset = reset_num_timesteps or self._last_obs is None
         result = super()._setup_learn(
             total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar
@@ -234,7 +236,6 @@ class RecurrentSAC(SAC):
             # (their last transitions bootstrap, as truncations), the states start from zeros.
             self._last_actor_state = None
             self.replay_buffer.start_new_episodes()
-        self._check_time_is_raw()
         return result
 
     def _check_time_is_raw(self) -> None:
