@@ -486,6 +486,41 @@ def test_buffer_memory_is_bounded_and_sequences_stay_in_one_stored_episode() -> 
     assert batch.valid[:, 4].all()
 
 
+def test_a_loaded_replay_buffer_samples_with_the_model_settings_and_its_episodes_end(
+    tmp_path,
+) -> None:
+    saved = filled_model(counter_env(max_steps=50, terminate=0.0), steps=20, sequence_length=5)
+    saved.save_replay_buffer(tmp_path / "buffer.pkl")
+    last_row = saved.replay_buffer.pos - 1  # both environments are inside their episodes
+
+    def sequence_lengths(model) -> np.ndarray:
+        """The transitions of the sequences anchored at the saved buffer's newest row."""
+        batch = model.replay_buffer.get_sequences(np.full(2, last_row), np.arange(2))
+        return batch.mask.sum(1).numpy()
+
+    # Another model, already stepping its own environments, continues without a reset.
+    model = filled_model(counter_env(seed=1), steps=5, sequence_length=7, burn_in=1)
+    model.load_replay_buffer(tmp_path / "buffer.pkl")
+    buffer = model.replay_buffer
+    assert (buffer.sequence_length, buffer.burn_in) == (7, 1)
+    assert buffer.sample(3).observations.shape == (3, 1 + 1 + 7, 3)
+    model.learn(10, reset_num_timesteps=False)
+    # The saved episodes ended at the save: no sequence runs on into the new environments.
+    np.testing.assert_array_equal(sequence_lengths(model), [1, 1])
+
+    # The same model and environments, not reset since the save, may continue the episodes.
+    saved.load_replay_buffer(tmp_path / "buffer.pkl", truncate_last_traj=False)
+    saved.learn(10, reset_num_timesteps=False)
+    np.testing.assert_array_equal(sequence_lengths(saved), [5, 5])
+
+    # A buffer of plain transitions is refused, and the model keeps its own.
+    sac = SAC("MlpPolicy", counter_env(), buffer_size=100)
+    sac.save_replay_buffer(tmp_path / "plain.pkl")
+    with pytest.raises(ValueError, match=r"must be a SequenceReplayBuffer .*, got ReplayBuffer"):
+        model.load_replay_buffer(tmp_path / "plain.pkl")
+    assert model.replay_buffer is buffer
+
+
 def test_rollouts_carry_the_actor_state_and_reset_it_at_episode_starts() -> None:
     """During the random warm-up too: the state at the end equals the state of a fresh run
     over the stored observations of each environment's current episode."""

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import io
+import pathlib
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import numpy as np
@@ -14,6 +16,7 @@ from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.noise import ActionNoise
 from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.save_util import load_from_pkl
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
 from stable_baselines3.common.utils import polyak_update
 from torch import Tensor
@@ -285,6 +288,35 @@ class RecurrentSAC(SAC):
         super()._store_transition(replay_buffer, buffer_action, new_obs, reward, dones, infos)
         # The VecEnv has reset the environments that are done: their next step starts anew.
         self._last_episode_starts = np.asarray(dones, dtype=bool)
+
+    def load_replay_buffer(
+        self,
+        path: str | pathlib.Path | io.BufferedIOBase,
+        truncate_last_traj: bool = True,
+    ) -> None:
+        """Load a replay buffer saved by ``save_replay_buffer`` (a sequence buffer).
+
+        It samples with this model's ``sequence_length`` and ``burn_in``, whatever it was
+        saved with: they only decide how stored transitions are read.
+
+        :param path: the pickled buffer
+        :param truncate_last_traj: SB3's meaning: the episodes the buffer was saved in ended
+            there, so the next transitions start new episodes and no sequence joins a saved
+            episode to whatever the environments run now. False: they continue those episodes
+            (this model, its environments not reset since the buffer was saved)
+        :raises ValueError: for another kind of buffer, leaving the current one in place
+        """
+        buffer = load_from_pkl(path, self.verbose)
+        if not isinstance(buffer, (SequenceReplayBuffer, DictSequenceReplayBuffer)):
+            raise ValueError(
+                "RecurrentSAC trains on sequences: the replay buffer must be a "
+                f"SequenceReplayBuffer or DictSequenceReplayBuffer, got {type(buffer).__name__}"
+            )
+        buffer.sequence_length, buffer.burn_in = int(self.sequence_length), int(self.burn_in)
+        if truncate_last_traj:
+            buffer.start_new_episodes()
+        buffer.device = self.device
+        self.replay_buffer = buffer
 
     # Training -------------------------------------------------------------------------------
 
