@@ -242,8 +242,9 @@ def test_ctrl_c_on_a_parallel_comparison_is_one_line_and_resumes(tmp_path: Path)
     agent, task = _files(tmp_path, "algo: recurrent_ppo\npolicy: RecurrentCellPolicy\n"
                          "policy_kwargs: {cell: gru, hidden_size: 8}\n", steps=3000)  # fmt: skip
     out = tmp_path / "out"
+    # four runs, two at a time: the pool has already handed the next ones to its workers
     command = [sys.executable, "-m", "cfc_rl.experiment.cli", "compare", "--agents", str(agent),
-               "--tasks", str(task), "--seeds", "2", "-j", "2", "--out", str(out)]  # fmt: skip
+               "--tasks", str(task), "--seeds", "4", "-j", "2", "--out", str(out)]  # fmt: skip
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
@@ -256,11 +257,15 @@ def test_ctrl_c_on_a_parallel_comparison_is_one_line_and_resumes(tmp_path: Path)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
     assert "Traceback" not in err and len(err.strip().splitlines()) <= 3, err
-    assert "interrupted" in err and "continue with: cfc-rl compare" in err
+    assert "interrupted: 0 of 4 runs to train finished, 2 saved a checkpoint" in err
+    assert "continue with: cfc-rl compare" in err
+    # the runs not begun at Ctrl-C are not begun after it either
+    assert not (out / "cartpole_p" / "agent" / "seed_2").exists()
+    assert not (out / "cartpole_p" / "agent" / "seed_3").exists()
     saved = [json.loads((c / "latest.json").read_text())["steps"] for c in checkpoints]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    for seed in (0, 1):
+    for seed in range(4):
         result = RunFolder(out / "cartpole_p" / "agent" / f"seed_{seed}").read_result()
         assert result["num_timesteps"] == 3072  # where an uninterrupted run ends
     assert min(saved) < 3072

@@ -61,18 +61,34 @@ def run_reporting(job: Job) -> JobResult:
     return JobResult(job, "done", time.perf_counter() - start, record=record)
 
 
-def _ignore_interrupts() -> None:
+class _NotStarted(Exception):
+    """A job the pool took up after Ctrl-C: it was not begun."""
+
+
+_stopped: Any = None  # the pool's "Ctrl-C came" event, in each worker
+
+
+def _ignore_interrupts(stopped: Any) -> None:
     """Pool workers ignore Ctrl-C between jobs (an idle worker would die with a traceback);
     :func:`_run_interruptibly` takes it while a job trains, which then saves a checkpoint."""
+    global _stopped
+    _stopped = stopped
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _run_interruptibly(job: Job) -> JobResult:
+    # The pool hands a worker its next job before the parent can cancel it: after Ctrl-C such
+    # a job would train to its end while the command waits for it.
+    if _stopped.is_set():
+        raise _NotStarted
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        return run_reporting(job)
+        result = run_reporting(job)
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if result.status == "interrupted":
+        _stopped.set()
+    return result
 
 
 class Executor(Protocol):
@@ -110,8 +126,9 @@ class LocalExecutor:
             return
         # spawn, not fork: forking a process that has started torch's thread pools can hang.
         context = multiprocessing.get_context("spawn")
+        stopped = context.Event()
         with concurrent.futures.ProcessPoolExecutor(
-            self.jobs, mp_context=context, initializer=_ignore_interrupts
+            self.jobs, mp_context=context, initializer=_ignore_interrupts, initargs=(stopped,)
         ) as pool:
             futures = [pool.submit(_run_interruptibly, job) for job in jobs]
             results: list[JobResult] = []
@@ -121,7 +138,8 @@ class LocalExecutor:
                     yield results[-1]
                     if results[-1].status == "interrupted":
                         raise KeyboardInterrupt
-            except KeyboardInterrupt:
+            except (KeyboardInterrupt, _NotStarted):
+                stopped.set()
                 for future in futures:
                     future.cancel()
                 # the jobs in training got Ctrl-C too: wait for their checkpoints
