@@ -12,9 +12,11 @@ import torch
 from gymnasium import spaces
 from sb3_contrib import RecurrentPPO
 from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
+from sb3_contrib.common.recurrent.type_aliases import RNNStates
 from small_cells import small_cell_kwargs
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import VecNormalize
 
 import cfc_rl.envs  # noqa: F401  (registers the task ids)
@@ -40,16 +42,35 @@ def small_model(cell: str, env, **kwargs) -> RecurrentPPO:
     )
 
 
-def rollout_actions(model, env, steps: int = 25) -> np.ndarray:
-    """Deterministic actions of a rollout that carries the state and resets it at episode
-    starts, as a user of predict() does."""
+def rollout(model, env, steps: int = 25) -> np.ndarray:
+    """What the policy computes along a rollout that carries the actor's and the critic's
+    states and resets them at episode starts, as RecurrentPPO does when it acts: per step, the
+    deterministic actions, their log-probabilities, the values and both states.
+
+    The environments are reset with a seed, so that two models that act alike see the same
+    observations (an unseeded reset of the VecEnv starts other episodes each time). Log-probs,
+    values and states are compared, not the actions alone: a small policy's deterministic
+    CartPole action is the same at every step, whatever the weights of its cells."""
+    policy = model.policy
+    env.seed(0)
     obs = env.reset()
-    state, starts, actions = None, np.ones(env.num_envs, dtype=bool), []
+    zeros = torch.zeros(1, env.num_envs, policy.lstm_actor.hidden_size, device=policy.device)
+    states = RNNStates((zeros, zeros), (zeros, zeros))
+    starts = torch.ones(env.num_envs, device=policy.device)
+    recorded = []
     for _ in range(steps):
-        action, state = model.predict(obs, state=state, episode_start=starts, deterministic=True)
-        actions.append(action)
-        obs, _, starts, _ = env.step(action)
-    return np.array(actions)
+        with torch.no_grad():
+            actions, values, log_prob, states = policy(
+                obs_as_tensor(obs, policy.device), states, starts, deterministic=True
+            )
+        computed = [actions.reshape(env.num_envs, -1).float(), values, log_prob.reshape(-1, 1)]
+        recorded.append(torch.cat([*computed, states.pi[0][0], states.vf[0][0]], dim=1).cpu())
+        actions = actions.cpu().numpy()
+        if isinstance(env.action_space, spaces.Box):
+            actions = np.clip(actions, env.action_space.low, env.action_space.high)
+        obs, _, dones, _ = env.step(actions)
+        starts = torch.as_tensor(dones, dtype=torch.float32, device=policy.device)
+    return torch.stack(recorded).numpy()
 
 
 @pytest.mark.parametrize("cell", sorted(CELLS))
@@ -76,7 +97,8 @@ def test_every_cell_trains_predicts_with_state_and_reloads(cell: str, tmp_path) 
 
     model.save(tmp_path / "model.zip")
     loaded = RecurrentPPO.load(tmp_path / "model.zip", env=env)
-    np.testing.assert_array_equal(rollout_actions(loaded, env), rollout_actions(model, env))
+    np.testing.assert_array_equal(loaded.predict(obs, deterministic=True)[1][0], state[0])
+    np.testing.assert_array_equal(rollout(loaded, env), rollout(model, env))
 
 
 def _step_by_step(features, lstm_states, episode_starts, lstm: PolicyCell):
@@ -176,7 +198,7 @@ def test_critic_options_of_recurrent_ppo(policy_kwargs, tmp_path) -> None:
     assert (model.policy.lstm_critic is not None) == expected_critic
     model.save(tmp_path / "model.zip")
     loaded = RecurrentPPO.load(tmp_path / "model.zip", env=env)
-    np.testing.assert_array_equal(rollout_actions(loaded, env, 10), rollout_actions(model, env, 10))
+    np.testing.assert_array_equal(rollout(loaded, env, 10), rollout(model, env, 10))
 
 
 def test_bad_policy_arguments_are_clear_errors() -> None:
@@ -198,9 +220,7 @@ def test_training_runs_on_cuda_end_to_end(cell: str, tmp_path) -> None:
     model.learn(128)
     model.save(tmp_path / "model.zip")
     loaded = RecurrentPPO.load(tmp_path / "model.zip", env=env, device="cuda")
-    np.testing.assert_allclose(
-        rollout_actions(loaded, env, 10), rollout_actions(model, env, 10), atol=1e-5
-    )
+    np.testing.assert_allclose(rollout(loaded, env, 10), rollout(model, env, 10), atol=1e-5)
 
 
 # What RecurrentCellPolicy re-creates of sb3-contrib's RecurrentActorCriticPolicy, whose
