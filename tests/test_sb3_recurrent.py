@@ -30,16 +30,8 @@ SMALL_CELL_KWARGS = small_cell_kwargs(backbone_units=16, ode_unfolds=2)
 def small_model(cell: str, env, **kwargs) -> RecurrentPPO:
     policy_kwargs = {"cell": cell, **SMALL, **SMALL_CELL_KWARGS.get(cell, {})}
     policy_kwargs.update(kwargs.pop("policy_kwargs", {}))
-    return RecurrentPPO(
-        RecurrentCellPolicy,
-        env,
-        n_steps=32,
-        batch_size=32,
-        n_epochs=2,
-        seed=0,
-        policy_kwargs=policy_kwargs,
-        **kwargs,
-    )
+    settings = {"n_steps": 32, "batch_size": 32, "n_epochs": 2, "seed": 0, **kwargs}
+    return RecurrentPPO(RecurrentCellPolicy, env, policy_kwargs=policy_kwargs, **settings)
 
 
 def rollout(model, env, steps: int = 25) -> np.ndarray:
@@ -150,6 +142,85 @@ def test_one_call_training_path_equals_the_step_by_step_path(cell, env_kwargs, m
     assert len(grads) == len(grads_ref) and len(grads) > 4
     for grad, grad_ref in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(grad, grad_ref, atol=1e-5, rtol=1e-4)
+
+
+# The cells of the benchmark's recurrent PPO agents, and the critic modes of the policy.
+BENCHMARK_CELLS = ("cfc", "ltc", "ctrnn", "lstm", "gru")
+CRITIC_MODES = {
+    "critic_cell": {"enable_critic_cell": True},
+    "linear_critic": {"enable_critic_cell": False},
+    "shared_cell": {"shared_cell": True, "enable_critic_cell": False},
+}
+# Short episodes (TimeLimit in control steps), so that several end inside each rollout.
+RESCORING_TASKS = {
+    "cartpole_p": ("cfc_rl/CartPole-P-v1", {"max_episode_steps": 20}),
+    "pendulum_p_irregular": (
+        "cfc_rl/Pendulum-P-v1",
+        {"irregular": (1, 4), "max_episode_steps": 12},
+    ),
+}
+
+
+def _rescore_rollout_buffer(model: RecurrentPPO, coverage: dict[str, int]) -> None:
+    """Re-score the rollout buffer exactly as RecurrentPPO.train does before its first
+    gradient step, and compare with what the rollout stored: the ratio must be 1."""
+    policy = model.policy
+    policy.set_training_mode(True)
+    for rollout_data in model.rollout_buffer.get(model.batch_size):
+        actions = rollout_data.actions
+        if isinstance(model.action_space, spaces.Discrete):
+            actions = rollout_data.actions.long().flatten()
+        mask = rollout_data.mask > 1e-8
+        with torch.no_grad():
+            values, log_prob, _ = policy.evaluate_actions(
+                rollout_data.observations,
+                actions,
+                rollout_data.lstm_states,
+                rollout_data.episode_starts,
+            )
+        torch.testing.assert_close(
+            log_prob[mask], rollout_data.old_log_prob[mask], atol=1e-5, rtol=1e-5
+        )
+        torch.testing.assert_close(
+            values.flatten()[mask], rollout_data.old_values[mask], atol=1e-5, rtol=1e-5
+        )
+        # What the minibatch asks of the policy: sequences that start an episode from the
+        # previous episode's stored (non-zero) state, which must be reset, and sequences that
+        # continue one from a stored state, which must be used.
+        hidden = rollout_data.lstm_states.pi[0][0]
+        first = rollout_data.episode_starts.reshape(len(hidden), -1)[:, 0] > 0.5
+        stored = hidden.abs().amax(dim=1) > 0
+        coverage["reset"] += int((first & stored).sum())
+        coverage["carried"] += int((~first & stored).sum())
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("task", sorted(RESCORING_TASKS))
+@pytest.mark.parametrize("critic", sorted(CRITIC_MODES))
+@pytest.mark.parametrize("cell", BENCHMARK_CELLS)
+def test_rescoring_the_rollout_buffer_gives_its_log_probs_and_values(cell, critic, task):
+    """The invariant of recurrent PPO: before any gradient step, evaluate_actions on the
+    buffer's padded minibatches (one call per minibatch, from the stored states, resetting at
+    episode starts) gives the log-probs and values the step-by-step rollout recorded."""
+    task_id, env_kwargs = RESCORING_TASKS[task]
+    env = make_vec_env(task_id, n_envs=4, seed=0, env_kwargs=env_kwargs)
+    if task == "pendulum_p_irregular":
+        env = VecNormalize(env, norm_obs_keys=["obs"])
+    policy_kwargs = {"net_arch": {"pi": [], "vf": [16]}, **CRITIC_MODES[critic]}
+    model = small_model(cell, env, batch_size=48, policy_kwargs=policy_kwargs)
+    coverage = {"rollouts": 0, "reset": 0, "carried": 0}
+    train = model.train
+
+    def rescore_then_train() -> None:
+        _rescore_rollout_buffer(model, coverage)
+        coverage["rollouts"] += 1
+        train()
+
+    model.train = rescore_then_train
+    # Two rollouts: the second starts from the states the first left and follows a gradient
+    # step, and the minibatches (48 of 128 steps) split episodes.
+    model.learn(2 * model.n_steps * env.num_envs)
+    assert coverage["rollouts"] == 2 and coverage["reset"] > 0 and coverage["carried"] > 0, coverage
 
 
 def test_elapsed_time_reaches_the_cell_unnormalised() -> None:
