@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
+from cfc_rl.envs import ConfigError
 from cfc_rl.experiment import cli
 from cfc_rl.experiment.evaluate import evaluate_run
 from cfc_rl.experiment.runs import RunError, RunFolder
@@ -128,6 +129,21 @@ def test_an_existing_run_needs_resume(tmp_path: Path) -> None:
     assert run.read_result()["num_timesteps"] == 256
 
 
+def test_a_budget_is_raised_timing_all_steps_and_never_lowered(tmp_path: Path) -> None:
+    agent, task = tiny_agent(tmp_path, "ppo_mlp"), tiny_task(tmp_path)
+    run = train(agent, task, out=tmp_path)
+    first = run.read_result()
+    assert first["timed_steps"] == first["num_timesteps"] == 256
+    files = {p: p.read_bytes() for p in run.root.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match=r"--steps 128: .* has trained 256 steps already"):
+        train(run_dir=run.root, resume=True, steps=128)
+    assert {p: p.read_bytes() for p in run.root.rglob("*") if p.is_file()} == files
+    raised = train(run_dir=run.root, resume=True, steps=512).read_result()
+    assert raised["num_timesteps"] == raised["timed_steps"] == 512
+    assert raised["training_s"] > first["training_s"]
+    assert raised["steps_per_s"] == pytest.approx(512 / raised["training_s"])
+
+
 @pytest.mark.parametrize("agent", ["ppo_gru", "sac_cfc"])
 def test_resume_after_an_interruption_reaches_the_same_step_count(
     tmp_path: Path, monkeypatch, capsys, agent: str
@@ -163,6 +179,10 @@ def test_resume_after_an_interruption_reaches_the_same_step_count(
     result = run.read_result()
     assert result["num_timesteps"] == expected
     assert result["total_timesteps"] == budget
+    # steps/s is timed over both sessions: the checkpoint carried the first one's training time
+    assert 0 < saved["training_s"] < result["training_s"]
+    assert result["timed_steps"] == result["num_timesteps"]
+    assert result["steps_per_s"] == pytest.approx(result["num_timesteps"] / result["training_s"])
     with np.load(run.evaluations) as data:
         timesteps = data["timesteps"].tolist()
     with np.load(reference.evaluations) as data:

@@ -43,23 +43,39 @@ class Checkpoints(BaseCallback):
         self.last_saved = 0
         self.rollout_start_steps = 0
         self.elapsed_before = 0.0
+        # None: the steps before this session were not timed (a checkpoint written before
+        # training time was recorded); checkpoints then leave it out
+        self.training_before: float | None = 0.0
+        self.evaluation: PeriodicEvaluation | None = None  # its time is not training time
         self.started = time.perf_counter()
+        self.rollout_start_training_s = 0.0
 
     def _on_training_start(self) -> None:
         self.last_saved = self.rollout_start_steps = self.num_timesteps
         self.started = time.perf_counter()
+        self.rollout_start_training_s = self.training_before or 0.0
 
     def _on_rollout_start(self) -> None:
         # Between rollouts (after the update on the previous one): a consistent state.
         self.rollout_start_steps = self.num_timesteps
+        self.rollout_start_training_s = self.training_s()
         if self.num_timesteps - self.last_saved >= self.every_steps:
             self.save(self.model)
+
+    def training_s(self) -> float:
+        """Training time so far, over all sessions: periodic evaluations excluded."""
+        evaluating = self.evaluation.seconds if self.evaluation is not None else 0.0
+        before = self.training_before or 0.0
+        return before + time.perf_counter() - self.started - evaluating
 
     def _on_step(self) -> bool:
         return True
 
-    def save(self, model: BaseAlgorithm) -> None:
-        """Write a checkpoint of ``model`` at its current step count."""
+    def save(self, model: BaseAlgorithm, training_s: float | None = None) -> None:
+        """Write a checkpoint of ``model`` at its current step count.
+
+        :param training_s: the training time at that step count (default: until now)
+        """
         folder, n = self.run.checkpoints, model.num_timesteps
         record: dict[str, Any] = {"steps": n, "model": f"step_{n}.zip"}
         atomic_write(folder / record["model"], model.save)
@@ -71,6 +87,8 @@ class Checkpoints(BaseCallback):
             record["replay_buffer"] = f"step_{n}_replay_buffer.pkl"
             atomic_write(folder / record["replay_buffer"], model.save_replay_buffer)
         record["elapsed_s"] = self.elapsed_before + time.perf_counter() - self.started
+        if self.training_before is not None:
+            record["training_s"] = self.training_s() if training_s is None else training_s
         atomic_write_text(self.run.latest_checkpoint, json.dumps(record, indent=2) + "\n")
         keep = {record[k] for k in ("model", "vecnormalize", "replay_buffer") if k in record}
         for path in folder.glob("step_*"):

@@ -244,6 +244,7 @@ def start_run(
             seed,
             model,
             elapsed_before=0.0,
+            training_before=0.0,
             progress_bar=progress_bar,
             on_evaluation=on_evaluation,
         )
@@ -283,6 +284,8 @@ def resume_run(
     record = run.read_config()
     agent, task = configs_from_record(record)
     seed = record["seed"]
+    if steps is not None:
+        _check_budget_not_below_trained(run, steps)
     task = task.replace(total_timesteps=steps)
     checkpoint = _latest_state(run)
     if checkpoint is None:  # nothing to continue from: start over in the same folder
@@ -315,6 +318,7 @@ def resume_run(
         seed,
         model,
         elapsed_before=checkpoint["elapsed_s"],
+        training_before=checkpoint.get("training_s"),
         progress_bar=progress_bar,
         resumed_at=checkpoint["steps"],
         on_evaluation=on_evaluation,
@@ -363,11 +367,15 @@ def _session(
     model: BaseAlgorithm,
     *,
     elapsed_before: float,
+    training_before: float | None,
     progress_bar: bool,
     resumed_at: int | None = None,
     on_evaluation: Callable[[int, float], None] | None = None,
 ) -> RunFolder:
-    """Learn to the budget with periodic evaluations and checkpoints, then :func:`_finish`."""
+    """Learn to the budget with periodic evaluations and checkpoints, then :func:`_finish`.
+
+    ``training_before``: the training time of the steps already made (None where a checkpoint
+    written before it was recorded: the speed is then timed over this session's steps)."""
     budget = task.train.total_timesteps
     eval_env = make_env(
         task, agent, n_envs=min(4, task.eval.episodes), seed=evaluation_seed(seed), training=False
@@ -391,6 +399,8 @@ def _session(
     )
     checkpoints = Checkpoints(run, every_steps=max(1, budget // CHECKPOINTS_PER_RUN))
     checkpoints.elapsed_before = elapsed_before
+    checkpoints.training_before = training_before
+    checkpoints.evaluation = evaluation
     callbacks = [checkpoints, evaluation]
     if progress_bar:
         callbacks.append(ProgressBar(final_step_count(model, budget)))
@@ -406,7 +416,7 @@ def _session(
         # The partial rollout is lost anyway: rewind the step count to the rollout's start,
         # so that the resumed run ends where an uninterrupted one does.
         model.num_timesteps = checkpoints.rollout_start_steps
-        checkpoints.save(model)
+        checkpoints.save(model, training_s=checkpoints.rollout_start_training_s)
         raise TrainingInterrupted(
             f"interrupted at {model.num_timesteps} of {budget} steps; checkpoint saved. "
             f"Resume with: cfc-rl train --resume --run-dir {run.root}"
@@ -417,10 +427,12 @@ def _session(
         if resumed_at is not None:
             merge_progress(run, resumed_at)
     session = time.perf_counter() - start_time
-    evaluated = evaluation.seconds  # the periodic evaluations: not training throughput
-    training_rate = (model.num_timesteps - steps_before) / max(session - evaluated, 1e-9)
+    if training_before is None:
+        timed_steps, training_s = model.num_timesteps - steps_before, checkpoints.training_s()
+    else:
+        timed_steps, training_s = model.num_timesteps, checkpoints.training_s()
     eval_env.close()
-    _finish(run, agent, task, seed, model, elapsed_before + session, training_rate)
+    _finish(run, agent, task, seed, model, elapsed_before + session, timed_steps, training_s)
     return run
 
 
@@ -447,11 +459,13 @@ def _finish(
     seed: int,
     model: BaseAlgorithm,
     wall_clock: float,
-    steps_per_s: float,
+    timed_steps: int,
+    training_s: float,
 ) -> None:
     """The final model and its statistics, the final evaluation (exactly what
     ``cfc-rl evaluate`` computes by default), and ``result.json`` (written last: it marks the
-    run complete)."""
+    run complete). ``steps_per_s``: ``timed_steps`` (the run's, or where its first sessions
+    were not timed, the last session's) over their ``training_s`` (evaluations excluded)."""
     from cfc_rl.experiment.evaluate import EPISODES_CSV, evaluate_run
 
     atomic_write(run.model, model.save)
@@ -478,7 +492,9 @@ def _finish(
         "eval_seed": evaluation_seed(seed),
         "eval_deterministic": final["deterministic"],
         "wall_clock_s": wall_clock,
-        "steps_per_s": steps_per_s,
+        "steps_per_s": timed_steps / max(training_s, 1e-9),
+        "timed_steps": timed_steps,
+        "training_s": training_s,
         "params": count_parameters(model),
         "device": str(model.device),
     }
@@ -572,6 +588,22 @@ def configs_from_record(record: Mapping[str, Any]) -> tuple[AgentConfig, Task]:
     )
 
 
+def _check_budget_not_below_trained(run: RunFolder, steps: int) -> None:
+    """A budget below the steps a run has made cannot be trained to.
+
+    :raises ConfigError: naming both
+    """
+    result, checkpoint = run.read_result(), run.read_checkpoint()
+    trained = max(
+        result["total_timesteps"] if result is not None else 0,
+        checkpoint["steps"] if checkpoint is not None else 0,
+    )
+    if steps < trained:
+        raise ConfigError(
+            f"--steps {steps}: {run.root} has trained {trained} steps already; give at least that"
+        )
+
+
 def _latest_state(run: RunFolder) -> dict[str, Any] | None:
     """What to resume from: the latest checkpoint, or the final model of a complete run
     (whose budget is being raised), or None to start over (no checkpoint was written)."""
@@ -582,6 +614,8 @@ def _latest_state(run: RunFolder) -> dict[str, Any] | None:
         run.checkpoints.mkdir(exist_ok=True)
         n = result["num_timesteps"]
         checkpoint = {"steps": n, "model": f"step_{n}.zip", "elapsed_s": result["wall_clock_s"]}
+        if result.get("timed_steps") == n:  # timed over all its steps: the raise adds to it
+            checkpoint["training_s"] = result["training_s"]
         shutil.copyfile(run.model, run.checkpoints / checkpoint["model"])
         if run.vecnormalize.exists():
             checkpoint["vecnormalize"] = f"step_{n}_vecnormalize.pkl"
