@@ -144,6 +144,26 @@ def test_a_budget_is_raised_timing_all_steps_and_never_lowered(tmp_path: Path) -
     assert raised["steps_per_s"] == pytest.approx(512 / raised["training_s"])
 
 
+def test_ctrl_c_before_a_resumed_session_trains_keeps_its_checkpoint(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from stable_baselines3.common.base_class import BaseAlgorithm
+
+    agent, task = tiny_agent(tmp_path, "ppo_mlp"), tiny_task(tmp_path)
+    run = train(agent, task, out=tmp_path)
+    trained_s = run.read_result()["training_s"]
+
+    def ctrl_c(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(BaseAlgorithm, "_setup_learn", ctrl_c)
+    with pytest.raises(TrainingInterrupted, match="interrupted at 256 of 512 steps"):
+        train(run_dir=run.root, resume=True, steps=512)
+    saved = run.read_checkpoint()
+    assert saved["steps"] == 256 and (run.checkpoints / saved["model"]).exists()
+    assert saved["training_s"] == trained_s
+
+
 @pytest.mark.parametrize("agent", ["ppo_gru", "sac_cfc"])
 def test_resume_after_an_interruption_reaches_the_same_step_count(
     tmp_path: Path, monkeypatch, capsys, agent: str

@@ -401,6 +401,9 @@ def _session(
     checkpoints.elapsed_before = elapsed_before
     checkpoints.training_before = training_before
     checkpoints.evaluation = evaluation
+    # what a Ctrl-C before learn's first callback saves: the state the session began from
+    checkpoints.last_saved = checkpoints.rollout_start_steps = model.num_timesteps
+    checkpoints.rollout_start_training_s = training_before or 0.0
     callbacks = [checkpoints, evaluation]
     if progress_bar:
         callbacks.append(ProgressBar(final_step_count(model, budget)))
