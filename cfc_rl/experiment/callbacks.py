@@ -34,26 +34,34 @@ class Checkpoints(BaseCallback):
 
     :param run: the run folder
     :param every_steps: environment steps between two checkpoints
+    :param steps: the step count the session starts from
+    :param elapsed_before: the run's wall clock before this session
+    :param training_before: its training time before this session (None: those steps were not
+        timed, a checkpoint written before training time was recorded; checkpoints then leave
+        it out)
+    :param evaluation: the session's periodic evaluations, whose time is not training time
     """
 
-    def __init__(self, run: RunFolder, every_steps: int) -> None:
+    def __init__(
+        self,
+        run: RunFolder,
+        every_steps: int,
+        *,
+        steps: int = 0,
+        elapsed_before: float = 0.0,
+        training_before: float | None = 0.0,
+        evaluation: PeriodicEvaluation | None = None,
+    ) -> None:
         super().__init__()
         self.run = run
         self.every_steps = every_steps
-        self.last_saved = 0
-        self.rollout_start_steps = 0
-        self.elapsed_before = 0.0
-        # None: the steps before this session were not timed (a checkpoint written before
-        # training time was recorded); checkpoints then leave it out
-        self.training_before: float | None = 0.0
-        self.evaluation: PeriodicEvaluation | None = None  # its time is not training time
+        self.elapsed_before = elapsed_before
+        self.training_before = training_before
+        self.evaluation = evaluation
         self.started = time.perf_counter()
-        self.rollout_start_training_s = 0.0
-
-    def _on_training_start(self) -> None:
-        self.last_saved = self.rollout_start_steps = self.num_timesteps
-        self.started = time.perf_counter()
-        self.rollout_start_training_s = self.training_before or 0.0
+        # What a Ctrl-C before the first rollout saves: the state the session starts from.
+        self.last_saved = self.rollout_start_steps = steps
+        self.rollout_start_training_s = training_before or 0.0
 
     def _on_rollout_start(self) -> None:
         # Between rollouts (after the update on the previous one): a consistent state.
@@ -70,6 +78,13 @@ class Checkpoints(BaseCallback):
 
     def _on_step(self) -> bool:
         return True
+
+    def save_at_rollout_start(self, model: BaseAlgorithm) -> None:
+        """On Ctrl-C: the partial rollout is lost anyway, so rewind the step count (and training
+        time) to the rollout's start and save there; the resumed run then ends where an
+        uninterrupted one does."""
+        model.num_timesteps = self.rollout_start_steps
+        self.save(model, training_s=self.rollout_start_training_s)
 
     def save(self, model: BaseAlgorithm, training_s: float | None = None) -> None:
         """Write a checkpoint of ``model`` at its current step count.

@@ -397,13 +397,14 @@ def _session(
         deterministic=task.eval.deterministic,
         on_evaluation=on_evaluation,
     )
-    checkpoints = Checkpoints(run, every_steps=max(1, budget // CHECKPOINTS_PER_RUN))
-    checkpoints.elapsed_before = elapsed_before
-    checkpoints.training_before = training_before
-    checkpoints.evaluation = evaluation
-    # what a Ctrl-C before learn's first callback saves: the state the session began from
-    checkpoints.last_saved = checkpoints.rollout_start_steps = model.num_timesteps
-    checkpoints.rollout_start_training_s = training_before or 0.0
+    checkpoints = Checkpoints(
+        run,
+        every_steps=max(1, budget // CHECKPOINTS_PER_RUN),
+        steps=model.num_timesteps,
+        elapsed_before=elapsed_before,
+        training_before=training_before,
+        evaluation=evaluation,
+    )
     callbacks = [checkpoints, evaluation]
     if progress_bar:
         callbacks.append(ProgressBar(final_step_count(model, budget)))
@@ -416,10 +417,7 @@ def _session(
             reset_num_timesteps=resumed_at is None,
         )
     except KeyboardInterrupt:
-        # The partial rollout is lost anyway: rewind the step count to the rollout's start,
-        # so that the resumed run ends where an uninterrupted one does.
-        model.num_timesteps = checkpoints.rollout_start_steps
-        checkpoints.save(model, training_s=checkpoints.rollout_start_training_s)
+        checkpoints.save_at_rollout_start(model)
         raise TrainingInterrupted(
             f"interrupted at {model.num_timesteps} of {budget} steps; checkpoint saved. "
             f"Resume with: cfc-rl train --resume --run-dir {run.root}"
@@ -430,10 +428,9 @@ def _session(
         if resumed_at is not None:
             merge_progress(run, resumed_at)
     session = time.perf_counter() - start_time
-    if training_before is None:
-        timed_steps, training_s = model.num_timesteps - steps_before, checkpoints.training_s()
-    else:
-        timed_steps, training_s = model.num_timesteps, checkpoints.training_s()
+    # where the steps before this session were not timed, the speed is this session's
+    timed_steps = model.num_timesteps - (steps_before if training_before is None else 0)
+    training_s = checkpoints.training_s()
     eval_env.close()
     _finish(run, agent, task, seed, model, elapsed_before + session, timed_steps, training_s)
     return run
