@@ -25,11 +25,11 @@ from cfc_rl.experiment.benchmark import (
     read_headline,
     report,
     select,
-    stale_runs,
     tune_cells,
     verdict,
 )
 from cfc_rl.experiment.compare import plan_jobs
+from cfc_rl.experiment.jobs import stale_runs
 from cfc_rl.experiment.runs import RunError, RunFolder, dump_yaml
 from cfc_rl.experiment.tasks import load_task
 
@@ -426,7 +426,7 @@ def test_run_refuses_stale_runs_before_training(tmp_path: Path, capsys) -> None:
     config.write_text(dump_yaml(data))
     assert cli.main(["benchmark", "run", "--grid", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "1 complete run(s) were trained with other settings" in err
+    assert "1 run(s) were started with other settings" in err
     assert "task.train.n_envs was 99" in err
     assert cli.main(["benchmark", "run", "--grid", str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out

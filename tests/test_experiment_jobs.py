@@ -12,10 +12,10 @@ import yaml
 
 from cfc_rl.experiment import cli
 from cfc_rl.experiment.algorithms import ALGORITHMS, algorithm
-from cfc_rl.experiment.compare import plan_jobs
+from cfc_rl.experiment.compare import plan_jobs, run_jobs
 from cfc_rl.experiment.executors import LocalExecutor
-from cfc_rl.experiment.jobs import Job, run_job
-from cfc_rl.experiment.runs import RunFolder
+from cfc_rl.experiment.jobs import Job, run_job, stale_runs
+from cfc_rl.experiment.runs import RunError, RunFolder
 from cfc_rl.nn import cpu_extensions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,6 +53,35 @@ def test_a_job_is_plain_data_and_runs_without_the_files_it_came_from(tmp_path: P
     assert record == run.read_result() and record["seed"] == 1
     assert record["num_timesteps"] >= 256 and job.is_complete()
     assert run.read_config()["agent"]["hyperparams"] == job.agent["hyperparams"]
+
+
+def test_a_run_started_with_other_settings_is_neither_skipped_nor_continued(
+    tmp_path: Path,
+) -> None:
+    agent, task = _files(tmp_path)
+    job = plan_jobs([agent], [task], seeds=1, out=tmp_path / "out")[0]
+    run_job(job)
+    run = RunFolder(Path(job.run_dir))
+    run.result.unlink()  # a partial run, as one stopped between two checkpoints
+    files = {p: p.stat().st_mtime_ns for p in run.root.rglob("*")}
+    agent.write_text(agent.read_text().replace("n_epochs: 1", "n_epochs: 2"))
+    changed = plan_jobs([agent], [task], seeds=1, out=tmp_path / "out")[0]
+    difference = "agent.hyperparams.n_epochs was 1, is now 2"
+    assert stale_runs([changed]) == [f"{changed.run_dir}: {difference}"]
+    with pytest.raises(
+        RunError, match=rf"^1 run\(s\) were started with other settings.*{difference}"
+    ):
+        run_jobs([changed])
+    with pytest.raises(RunError, match=rf"configured otherwise than this job \({difference}\)"):
+        run_job(changed)
+    assert {p: p.stat().st_mtime_ns for p in run.root.rglob("*")} == files
+
+    # A new budget is the same run, continued to it.
+    agent.write_text(agent.read_text().replace("n_epochs: 2", "n_epochs: 1"))
+    longer = plan_jobs([agent], [task], seeds=1, steps=512, out=tmp_path / "out")[0]
+    assert stale_runs([longer]) == []
+    [result] = run_jobs([longer])
+    assert result.status == "done" and result.record["num_timesteps"] >= 512
 
 
 def test_the_local_executor_reports_a_failing_job_and_runs_the_others(tmp_path: Path) -> None:

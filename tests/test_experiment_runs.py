@@ -16,12 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from cfc_rl.envs import ConfigError
 from cfc_rl.experiment import cli
 from cfc_rl.experiment.evaluate import evaluate_run
 from cfc_rl.experiment.runs import RunError, RunFolder
+from cfc_rl.experiment.callbacks import merge_progress
 from cfc_rl.experiment.train import Checkpoints, TrainingInterrupted, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,9 +126,71 @@ def test_an_existing_run_needs_resume(tmp_path: Path) -> None:
     train(agent, task, out=tmp_path)
     with pytest.raises(FileExistsError, match="--resume"):
         train(agent, task, out=tmp_path)
-    # A complete run resumed to the same budget is left as it is.
+    # A complete run resumed to the same budget is left as it is, its config.yaml included.
+    files = {p: p.read_bytes() for p in (tmp_path / "cartpole_p").rglob("*") if p.is_file()}
     run = train(agent, task, out=tmp_path, resume=True)
     assert run.read_result()["num_timesteps"] == 256
+    assert {p: p.read_bytes() for p in run.root.rglob("*") if p.is_file()} == files
+
+
+def _session_spy(monkeypatch) -> dict:
+    """What a session starts from: torch's seed, the environments' next seeds, the replay
+    buffer's transitions."""
+    import cfc_rl.experiment.train as train_module
+
+    seen: dict = {}
+    real = train_module._session
+
+    def spy(run, agent, task, seed, model, **kwargs):
+        env = model.get_env()
+        while hasattr(env, "venv"):
+            env = env.venv
+        seen["torch_seed"] = torch.initial_seed()
+        seen["env_seeds"] = list(env._seeds)
+        buffer = getattr(model, "replay_buffer", None)
+        seen["transitions"] = buffer.size() * model.n_envs if buffer is not None else None
+        return real(run, agent, task, seed, model, **kwargs)
+
+    monkeypatch.setattr(train_module, "_session", spy)
+    return seen
+
+
+def test_a_resumed_session_draws_new_random_numbers(tmp_path: Path, monkeypatch) -> None:
+    agent, task = tiny_agent(tmp_path, "ppo_mlp"), tiny_task(tmp_path)
+    run = train(agent, task, out=tmp_path, seed=3)
+    seen = _session_spy(monkeypatch)
+    train(run_dir=run.root, resume=True, steps=512)
+    # seeded as the environments are (seed + steps made), not with the first session's seed
+    assert seen["torch_seed"] == 3 + 256
+    assert seen["env_seeds"] == [3 + 256, 3 + 256 + 1]
+
+
+def test_raising_an_off_policy_budget_keeps_the_replay_buffer(tmp_path: Path, monkeypatch) -> None:
+    agent, task = tiny_agent(tmp_path, "sac_cfc"), tiny_task(tmp_path, "pendulum_p_irregular")
+    run = train(agent, task, out=tmp_path)
+    seen = _session_spy(monkeypatch)
+    raised = train(run_dir=run.root, resume=True, steps=384).read_result()
+    assert seen["transitions"] == 256 and raised["num_timesteps"] == 384
+
+
+def test_a_crash_while_raising_a_budget_keeps_the_final_model(tmp_path: Path, monkeypatch) -> None:
+    import cfc_rl.experiment.train as train_module
+
+    agent, task = tiny_agent(tmp_path, "ppo_mlp"), tiny_task(tmp_path)
+    run = train(agent, task, out=tmp_path)
+    shutil.rmtree(run.checkpoints)  # as a run finished before final states were checkpointed
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("the machine went away")
+
+    monkeypatch.setattr(train_module, "_session", crash)
+    with pytest.raises(RuntimeError):
+        train(run_dir=run.root, resume=True, steps=512)
+    assert run.read_result() is None
+    saved = run.read_checkpoint()
+    assert saved["steps"] == 256 and (run.checkpoints / saved["model"]).exists()
+    monkeypatch.undo()
+    assert train(run_dir=run.root, resume=True, steps=512).read_result()["num_timesteps"] == 512
 
 
 def test_a_budget_is_raised_timing_all_steps_and_never_lowered(tmp_path: Path) -> None:
@@ -209,10 +273,27 @@ def test_resume_after_an_interruption_reaches_the_same_step_count(
         assert timesteps == data["timesteps"].tolist()  # same evaluation points, no repeats
     # One progress.csv: the resumed session's rows appended, the redone steps not twice; every
     # row, evaluations included, has its step count.
-    assert not (run.root / "progress.resumed.csv").exists()
+    assert not list(run.root.glob("progress.resumed*"))
     with (run.root / "progress.csv").open() as f:
         logged = [int(float(r["time/total_timesteps"])) for r in csv.DictReader(f)]
     assert logged == sorted(logged) and logged[-1] > saved["steps"]
+
+
+def test_the_log_of_two_sessions_that_died_holds_each_step_once(tmp_path: Path) -> None:
+    def write(name: str, steps: list[int]) -> None:
+        lines = ["time/total_timesteps,train/loss", *(f"{n},{n / 1000}" for n in steps)]
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+
+    # The first session logged to step 500 and died; its last checkpoint was at 300. The second
+    # resumed at 300, logged to 600 and died too, with a checkpoint at 450.
+    write("progress.csv", [100, 200, 300, 400, 500])
+    write("progress.resumed_300.csv", [400, 500, 600])
+    merge_progress(RunFolder(tmp_path), until=450)  # the third session resumes at 450
+    with (tmp_path / "progress.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["time/total_timesteps"]) for r in rows] == [100, 200, 300, 400]
+    assert rows[-1]["train/loss"] == "0.4"  # the second session's row, which training kept
+    assert not (tmp_path / "progress.resumed_300.csv").exists()
 
 
 def test_sac_on_discrete_actions_says_why(tmp_path: Path) -> None:

@@ -12,8 +12,8 @@ import dataclasses
 import re
 from pathlib import Path
 
-from cfc_rl.experiment.benchmark import stale_runs
 from cfc_rl.experiment.compare import plan_jobs
+from cfc_rl.experiment.jobs import stale_runs
 from cfc_rl.experiment.runs import RunFolder
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -75,13 +75,12 @@ from cfc_rl.envs import ConfigError
 from cfc_rl.envs.config import read_yaml
 from cfc_rl.experiment.compare import interval_columns, plan_jobs, plot_curves
 from cfc_rl.experiment.executors import Executor, JobResult
-from cfc_rl.experiment.jobs import Job
+from cfc_rl.experiment.jobs import Job, first_difference
 from cfc_rl.experiment.runs import (
     RunError,
     RunFolder,
     atomic_write,
     atomic_write_text,
-    dump_yaml,
     write_csv,
 )
 from cfc_rl.experiment.statistics import iqm_and_mean_intervals, probability_of_improvement_interval
@@ -678,35 +677,6 @@ def _adopted_lines(lines: list[str], task: str) -> tuple[int, int]:
     return start, end
 
 
-def stale_runs(jobs: Sequence[Job]) -> list[str]:
-    """The jobs whose run folder holds a complete run trained with other settings than the
-    job's (the agent or task file changed since): one line each, naming the first difference."""
-    lines = []
-    for job in jobs:
-        if not job.is_complete():
-            continue
-        config = RunFolder(Path(job.run_dir)).read_config()
-        for part in ("agent", "task"):
-            now = yaml.safe_load(dump_yaml(getattr(job, part)))
-            difference = _first_difference(config.get(part), now)
-            if difference:
-                lines.append(f"{job.run_dir}: {part}.{difference}")
-                break
-    return lines
-
-
-def _first_difference(old: Any, new: Any, where: str = "") -> str | None:
-    if isinstance(old, Mapping) and isinstance(new, Mapping):
-        for key in sorted(set(old) | set(new), key=str):
-            found = _first_difference(old.get(key), new.get(key), f"{where}{key}.")
-            if found:
-                return found
-        return None
-    if old != new:
-        return f"{where[:-1]} was {old!r}, is now {new!r}"
-    return None
-
-
 def run_benchmark(
     grid: Grid,
     jobs: Sequence[Job],
@@ -715,19 +685,11 @@ def run_benchmark(
 ) -> list[JobResult]:
     """Train the jobs that are not complete, then write the report.
 
-    :raises RunError: if a complete run was trained with settings the files no longer give
-        (before anything trains)
+    :raises RunError: if a run was started with settings the files no longer give (before
+        anything trains)
     """
     from cfc_rl.experiment.compare import run_jobs
 
-    stale = stale_runs(jobs)
-    if stale:
-        raise RunError(
-            f"{len(stale)} complete run(s) were trained with other settings than the agent and "
-            f"task files give now; delete them to train them again, or restore the files: "
-            + "; ".join(stale[:3])
-            + (" ..." if len(stale) > 3 else "")
-        )
     results = run_jobs(jobs, executor, on_result)
     report(grid)
     return results
@@ -773,7 +735,7 @@ def _collect(grid: Grid, tier: Tier) -> dict[tuple[str, str], _Cell]:
                 if settings is None:
                     settings = (folder, these)
                 else:
-                    difference = _first_difference(settings[1], these)
+                    difference = first_difference(settings[1], these)
                     if difference:
                         raise RunError(
                             f"{folder} and {settings[0]} were trained with different settings "

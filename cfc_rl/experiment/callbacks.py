@@ -10,6 +10,7 @@ import pickle
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -221,41 +222,51 @@ class PeriodicEvaluation(BaseCallback):
 
 
 PROGRESS_CSV = "progress.csv"
-RESUMED_PROGRESS_CSV = "progress.resumed.csv"
 
 
-def make_logger(run: RunFolder, resumed: bool) -> Logger:
-    """SB3's CSV and TensorBoard logs of a training session. A resumed session writes its CSV
-    rows to a file of its own, which :func:`merge_progress` appends to ``progress.csv``."""
-    name = RESUMED_PROGRESS_CSV if resumed else PROGRESS_CSV
-    csv_format = CSVOutputFormat(str(run.root / name))
-    return Logger(str(run.root), [csv_format, TensorBoardOutputFormat(str(run.tensorboard))])
+def _segment(run: RunFolder, resumed_at: int) -> Path:
+    return run.root / f"progress.resumed_{resumed_at}.csv"
 
 
-def merge_progress(run: RunFolder, resumed_at: int) -> None:
-    """Append a resumed session's rows to ``progress.csv`` (columns joined by name), after
-    dropping the rows the earlier sessions logged past ``resumed_at``: the resumed session
-    trained those steps again."""
-    segment = run.root / RESUMED_PROGRESS_CSV
-    if not segment.exists():
-        return
-    rows, columns = [], {}
-    for path, keep_until in ((run.root / PROGRESS_CSV, resumed_at), (segment, None)):
-        if not path.exists():
-            continue
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            columns.update(dict.fromkeys(reader.fieldnames or []))
-            for row in reader:
-                steps = row.get("time/total_timesteps") or ""
-                if keep_until is None or not steps or float(steps) <= keep_until:
-                    rows.append(row)
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(columns), restval="")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(run.root / PROGRESS_CSV, text.getvalue())
-    segment.unlink()
+def make_logger(run: RunFolder, resumed_at: int | None) -> Logger:
+    """SB3's CSV and TensorBoard logs of a training session. A session resumed at step
+    ``resumed_at`` writes its CSV rows to a file of its own named after that step, which
+    :func:`merge_progress` appends to ``progress.csv``."""
+    path = run.root / PROGRESS_CSV if resumed_at is None else _segment(run, resumed_at)
+    return Logger(
+        str(run.root), [CSVOutputFormat(str(path)), TensorBoardOutputFormat(str(run.tensorboard))]
+    )
+
+
+def merge_progress(run: RunFolder, until: int | None = None) -> None:
+    """Append a resumed session's rows (``progress.resumed_<n>.csv``: it resumed at step n) to
+    ``progress.csv``, columns joined by name. The rows ``progress.csv`` holds past step n are
+    dropped (that session trained those steps again), and, with ``until``, the session's own
+    rows past it: a session that died, whose steps after its checkpoint at ``until`` the next
+    session trains again."""
+    segments = sorted(
+        run.root.glob("progress.resumed_*.csv"),
+        key=lambda p: int(p.stem.removeprefix("progress.resumed_")),
+    )
+    for segment in segments:
+        resumed_at = int(segment.stem.removeprefix("progress.resumed_"))
+        rows, columns = [], {}
+        for path, keep_until in ((run.root / PROGRESS_CSV, resumed_at), (segment, until)):
+            if not path.exists():
+                continue
+            with path.open(newline="") as f:
+                reader = csv.DictReader(f)
+                columns.update(dict.fromkeys(reader.fieldnames or []))
+                for row in reader:
+                    steps = row.get("time/total_timesteps") or ""
+                    if keep_until is None or not steps or float(steps) <= keep_until:
+                        rows.append(row)
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=list(columns), restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(run.root / PROGRESS_CSV, text.getvalue())
+        segment.unlink()
 
 
 class ProgressBar(BaseCallback):

@@ -435,7 +435,8 @@ def _benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 def _dry_run(grid: Any, cells: list, jobs: list, held: list, waiting: set[tuple[str, str]]) -> None:
     """The runs to train, then what they, the runs waiting for a search and the missing
     searches would cost at the speeds the committed runs measured (one core per run)."""
-    from cfc_rl.experiment.benchmark import estimate_seconds, measured_speeds, stale_runs
+    from cfc_rl.experiment.benchmark import estimate_seconds, measured_speeds
+    from cfc_rl.experiment.jobs import stale_runs
     from cfc_rl.experiment.tune import SEARCH_STATE
 
     speeds = measured_speeds(grid)

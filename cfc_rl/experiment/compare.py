@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from cfc_rl.experiment.executors import Executor, JobResult, LocalExecutor
-from cfc_rl.experiment.jobs import Job
-from cfc_rl.experiment.runs import RunFolder, atomic_write, atomic_write_text, write_csv
+from cfc_rl.experiment.jobs import Job, stale_runs
+from cfc_rl.experiment.runs import RunError, RunFolder, atomic_write, atomic_write_text, write_csv
 from cfc_rl.experiment.statistics import BOOTSTRAP_REPS, curve_intervals, iqm_and_mean_intervals
 
 __all__ = [
@@ -115,9 +115,19 @@ def run_jobs(
     :param executor: where they run (default: :class:`LocalExecutor` with one job)
     :param on_result: called with each job's result as it finishes, skipped ones included
     :return: the job results, skipped ones included
+    :raises RunError: if a job's folder holds a run started with other settings (before
+        anything trains: such a run is neither done nor to be continued)
     """
     from cfc_rl.experiment.train import compile_cells, configs_from_record
 
+    stale = stale_runs(jobs)
+    if stale:
+        raise RunError(
+            f"{len(stale)} run(s) were started with other settings than the agent and task "
+            "files give now; delete them to train them again, or restore the files: "
+            + "; ".join(stale[:3])
+            + (" ..." if len(stale) > 3 else "")
+        )
     todo, results = [], []
     for job in jobs:
         if job.is_complete():

@@ -7,17 +7,20 @@ A :class:`Job` carries the resolved agent and task (the same plain data a run re
 
 from __future__ import annotations
 
+import copy
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cfc_rl.experiment.runs import RunFolder
+import yaml
+
+from cfc_rl.experiment.runs import RunError, RunFolder, dump_yaml
 from cfc_rl.experiment.settings import AgentConfig
 from cfc_rl.experiment.tasks import Task
 
-__all__ = ["Job", "run_job"]
+__all__ = ["Job", "first_difference", "run_job", "stale_runs"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,62 @@ class Job:
         """Whether its run folder already holds a run trained to its budget."""
         return RunFolder(Path(self.run_dir)).is_complete(self.budget)
 
+    def difference_from_run(self) -> str | None:
+        """How the run already in its folder was configured otherwise than this job (the
+        first difference, e.g. ``agent.hyperparams.learning_rate was 0.5, is now 0.001``), or
+        None where the folder holds no run or the same configuration. The budget is left
+        out: resuming a run to a new budget continues the same run."""
+        run = RunFolder(Path(self.run_dir))
+        if not run.config.exists():
+            return None
+        record = run.read_config()
+        for part in ("agent", "task"):
+            # through YAML, as the record was: tuples become lists
+            recorded, now = (
+                _without_budget(part, data)
+                for data in (record.get(part), yaml.safe_load(dump_yaml(getattr(self, part))))
+            )
+            difference = first_difference(recorded, now)
+            if difference:
+                return f"{part}.{difference}"
+        return None
+
+
+def _without_budget(part: str, data: Any) -> Any:
+    if part != "task" or not isinstance(data, Mapping) or "train" not in data:
+        return data
+    data = copy.deepcopy(dict(data))
+    if isinstance(data["train"], dict):
+        data["train"].pop("total_timesteps", None)
+    return data
+
+
+def first_difference(old: Any, new: Any, where: str = "") -> str | None:
+    """The first key path (in sorted order) where two nested mappings differ, with both
+    values, or None where they are equal."""
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        for key in sorted(set(old) | set(new), key=str):
+            found = first_difference(old.get(key), new.get(key), f"{where}{key}.")
+            if found:
+                return found
+        return None
+    if old != new:
+        return f"{where[:-1]} was {old!r}, is now {new!r}"
+    return None
+
+
+def stale_runs(jobs: Sequence[Job]) -> list[str]:
+    """The jobs whose folder holds a run, complete or not, configured otherwise than the job
+    (the agent or task file changed since it started): one line each, naming the first
+    difference. Such a run is neither skipped as done nor continued: it must be deleted or
+    its files restored."""
+    lines = []
+    for job in jobs:
+        difference = job.difference_from_run()
+        if difference:
+            lines.append(f"{job.run_dir}: {difference}")
+    return lines
+
 
 def run_job(job: Job, on_evaluation: Callable[[int, float], None] | None = None) -> dict[str, Any]:
     """Train the job to completion, resuming a partial run in its folder; returns the run's
@@ -79,6 +138,7 @@ def run_job(job: Job, on_evaluation: Callable[[int, float], None] | None = None)
 
     :param on_evaluation: called with the step count and mean return of every periodic
         evaluation (a hyperparameter search reports them to its scheduler)
+    :raises RunError: if the folder holds a run configured otherwise (:func:`stale_runs`)
     """
     import torch
 
@@ -86,6 +146,12 @@ def run_job(job: Job, on_evaluation: Callable[[int, float], None] | None = None)
 
     torch.set_num_threads(job.threads)
     run = RunFolder(Path(job.run_dir))
+    difference = job.difference_from_run()
+    if difference:
+        raise RunError(
+            f"{run.root} holds a run configured otherwise than this job ({difference}); "
+            "delete it to train it again, or restore the agent and task files"
+        )
     if run.config.exists():
         resume_run(run.root, steps=job.budget, device=job.device, on_evaluation=on_evaluation)
     else:

@@ -12,12 +12,18 @@ Layout of ``runs/<task>/<agent>/seed_<n>/``::
     best.json            and its step count and mean return)
     monitor/             one Monitor CSV per training environment
     progress.csv         SB3's training log; tb/ holds the same as TensorBoard events
+    progress.resumed_<n>.csv  the log of a session resumed at step n (merged when it ends)
     evaluations.csv/.npz periodic evaluations during training (returns, lengths)
     evaluation_episodes.csv   per-episode results of the final evaluation
     evaluate_episodes.csv     per-episode results of the latest ``cfc-rl evaluate``
 
-Every file is written atomically (:func:`atomic_write`): to a temporary file in the same folder,
-then ``os.replace``, so an interruption leaves the old file or the new one, never half of one.
+Every file written whole is written atomically (:func:`atomic_write`): to a temporary file in
+the same folder, then ``os.replace``, so an interruption leaves the old file or the new one,
+never half of one. The logs that grow while training (``monitor/``, ``tb/`` and a session's CSV
+log) are appended to. A resumed run drops the rows ``progress.csv`` holds past its checkpoint
+(it trains those steps again); the Monitor files keep every episode played and ``tb/`` every
+event, so they show the steps trained twice twice. ``best_model.zip`` is the best periodic
+evaluation made, one by a session whose later steps were trained again included.
 """
 
 from __future__ import annotations
@@ -195,7 +201,6 @@ class RunFolder:
         model (what a run that starts over must not inherit)."""
         names = (
             "progress.csv",
-            "progress.resumed.csv",
             "evaluations.npz",
             "evaluations.csv",
             "evaluation_episodes.csv",
@@ -204,7 +209,9 @@ class RunFolder:
             "best_vecnormalize.pkl",
             "best.json",
         )
-        return tuple(self.root / name for name in names)
+        # progress.resumed_<n>.csv: the log of a session resumed at step n, not merged yet
+        resumed = sorted(self.root.glob("progress.resumed_*.csv"))
+        return (*(self.root / name for name in names), *resumed)
 
     def read_config(self) -> dict[str, Any]:
         """The resolved configuration the run was started with.

@@ -287,6 +287,9 @@ def resume_run(
     if steps is not None:
         _check_budget_not_below_trained(run, steps)
     task = task.replace(total_timesteps=steps)
+    if run.is_complete(task.train.total_timesteps):
+        logger.info("%s is already complete (%d steps)", run.root, task.train.total_timesteps)
+        return run
     checkpoint = _latest_state(run)
     if checkpoint is None:  # nothing to continue from: start over in the same folder
         return start_run(
@@ -300,15 +303,15 @@ def resume_run(
         )
     compile_cells(agent)
     atomic_write_text(run.config, dump_yaml(config_record(agent, task, seed, device)))
-    if run.is_complete(task.train.total_timesteps):
-        logger.info("%s is already complete (%d steps)", run.root, task.train.total_timesteps)
-        return run
     run.result.unlink(missing_ok=True)  # no longer complete: the budget was raised
-    merge_progress(run, checkpoint["steps"])  # rows of a session that died without merging
+    merge_progress(run, until=checkpoint["steps"])  # rows of a session that died unmerged
     env = _training_env(agent, task, seed + checkpoint["steps"], run, checkpoint)
     model = load_model(
         algorithm(agent.algo).cls, run.checkpoints / checkpoint["model"], env=env, device=device
     )
+    # SB3's load seeds torch, numpy and the environments with the run's seed again: the
+    # resumed session would replay the first session's random numbers and starting states.
+    model.set_random_seed(seed + checkpoint["steps"])
     if checkpoint.get("replay_buffer"):
         load_replay_buffer(model, run.checkpoints / checkpoint["replay_buffer"])
     return _session(
@@ -380,7 +383,7 @@ def _session(
     eval_env = make_env(
         task, agent, n_envs=min(4, task.eval.episodes), seed=evaluation_seed(seed), training=False
     )
-    model.set_logger(make_logger(run, resumed=resumed_at is not None))
+    model.set_logger(make_logger(run, resumed_at))
     logger.info(
         "training %s on %s (seed %d) for %d steps in %s",
         agent.name,
@@ -426,11 +429,15 @@ def _session(
         model.get_env().close()
         model.logger.close()
         if resumed_at is not None:
-            merge_progress(run, resumed_at)
+            merge_progress(run)
     session = time.perf_counter() - start_time
+    training_s = checkpoints.training_s()
+    if model.num_timesteps > checkpoints.last_saved:
+        # The final state as a checkpoint (with its replay buffer): a raised budget continues
+        # from it as from any other. Saved after the clocks stop, as the final model is.
+        checkpoints.save(model, training_s=training_s)
     # where the steps before this session were not timed, the speed is this session's
     timed_steps = model.num_timesteps - (steps_before if training_before is None else 0)
-    training_s = checkpoints.training_s()
     eval_env.close()
     _finish(run, agent, task, seed, model, elapsed_before + session, timed_steps, training_s)
     return run
@@ -605,8 +612,9 @@ def _check_budget_not_below_trained(run: RunFolder, steps: int) -> None:
 
 
 def _latest_state(run: RunFolder) -> dict[str, Any] | None:
-    """What to resume from: the latest checkpoint, or the final model of a complete run
-    (whose budget is being raised), or None to start over (no checkpoint was written)."""
+    """What to resume from: the latest checkpoint, or the final model of a complete run that
+    has no checkpoint of it (finished before runs saved their final state as a checkpoint),
+    or None to start over (no checkpoint was written)."""
     checkpoint = run.read_checkpoint()
     result = run.read_result()
     if result is not None and (checkpoint is None or checkpoint["steps"] < result["num_timesteps"]):
@@ -620,6 +628,8 @@ def _latest_state(run: RunFolder) -> dict[str, Any] | None:
         if run.vecnormalize.exists():
             checkpoint["vecnormalize"] = f"step_{n}_vecnormalize.pkl"
             shutil.copyfile(run.vecnormalize, run.checkpoints / checkpoint["vecnormalize"])
+        # recorded before result.json goes: a crash then still resumes from the final model
+        atomic_write_text(run.latest_checkpoint, json.dumps(checkpoint, indent=2) + "\n")
     if checkpoint is None:
         logger.warning("%s has no checkpoint yet: training starts over", run.root)
         for path in (run.monitor, run.tensorboard):
