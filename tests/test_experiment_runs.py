@@ -21,9 +21,9 @@ import yaml
 
 from cfc_rl.envs import ConfigError
 from cfc_rl.experiment import cli
+from cfc_rl.experiment.callbacks import merge_progress
 from cfc_rl.experiment.evaluate import evaluate_run
 from cfc_rl.experiment.runs import RunError, RunFolder
-from cfc_rl.experiment.callbacks import merge_progress
 from cfc_rl.experiment.train import Checkpoints, TrainingInterrupted, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -397,6 +397,42 @@ def test_damaged_run_files_are_named_in_the_error(tmp_path: Path, capsys) -> Non
     run.config.write_text("algo: [unclosed\n")
     with pytest.raises(RunError, match=r"config\.yaml is damaged"):
         evaluate_run(run.root)
+
+
+def test_ctrl_c_during_an_update_saves_the_model_as_its_rollout_began(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import pickle
+
+    from sb3_contrib import RecurrentPPO
+
+    agent, task = tiny_agent(tmp_path, "ppo_gru"), tiny_task(tmp_path)
+    agent.write_text(agent.read_text() + "normalize: true\n")
+    began = {}
+    real_start, real_train = Checkpoints._on_rollout_start, RecurrentPPO.train
+
+    def rollout_start(self) -> None:
+        real_start(self)
+        if self.num_timesteps == 128:  # the second rollout: 2 envs x 64 steps made
+            began["policy"] = {k: v.clone() for k, v in self.model.policy.state_dict().items()}
+            began["count"] = self.model.get_vec_normalize_env().obs_rms.count
+
+    def half_an_update(self) -> None:
+        real_train(self)  # the parameters move ...
+        if self.num_timesteps == 256:
+            raise KeyboardInterrupt  # ... and Ctrl-C comes before the update is over
+
+    monkeypatch.setattr(Checkpoints, "_on_rollout_start", rollout_start)
+    monkeypatch.setattr(RecurrentPPO, "train", half_an_update)
+    with pytest.raises(TrainingInterrupted, match="interrupted at 128 of 512 steps"):
+        train(agent, task, steps=512, run_dir=tmp_path / "run")
+    run = RunFolder(tmp_path / "run")
+    saved = run.read_checkpoint()
+    model = RecurrentPPO.load(run.checkpoints / saved["model"])
+    for key, value in model.policy.state_dict().items():
+        torch.testing.assert_close(value, began["policy"][key], rtol=0, atol=0)
+    with (run.checkpoints / saved["vecnormalize"]).open("rb") as f:
+        assert pickle.load(f).obs_rms.count == began["count"]
 
 
 def test_resuming_from_a_damaged_checkpoint_names_it(tmp_path: Path, monkeypatch) -> None:

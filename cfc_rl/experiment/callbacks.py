@@ -3,6 +3,7 @@ evaluations at fixed step counts, and SB3's CSV / TensorBoard logs across resume
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -63,6 +64,7 @@ class Checkpoints(BaseCallback):
         # What a Ctrl-C before the first rollout saves: the state the session starts from.
         self.last_saved = self.rollout_start_steps = steps
         self.rollout_start_training_s = training_before or 0.0
+        self.rollout_start_state: dict[str, Any] | None = None  # the model as it starts
 
     def _on_rollout_start(self) -> None:
         # Between rollouts (after the update on the previous one): a consistent state.
@@ -70,6 +72,8 @@ class Checkpoints(BaseCallback):
         self.rollout_start_training_s = self.training_s()
         if self.num_timesteps - self.last_saved >= self.every_steps:
             self.save(self.model)
+        if not isinstance(self.model, OffPolicyAlgorithm):
+            self.rollout_start_state = _learned_state(self.model)
 
     def training_s(self) -> float:
         """Training time so far, over all sessions: periodic evaluations excluded."""
@@ -81,10 +85,15 @@ class Checkpoints(BaseCallback):
         return True
 
     def save_at_rollout_start(self, model: BaseAlgorithm) -> None:
-        """On Ctrl-C: the partial rollout is lost anyway, so rewind the step count (and training
-        time) to the rollout's start and save there; the resumed run then ends where an
-        uninterrupted one does."""
+        """On Ctrl-C: the partial rollout is lost anyway, so rewind to the rollout's start and
+        save there; the resumed run then ends where an uninterrupted one does. An on-policy
+        model is rewound whole: the step count, the training time, and what the rollout or a
+        half-done update on it changed (the policy and its optimizer, the normalisation
+        statistics). An off-policy one keeps the transitions and gradient steps of its last
+        ``train_freq`` steps."""
         model.num_timesteps = self.rollout_start_steps
+        if self.rollout_start_state is not None:
+            _restore_learned_state(model, self.rollout_start_state)
         self.save(model, training_s=self.rollout_start_training_s)
 
     def save(self, model: BaseAlgorithm, training_s: float | None = None) -> None:
@@ -111,6 +120,27 @@ class Checkpoints(BaseCallback):
             if path.name not in keep:
                 path.unlink(missing_ok=True)
         self.last_saved = n
+
+
+def _learned_state(model: BaseAlgorithm) -> dict[str, Any]:
+    """Copies of what training changes: the policy's parameters, its optimizer's state and
+    the normalisation statistics."""
+    state: dict[str, Any] = {
+        "policy": copy.deepcopy(model.policy.state_dict()),
+        "optimizer": copy.deepcopy(model.policy.optimizer.state_dict()),
+    }
+    normalization = model.get_vec_normalize_env()
+    if normalization is not None:
+        state["statistics"] = copy.deepcopy((normalization.obs_rms, normalization.ret_rms))
+    return state
+
+
+def _restore_learned_state(model: BaseAlgorithm, state: dict[str, Any]) -> None:
+    model.policy.load_state_dict(state["policy"])
+    model.policy.optimizer.load_state_dict(state["optimizer"])
+    normalization = model.get_vec_normalize_env()
+    if normalization is not None:
+        normalization.obs_rms, normalization.ret_rms = state["statistics"]
 
 
 class PeriodicEvaluation(BaseCallback):
