@@ -396,22 +396,32 @@ def test_report_says_what_is_missing_and_leaves_out_tasks_without_the_zero(tmp_p
     text = report(grid)
     assert "18 of 24 planned runs complete" in text
     assert "pendulum_p/ppo_gru (3/4)" in text and "pendulum_p/ppo_mlp (0/4)" in text
-    assert "Not in the aggregates (no run of ppo_mlp, or no agent above it): pendulum_p." in text
+    left_out = "Not in the normalised scores: pendulum_p (waiting for ppo_mlp on every seed)."
+    assert left_out in text and left_out in (tmp_path / "headline.md").read_text()
     assert {r["tasks"] for r in read_csv(tmp_path / "aggregate.csv")} == {"cartpole_p"}
-    # rliable's bootstrap takes the same number of runs per task: the fewest any task has
+    # A cell without a run of every seed is in its task's table, not in the comparisons.
+    summary = {(r["task"], r["agent"]): r for r in read_csv(tmp_path / "summary.csv")}
+    assert summary[("pendulum_p", "ppo_gru")]["seeds"] == "3"
     improvement = {(r["other"], r["tasks"]): r for r in read_csv(tmp_path / "improvement.csv")}
-    assert float(improvement[("ppo_gru", "all")]["probability"]) == 0.5
+    assert ("ppo_gru", "all") not in improvement  # seed 3 is missing on both tasks
+    assert improvement[("ppo_mlp", "all")]["n_tasks"] == "1"
 
 
-def test_runs_of_one_cell_with_different_settings_are_an_error(tmp_path: Path) -> None:
+def test_a_report_of_runs_with_other_settings_than_the_files_is_refused(tmp_path: Path) -> None:
     grid = load_grid(write_grid(tmp_path))
     fill(grid)
     config = tmp_path / "runs" / "cartpole_p" / "ppo_gru" / "seed_2" / "config.yaml"
     data = yaml.safe_load(config.read_text())
     data["agent"]["hyperparams"]["learning_rate"] = 0.5
     config.write_text(dump_yaml(data))
-    with pytest.raises(RunError, match=r"seed_2 and .*seed_0 were trained with different settings"):
+    files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(
+        RunError,
+        match=r"^1 run\(s\) were started with other settings .*seed_2: "
+        r"agent\.hyperparams\.learning_rate was 0\.5",
+    ):
         report(grid)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files
     stale = stale_runs(plan(grid))
     assert len(stale) == 1 and "agent.hyperparams.learning_rate was 0.5" in stale[0]
 

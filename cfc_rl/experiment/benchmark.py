@@ -75,7 +75,7 @@ from cfc_rl.envs import ConfigError
 from cfc_rl.envs.config import read_yaml
 from cfc_rl.experiment.compare import interval_columns, plan_jobs, plot_curves
 from cfc_rl.experiment.executors import Executor, JobResult
-from cfc_rl.experiment.jobs import Job, first_difference
+from cfc_rl.experiment.jobs import Job
 from cfc_rl.experiment.runs import (
     RunError,
     RunFolder,
@@ -714,14 +714,16 @@ class _Cell:
         return np.array([r["final_mean_return"] for r in self.results], dtype=float)
 
 
-def _collect(grid: Grid, tier: Tier) -> dict[tuple[str, str], _Cell]:
+def _collect(grid: Grid, tier: Tier) -> tuple[dict[tuple[str, str], _Cell], list[str]]:
     """Every (task, agent) of the tier with at least one complete run at the agent's budget on
-    the task; every seed folder counts (seeds beyond the tier's extend the study)."""
-    cells = {}
+    the task (every seed folder counts: seeds beyond the tier's extend the study), and the runs
+    started with other settings than the agent and task files give now (one line each)."""
+    cells, stale = {}, []
     for grid_task in tier.tasks:
         for agent in grid_task.agent_names:
             steps = grid_task.steps_for(agent)
-            folders, results, machines, settings = [], [], [], None
+            folders, results, machines = [], [], []
+            job = None
             for folder in sorted(
                 (grid.runs / grid_task.name / agent).glob("seed_*"),
                 key=lambda p: int(p.name.removeprefix("seed_")),
@@ -730,18 +732,19 @@ def _collect(grid: Grid, tier: Tier) -> dict[tuple[str, str], _Cell]:
                 result = run.read_result()
                 if result is None or result["total_timesteps"] != steps:
                     continue
+                if job is None:  # what the files give now, for any seed
+                    [job] = plan(
+                        grid,
+                        tiers=[tier.name],
+                        tasks=[grid_task.name],
+                        agents=[agent],
+                        seeds=tier.seeds[:1],
+                    )
                 config = run.read_config()
-                these = {"agent": config.get("agent"), "task": config.get("task")}
-                if settings is None:
-                    settings = (folder, these)
-                else:
-                    difference = first_difference(settings[1], these)
-                    if difference:
-                        raise RunError(
-                            f"{folder} and {settings[0]} were trained with different settings "
-                            f"({difference}); one cell of the benchmark pools runs of one "
-                            f"configuration only"
-                        )
+                difference = job.difference_from_record(config)
+                if difference:
+                    stale.append(f"{folder}: {difference}")
+                    continue
                 folders.append(run)
                 results.append(result)
                 machines.append(config.get("machine"))
@@ -749,7 +752,20 @@ def _collect(grid: Grid, tier: Tier) -> dict[tuple[str, str], _Cell]:
                 cells[(grid_task.name, agent)] = _Cell(
                     grid_task.name, agent, steps, folders, results, machines
                 )
-    return cells
+    return cells, stale
+
+
+def _on_every_seed(
+    tier: Tier, cells: Mapping[tuple[str, str], _Cell]
+) -> dict[tuple[str, str], _Cell]:
+    """The cells with a complete run of each of the tier's seeds: only they enter the
+    normalised scores, the comparisons and the profiles (a cell of one run would give them
+    intervals of zero width)."""
+    return {
+        key: cell
+        for key, cell in cells.items()
+        if set(tier.seeds) <= {r["seed"] for r in cell.results}
+    }
 
 
 def _normalisers(
@@ -767,6 +783,23 @@ def _normalisers(
         if best > zero:
             out[grid_task.name] = (zero, best)
     return out
+
+
+def _left_out(
+    tier: Tier,
+    complete: Mapping[tuple[str, str], _Cell],
+    normalise: Mapping[str, tuple[float, float]],
+) -> list[str]:
+    """The tier's tasks missing from the normalised scores, each with the reason."""
+    left_out = []
+    for t in tier.tasks:
+        if t.name in normalise:
+            continue
+        if (t.name, tier.zero) in complete:
+            left_out.append(f"{t.name} (no agent above {tier.zero})")
+        else:
+            left_out.append(f"{t.name} (waiting for {tier.zero} on every seed)")
+    return left_out
 
 
 def _score_matrix(cells: Sequence[_Cell], normalise: Mapping[str, tuple[float, float]] | None):
@@ -926,7 +959,8 @@ def report(grid: Grid, out: str | os.PathLike[str] | None = None) -> str:
     :param out: the folder of the report (default: the grid file's folder; only then does the
         headline also go into the grid's ``headline_in`` file)
     :return: the report's Markdown (``README.md``)
-    :raises RunError: if runs of one cell were trained with different settings
+    :raises RunError: if runs were started with other settings than the agent and task files
+        give now (before anything is written)
     """
     out = Path(out) if out is not None else grid.path.parent
     summary_rows: list[dict[str, Any]] = []
@@ -934,9 +968,21 @@ def report(grid: Grid, out: str | os.PathLike[str] | None = None) -> str:
     improvement_rows: list[dict[str, Any]] = []
     sections = []
     headline: list[str] = []
+    collected, stale = {}, []
+    for tier in grid.tiers:  # all of them checked before anything is written
+        collected[tier.name], tier_stale = _collect(grid, tier)
+        stale += tier_stale
+    if stale:
+        raise RunError(
+            f"{len(stale)} run(s) were started with other settings than the agent and task "
+            "files give now; delete them to train them again, or restore the files: "
+            + "; ".join(stale[:3])
+            + (" ..." if len(stale) > 3 else "")
+        )
     for tier in grid.tiers:
-        cells = _collect(grid, tier)
-        normalise = _normalisers(grid, tier, cells)
+        cells = collected[tier.name]
+        complete = _on_every_seed(tier, cells)
+        normalise = _normalisers(grid, tier, complete)
         tier_summary = []
         for grid_task in tier.tasks:
             for agent in grid_task.agent_names:
@@ -962,11 +1008,11 @@ def report(grid: Grid, out: str | os.PathLike[str] | None = None) -> str:
                     "params": int(results[0]["params"]),
                 }
                 tier_summary.append(row)
-        coverage = _coverage(tier, cells, normalise)
+        coverage = _coverage(tier, complete, normalise)
         headline_tasks = _headline_group(coverage)
         groups = [*coverage.values(), *([headline_tasks] if headline_tasks else [])]
-        tier_aggregates = _aggregates(tier, cells, normalise, groups)
-        tier_improvements = _improvements(tier, cells, headline_tasks)
+        tier_aggregates = _aggregates(tier, complete, normalise, groups)
+        tier_improvements = _improvements(tier, complete, headline_tasks)
         summary_rows += tier_summary
         aggregate_rows += tier_aggregates
         improvement_rows += tier_improvements
@@ -982,6 +1028,7 @@ def report(grid: Grid, out: str | os.PathLike[str] | None = None) -> str:
             headline_tasks,
             tier_aggregates,
             tier_improvements,
+            _left_out(tier, complete, normalise),
         )
         for grid_task in tier.tasks:
             runs = {a: c.folders for (t, a), c in cells.items() if t == grid_task.name}
@@ -993,7 +1040,7 @@ def report(grid: Grid, out: str | os.PathLike[str] | None = None) -> str:
                 runs,
                 against="time",
             )
-        _plot_profiles(out / f"profiles_{tier.name}.png", tier, cells, normalise)
+        _plot_profiles(out / f"profiles_{tier.name}.png", tier, complete, normalise)
     write_csv(out / "summary.csv", summary_rows, empty_header=("tier",))
     write_csv(out / "aggregate.csv", aggregate_rows, empty_header=("tier",))
     write_csv(out / "improvement.csv", improvement_rows, empty_header=("tier",))
@@ -1073,13 +1120,15 @@ def _tier_markdown(
     aggregates: list[dict[str, Any]],
     improvements: list[dict[str, Any]],
 ) -> str:
+    def done(task: str, agent: str) -> int:
+        cell = cells.get((task, agent))
+        return 0 if cell is None else sum(r["seed"] in tier.seeds for r in cell.results)
+
     missing = [
-        f"{t.name}/{a} ({len(cells[(t.name, a)].results) if (t.name, a) in cells else 0}"
-        f"/{len(tier.seeds)})"
+        f"{t.name}/{a} ({done(t.name, a)}/{len(tier.seeds)})"
         for t in tier.tasks
         for a in t.agent_names
-        if (t.name, a) not in cells
-        or sum(r["seed"] in tier.seeds for r in cells[(t.name, a)].results) < len(tier.seeds)
+        if done(t.name, a) < len(tier.seeds)
     ]
     lines = [
         f"## Tier {tier.name}",
@@ -1092,12 +1141,9 @@ def _tier_markdown(
     ]
     if missing:
         lines.append(f"Incomplete (runs done / planned): {', '.join(missing)}.")
-    left_out = [t.name for t in tier.tasks if t.name not in normalise]
+    left_out = _left_out(tier, _on_every_seed(tier, cells), normalise)
     if left_out:
-        lines.append(
-            f"Not in the aggregates (no run of {tier.zero}, or no agent above it): "
-            f"{', '.join(left_out)}."
-        )
+        lines.append(f"Not in the normalised scores: {', '.join(left_out)}.")
     lines.append("")
     if aggregates:
         lines += ["### Across tasks: normalised score", ""]
@@ -1268,11 +1314,13 @@ def _headline(
     tasks: Sequence[str],
     aggregates: list[dict[str, Any]],
     improvements: list[dict[str, Any]],
+    left_out: Sequence[str] = (),
 ) -> list[str]:
     """The tier in a few lines for the project's README: the normalised scores over ``tasks``
     (:func:`_headline_group`) and per focus agent the probability, over the same tasks, that it
     improves on each other agent, with its speed ratio. Without aggregates, each probability is
-    over the tasks both agents ran."""
+    over the tasks both agents ran. ``left_out``: the tasks missing from the normalised scores,
+    with why (:func:`_left_out`)."""
     label = " ".join(tasks)
     scores = {r["agent"]: r for r in aggregates if r["tasks"] == label}
     if scores:
@@ -1332,6 +1380,8 @@ def _headline(
         lines.append(
             f"Not in this table (no complete runs on all these tasks yet): {', '.join(others)}."
         )
+    if scores and left_out:
+        lines.append(f"Not in the normalised scores: {', '.join(left_out)}.")
     lines.append("")
     return lines
 
@@ -1393,7 +1443,11 @@ def _plot_profiles(
     from rliable import library as rly
 
     scores = {a: _score_matrix([cells[(t, a)] for t in tasks], normalise) for a in agents}
-    taus = np.linspace(min(0.0, min(float(s.min()) for s in scores.values())), 1.0, 101)
+    taus = np.linspace(
+        min(0.0, min(float(s.min()) for s in scores.values())),
+        max(1.0, max(float(s.max()) for s in scores.values())),
+        101,
+    )
     profiles, intervals = _seeded(lambda: rly.create_performance_profile(scores, taus, reps=1_000))
     fig, ax = plt.subplots(figsize=(6, 4))
     for agent in agents:

@@ -81,9 +81,11 @@ class Job:
         None where the folder holds no run or the same configuration. The budget is left
         out: resuming a run to a new budget continues the same run."""
         run = RunFolder(Path(self.run_dir))
-        if not run.config.exists():
-            return None
-        record = run.read_config()
+        return self.difference_from_record(run.read_config()) if run.config.exists() else None
+
+    def difference_from_record(self, record: Mapping[str, Any]) -> str | None:
+        """:meth:`difference_from_run` for a run's recorded configuration (its
+        ``config.yaml``), wherever the run is."""
         for part in ("agent", "task"):
             # through YAML, as the record was: tuples become lists
             recorded, now = (
