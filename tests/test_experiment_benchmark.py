@@ -784,13 +784,28 @@ def test_runs_of_agents_without_a_search_wait_or_are_tuned_first(
     assert len(tuned) == 6 and "waiting" not in out and out.count("skipped") == 24
 
 
+def test_only_what_adopt_wrote_counts_as_an_earlier_search_s_choice(tmp_path: Path) -> None:
+    from cfc_rl.experiment.benchmark import _has_adopted
+
+    agent = tmp_path / "agent.yaml"
+    agent.write_text("algo: ppo\npolicy: MlpPolicy\n")
+    assert not _has_adopted(str(agent), "pendulum_p")
+    agent.write_text(agent.read_text() + "overrides:\n  pendulum_p:\n    n_envs: 2\n")
+    assert not _has_adopted(str(agent), "pendulum_p")  # the user's own values
+    assert _has_adopted(str(ROOT / "agents" / "ppo_gru.yaml"), "pendulum_p")
+    assert not _has_adopted(str(ROOT / "agents" / "ppo_gru.yaml"), "no_such_task")
+
+
 def test_an_agent_with_a_smaller_budget_is_searched_run_and_reported_at_it(
     tmp_path: Path, monkeypatch
 ) -> None:
     good = yaml.safe_load(write_grid(tmp_path).read_text())
     tier = good["tiers"]["classic"]
     pendulum = {**tier["tasks"][1], "agent_steps": {"ppo_gru": 500}}
-    spaces = {"ppo_gru": str(ROOT / "agents" / "spaces" / "gru.yaml")}
+    spaces = {
+        a: str(ROOT / "agents" / "spaces" / f"{s}.yaml")
+        for a, s in [("ppo_gru", "gru"), ("ppo_cfc", "cfc")]
+    }
     path = write_grid(
         tmp_path,
         tiers={"classic": {**tier, "tasks": [tier["tasks"][0], pendulum]}},
@@ -802,18 +817,27 @@ def test_an_agent_with_a_smaller_budget_is_searched_run_and_reported_at_it(
     assert budgets[("pendulum_p", "ppo_cfc")] == budgets[("pendulum_p", "ppo_mlp")] == 2000
     assert budgets[("cartpole_p", "ppo_gru")] == 1000
 
-    # its search trains at its budget
+    # Its search trains at its budget, and evaluates and prunes its trials at the fractions of
+    # it where the task's other agents' are: pendulum_p evaluates every 5000 steps, so their
+    # first rung is at 5000 steps (the evaluation interval) of 2000 and its at a quarter of that.
     searched = []
 
     def search(agent_file, task_file, space, **kwargs):
-        searched.append((Path(task_file).stem, kwargs["steps"]))
+        rungs = (kwargs.get("eval_every"), kwargs.get("grace_steps"))
+        searched.append((Path(task_file).stem, Path(agent_file).stem, kwargs["steps"], rungs))
+        # The shipped agent files hold the choices of the committed searches, which this grid
+        # does not have: a search made again starts from the agent as it was before them.
+        assert kwargs["before_search"] and not kwargs["only_trial_0"]
         raise RuntimeError("stop after the call")
 
     monkeypatch.setattr("cfc_rl.experiment.tune.search", search)
-    [cell] = select(grid, tasks=["pendulum_p"], agents=["ppo_gru"])
-    with pytest.raises(RuntimeError, match="stop after the call"):
-        tune_cells(grid, [cell])
-    assert searched == [("pendulum_p", 500)]
+    for agent in ("ppo_gru", "ppo_cfc"):
+        with pytest.raises(RuntimeError, match="stop after the call"):
+            tune_cells(grid, select(grid, tasks=["pendulum_p"], agents=[agent]))
+    assert searched == [
+        ("pendulum_p", "ppo_gru", 500, (1250, 1250)),
+        ("pendulum_p", "ppo_cfc", 2000, (None, None)),
+    ]
 
     fill(grid)
     # a run of it at the task's budget is not one of the cell's runs
@@ -860,7 +884,10 @@ def test_a_smaller_budget_must_be_an_agents_and_smaller(
 def test_a_tier_searches_with_its_own_trials_and_seeds(tmp_path: Path, capsys, monkeypatch) -> None:
     good = yaml.safe_load(write_grid(tmp_path).read_text())
     classic = good["tiers"]["classic"]
-    spaces = {"ppo_gru": str(ROOT / "agents" / "spaces" / "gru.yaml")}
+    spaces = {
+        a: str(ROOT / "agents" / "spaces" / f"{s}.yaml")
+        for a, s in [("ppo_gru", "gru"), ("ppo_cfc", "cfc")]
+    }
     cheap = {**classic, "tasks": [classic["tasks"][1]], "tuning": {"seeds": 1}}
     path = write_grid(
         tmp_path,
@@ -914,7 +941,10 @@ def test_a_tiers_search_budget_is_checked(
     tmp_path: Path, tuning, grid_tuning: bool, message: str
 ) -> None:
     tier = yaml.safe_load(write_grid(tmp_path).read_text())["tiers"]["classic"]
-    spaces = {"ppo_gru": str(ROOT / "agents" / "spaces" / "gru.yaml")}
+    spaces = {
+        a: str(ROOT / "agents" / "spaces" / f"{s}.yaml")
+        for a, s in [("ppo_gru", "gru"), ("ppo_cfc", "cfc")]
+    }
     changes = {"tuning": {"trials": 2, "seeds": 2, "spaces": spaces}} if grid_tuning else {}
     with pytest.raises(ConfigError, match=message):
         load_grid(write_grid(tmp_path, tiers={"classic": {**tier, "tuning": tuning}}, **changes))

@@ -42,6 +42,7 @@ from cfc_rl.experiment.settings import load_agent_config
 from cfc_rl.experiment.train import resolve, train
 from cfc_rl.experiment.tune import (
     SEED_START,
+    _search_state,
     add_tune_arguments,
     best_row,
     make_plan,
@@ -428,6 +429,18 @@ def test_tune_rejects_an_agent_that_cannot_run_the_task(tmp_path):
         make_plan(ROOT / "agents" / "sac_mlp.yaml", task, space)
 
 
+def test_a_search_can_evaluate_its_trials_at_an_interval_of_its_own(tmp_path):
+    mlp, _, task = _files(tmp_path / "files")
+    space = tmp_path / "space.yaml"
+    space.write_text("hyperparams.learning_rate: {loguniform: [1.0e-4, 1.0e-3]}\n")
+    default = make_plan(mlp, task, space, steps=256)
+    plan = make_plan(mlp, task, space, steps=256, eval_every=32)
+    assert plan.resolve({})[1].eval.every_steps == 32
+    assert default.resolve({})[1].eval.every_steps == 128
+    # a search left unfinished at the other interval is not resumed by this one
+    assert _search_state(plan, 4, 0, None, False) != _search_state(default, 4, 0, None, False)
+
+
 def test_the_example_spaces_fit_their_agents_and_have_the_same_size():
     shapes = {}
     for family, agent in [("cfc", "ppo_cfc"), ("ltc", "ppo_ltc"), ("lstm", "ppo_lstm"),
@@ -620,6 +633,33 @@ def _trial_0_runs(out: Path):
             yield from (out / "trials" / trial_id / "seed_1000").glob("result.json")
 
 
+def test_a_trial_asha_stopped_reaches_tpe_as_pruned_not_scored_early():
+    import optuna
+    from ray import tune as ray_tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from cfc_rl.experiment.tune import REFERENCE, _trial_0_first
+
+    tpe = OptunaSearch(
+        space={"x": ray_tune.uniform(0.0, 1.0)},
+        metric="score",
+        mode="max",
+        sampler=optuna.samplers.TPESampler(seed=0),
+    )
+    searcher = _trial_0_first({REFERENCE: True, "x": None}, tpe)
+    for trial_id in ("trial 0", "complete", "stopped at a rung", "failed"):
+        searcher.suggest(trial_id)
+    searcher.on_trial_complete("complete", {"score": 5.0, "steps": 100, "final": True})
+    searcher.on_trial_complete("stopped at a rung", {"score": 9.0, "steps": 10, "final": False})
+    searcher.on_trial_complete("failed", None, error=True)
+    State = optuna.trial.TrialState
+    assert [(t.state, t.value) for t in tpe._ot_study.trials] == [
+        (State.COMPLETE, 5.0),
+        (State.PRUNED, None),
+        (State.FAIL, None),
+    ]
+
+
 def test_trial_0_is_suggested_first_and_neither_tpe_nor_asha_sees_it():
     from types import SimpleNamespace
 
@@ -646,7 +686,7 @@ def test_trial_0_is_suggested_first_and_neither_tpe_nor_asha_sees_it():
     assert searcher.suggest("b") == {"x": 0.5}
     for trial_id in ("a", "b"):
         searcher.on_trial_result(trial_id, {"score": 1.0})
-        searcher.on_trial_complete(trial_id, {"score": 1.0})
+        searcher.on_trial_complete(trial_id, {"score": 1.0, "final": True})
     assert inner.completed == ["result of b", "b"]
     # stopped and resumed, it does not suggest trial 0 again
     again = _trial_0_first({REFERENCE: True, "x": None}, inner)

@@ -591,12 +591,33 @@ def tune_cells(
                 steps=grid_task.steps_for(agent),
                 out=out,
                 only_trial_0=only_trial_0,
+                # searched again (its folder deleted): from the agent as it was before
+                before_search=_has_adopted(agent_file, grid_task.name),
+                **_rungs_at_the_task_s_fractions(grid_task, agent),
                 **search_kwargs,
             )
             what = "trial 0 added to its search" if only_trial_0 else "searched"
         what += "; " + adopt(grid, grid_task, agent_file)
         if on_done:
             on_done(grid_task.name, agent, what)
+
+
+def _rungs_at_the_task_s_fractions(grid_task: GridTask, agent: str) -> dict[str, int]:
+    """For an agent at a budget of its own (``agent_steps``): its search's evaluations and
+    ASHA rungs scaled with its budget, so that its trials are compared at the same fractions of
+    their budget as the task's other agents' (the default rungs depend on the evaluation
+    interval, which is the task's). Empty for an agent at the task's budget."""
+    from cfc_rl.experiment.tasks import load_task
+    from cfc_rl.experiment.tune import first_rung
+
+    steps = grid_task.steps_for(agent)
+    if steps == grid_task.steps:
+        return {}
+    every = load_task(grid_task.task).eval.every_steps
+    return {
+        "eval_every": max(1, round(every * steps / grid_task.steps)),
+        "grace_steps": max(1, round(first_rung(grid_task.steps, every) * steps / grid_task.steps)),
+    }
 
 
 ADOPTED = "  # Tuned for the benchmark:"  # the first line of what adopt writes
@@ -660,6 +681,15 @@ def adopt(grid: Grid, grid_task: GridTask, agent_file: str) -> str:
     lines += ([] if overrides else ["overrides:"]) + block
     atomic_write_text(path, "\n".join(lines) + "\n")
     return f"{path}: overrides.{grid_task.name} written"
+
+
+def _has_adopted(agent_file: str, task: str) -> bool:
+    """Whether the agent file holds what :func:`adopt` wrote for the task."""
+    path = Path(agent_file)
+    if task not in ((read_yaml(path) or {}).get("overrides") or {}):
+        return False
+    lines = path.read_text().splitlines()
+    return lines[_adopted_lines(lines, task)[0]].startswith(ADOPTED)
 
 
 def _adopted_lines(lines: list[str], task: str) -> tuple[int, int]:

@@ -420,6 +420,7 @@ def make_plan(
     runs: str | os.PathLike[str] | None = None,
     check_model: bool = True,
     before_search: bool = False,
+    eval_every: int | None = None,
 ) -> TrialPlan:
     """Read the agent, the task and the space, and check every value the space can give before
     any trial starts.
@@ -436,6 +437,7 @@ def make_plan(
         arguments that no schema lists)
     :param before_search: leave out the agent file's overrides for the task, where a finished
         search's choice went (the agent as it was before that search)
+    :param eval_every: the trials' evaluation interval (None: the task file's ``eval.every_steps``)
     :raises ConfigError: naming the file and the key or value at fault
     """
     from cfc_rl.experiment.settings import load_agent_config
@@ -447,6 +449,10 @@ def make_plan(
     space = space if isinstance(space, SearchSpace) else load_space(space)
     loaded = load_agent_config(agent)
     task_cfg = load_task(task)
+    if eval_every is not None:
+        data = task_cfg.as_dict()
+        data["eval"]["every_steps"] = eval_every
+        task_cfg = type(task_cfg).from_dict(data, task_cfg.source)
     resolve(loaded, task_cfg, steps)  # the agent as it is runs the task (algorithm, settings)
     data = read_yaml(agent)
     overrides = data.get("overrides") or {}
@@ -725,9 +731,11 @@ def search(
     device: str = "cpu",
     search_seed: int = 0,
     grace_steps: int | None = None,
+    eval_every: int | None = None,
     verbose: int = 0,
     init_kwargs: Mapping[str, Any] | None = None,
     only_trial_0: bool = False,
+    before_search: bool = False,
 ) -> SearchOutcome:
     """Search the space with Ray Tune: Optuna's TPE proposes, ASHA stops trials that are behind.
 
@@ -748,14 +756,17 @@ def search(
         there
     :param device: device of the runs
     :param search_seed: seed of the TPE sampler
-    :param grace_steps: ASHA's first rung (default: a ninth of the budget, at least one
-        evaluation interval)
+    :param grace_steps: ASHA's first rung (default :func:`first_rung`)
+    :param eval_every: the trials' evaluation interval, where ASHA compares them (default: the
+        task file's ``eval.every_steps``)
     :param verbose: Ray Tune's console output (0 silent, 1 a status table now and then)
     :param init_kwargs: more arguments of ``ray.init`` when this call starts Ray
     :param only_trial_0: add trial 0 to the search in ``out``, made before searches began with
         it, instead of searching: its sampled trials stay, and its choice changes only if trial
         0 scores higher. Trial 0 is then the agent as it was before that search, without its
         overrides for the task (where the search's choice went).
+    :param before_search: search from the agent without its overrides for the task (trial 0
+        and the values every trial starts from), where an earlier search's choice went
     :raises ConfigError: for bad input (with ``only_trial_0``: ``out`` holds no search of this
         space, or one with trial 0), before any trial starts
     :raises RayUnavailable: without Ray
@@ -783,7 +794,8 @@ def search(
         steps=steps,
         device=device,
         runs=str(out / "trials") if keep_runs else None,
-        before_search=only_trial_0,
+        before_search=only_trial_0 or before_search,
+        eval_every=eval_every,
     )
     sampled: list[dict[str, Any]] = []
     if only_trial_0:
@@ -902,6 +914,13 @@ def _start_or_resume(
     return False
 
 
+def first_rung(budget: int, eval_every: int) -> int:
+    """ASHA's first rung by default: a ninth of the budget (the rungs then fall at a ninth and
+    a third of it), or one evaluation interval where that is longer (trials are compared at
+    their evaluations)."""
+    return max(eval_every, budget // ASHA_REDUCTION ** (ASHA_RUNGS - 1))
+
+
 def _experiment_path(plan: TrialPlan, out: Path) -> Path:
     """Ray Tune's folder of the search."""
     return out / "ray_results" / f"{plan.agent_name}_{plan.task.name}"
@@ -942,8 +961,7 @@ def _fit(
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial otherwise
     budget = plan.budget
-    task_eval = plan.task.eval.every_steps
-    grace = grace_steps or max(task_eval, budget // ASHA_REDUCTION ** (ASHA_RUNGS - 1))
+    grace = grace_steps or first_rung(budget, plan.task.eval.every_steps)
     cpus = len(plan.seeds) * cpus_per_job
     slots = max(1, int(ray.cluster_resources().get("CPU", 0.0) // cpus))
     path = _experiment_path(plan, out)
@@ -1003,7 +1021,8 @@ def _fit(
     with warnings.catch_warnings():
         # A resumed trial counts Ray's iterations from 1 again, so Optuna hears of steps it has
         # recorded and warns once per step; it keeps the first value, and no intermediate value
-        # steers this search (ASHA stops trials on env steps, TPE reads the final scores).
+        # steers this search (ASHA stops trials on env steps; TPE reads the final scores of
+        # complete trials, pruned ones reach it as pruned).
         warnings.filterwarnings("ignore", "The reported value is ignored", UserWarning)
         results = list(tuner.fit())
     (first,) = [r for r in results if _is_trial_0(r.config or {})]
@@ -1044,8 +1063,14 @@ def _trial_0_first(reference: dict[str, Any], searcher: Any) -> Any:
                 self.searcher.on_trial_result(trial_id, result)
 
         def on_trial_complete(self, trial_id: str, result: Any = None, error: bool = False) -> None:
-            if trial_id != self.reference_id:
-                self.searcher.on_trial_complete(trial_id, result=result, error=error)
+            if trial_id == self.reference_id:
+                return
+            if not error and not (result or {}).get("final"):
+                # Stopped by ASHA at a rung: its last result is an early evaluation, which
+                # Optuna would record as a final score; without a result it records the
+                # trial as pruned, and TPE learns from complete trials only.
+                result = None
+            self.searcher.on_trial_complete(trial_id, result=result, error=error)
 
         # Ray Tune saves a wrapper's state with these and the searcher it wraps on its own
         def get_state(self) -> dict[str, Any]:
