@@ -884,10 +884,7 @@ def test_a_smaller_budget_must_be_an_agents_and_smaller(
 def test_a_tier_searches_with_its_own_trials_and_seeds(tmp_path: Path, capsys, monkeypatch) -> None:
     good = yaml.safe_load(write_grid(tmp_path).read_text())
     classic = good["tiers"]["classic"]
-    spaces = {
-        a: str(ROOT / "agents" / "spaces" / f"{s}.yaml")
-        for a, s in [("ppo_gru", "gru"), ("ppo_cfc", "cfc")]
-    }
+    spaces = {"ppo_gru": str(ROOT / "agents" / "spaces" / "gru.yaml")}
     cheap = {**classic, "tasks": [classic["tasks"][1]], "tuning": {"seeds": 1}}
     path = write_grid(
         tmp_path,
@@ -941,10 +938,7 @@ def test_a_tiers_search_budget_is_checked(
     tmp_path: Path, tuning, grid_tuning: bool, message: str
 ) -> None:
     tier = yaml.safe_load(write_grid(tmp_path).read_text())["tiers"]["classic"]
-    spaces = {
-        a: str(ROOT / "agents" / "spaces" / f"{s}.yaml")
-        for a, s in [("ppo_gru", "gru"), ("ppo_cfc", "cfc")]
-    }
+    spaces = {"ppo_gru": str(ROOT / "agents" / "spaces" / "gru.yaml")}
     changes = {"tuning": {"trials": 2, "seeds": 2, "spaces": spaces}} if grid_tuning else {}
     with pytest.raises(ConfigError, match=message):
         load_grid(write_grid(tmp_path, tiers={"classic": {**tier, "tuning": tuning}}, **changes))
