@@ -1133,7 +1133,9 @@ def _markdown(grid: Grid, sections: list[str]) -> str:
             "Normalised score: the tier's memoryless agent (its zero) = 0, the best agent on the "
             "task = 1. Probability of improvement: that a run of the tier's focus agent ends "
             "above a run of the other agent, with its verdict: wins (the 95% interval lies above "
-            "0.5), ties (it holds 0.5), loses (below). Wall clock and steps/s come from the "
+            "0.5), ties (it holds 0.5), loses (below); the intervals are not adjusted for the "
+            "number of comparisons, so among many verdicts a few wins or losses can come by "
+            "chance. Wall clock and steps/s come from the "
             "machines the runs were made on (each run's config.yaml and result.json).",
             "",
             *sections,
