@@ -75,9 +75,8 @@ from cfc_rl.envs import ConfigError
 from cfc_rl.envs.config import read_yaml
 from cfc_rl.experiment.compare import interval_columns, plan_jobs, plot_curves
 from cfc_rl.experiment.executors import Executor, JobResult
-from cfc_rl.experiment.jobs import Job
+from cfc_rl.experiment.jobs import Job, refuse_stale
 from cfc_rl.experiment.runs import (
-    RunError,
     RunFolder,
     atomic_write,
     atomic_write_text,
@@ -1002,13 +1001,7 @@ def report(grid: Grid, out: str | os.PathLike[str] | None = None) -> str:
     for tier in grid.tiers:  # all of them checked before anything is written
         collected[tier.name], tier_stale = _collect(grid, tier)
         stale += tier_stale
-    if stale:
-        raise RunError(
-            f"{len(stale)} run(s) were started with other settings than the agent and task "
-            "files give now; delete them to train them again, or restore the files: "
-            + "; ".join(stale[:3])
-            + (" ..." if len(stale) > 3 else "")
-        )
+    refuse_stale(stale)
     for tier in grid.tiers:
         cells = collected[tier.name]
         complete = _on_every_seed(tier, cells)

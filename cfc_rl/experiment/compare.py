@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from cfc_rl.experiment.executors import Executor, JobResult, LocalExecutor
-from cfc_rl.experiment.jobs import Job, stale_runs
-from cfc_rl.experiment.runs import RunError, RunFolder, atomic_write, atomic_write_text, write_csv
+from cfc_rl.experiment.jobs import Job, refuse_stale, stale_runs
+from cfc_rl.experiment.runs import RunFolder, atomic_write, atomic_write_text, write_csv
 from cfc_rl.experiment.statistics import BOOTSTRAP_REPS, curve_intervals, iqm_and_mean_intervals
 
 __all__ = [
@@ -120,14 +120,7 @@ def run_jobs(
     """
     from cfc_rl.experiment.train import compile_cells, configs_from_record
 
-    stale = stale_runs(jobs)
-    if stale:
-        raise RunError(
-            f"{len(stale)} run(s) were started with other settings than the agent and task "
-            "files give now; delete them to train them again, or restore the files: "
-            + "; ".join(stale[:3])
-            + (" ..." if len(stale) > 3 else "")
-        )
+    refuse_stale(stale_runs(jobs))
     todo, results = [], []
     for job in jobs:
         if job.is_complete():

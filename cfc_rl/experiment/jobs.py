@@ -20,7 +20,7 @@ from cfc_rl.experiment.runs import RunError, RunFolder, dump_yaml
 from cfc_rl.experiment.settings import AgentConfig
 from cfc_rl.experiment.tasks import Task
 
-__all__ = ["Job", "first_difference", "run_job", "stale_runs"]
+__all__ = ["Job", "first_difference", "refuse_stale", "run_job", "stale_runs"]
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,20 @@ def stale_runs(jobs: Sequence[Job]) -> list[str]:
         if difference:
             lines.append(f"{job.run_dir}: {difference}")
     return lines
+
+
+def refuse_stale(stale: Sequence[str]) -> None:
+    """Refuse to go on with stale runs (lines of :func:`stale_runs`).
+
+    :raises RunError: naming the first three, if there are any
+    """
+    if stale:
+        raise RunError(
+            f"{len(stale)} run(s) were started with other settings than the agent and task "
+            "files give now; delete them to train them again, or restore the files: "
+            + "; ".join(stale[:3])
+            + (" ..." if len(stale) > 3 else "")
+        )
 
 
 def run_job(job: Job, on_evaluation: Callable[[int, float], None] | None = None) -> dict[str, Any]:
