@@ -236,6 +236,10 @@ class SequenceExtractor(BaseFeaturesExtractor):
     (:func:`cfc_rl.nn.time_input` decides). The state is reset at the first real frame, so
     padding is never fed as data.
 
+    With PPO or A2C, pass ``ortho_init=False`` in ``policy_kwargs``: SB3's orthogonal
+    initialisation (on by default) re-initialises every ``nn.Linear`` of the features
+    extractor, the cell's included, replacing the cell's own initialisation.
+
     :param observation_space: the observation space (see the layouts above)
     :param cell: a name of :data:`cfc_rl.nn.CELLS` ("cfc", "ltc", "lstm", ...)
     :param hidden_size: hidden units of the cell (or a wiring, for CfC and LTC)
