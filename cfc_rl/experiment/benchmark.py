@@ -1039,9 +1039,10 @@ def report(grid: Grid, out: str | os.PathLike[str] | None = None) -> str:
         summary_rows += tier_summary
         aggregate_rows += tier_aggregates
         improvement_rows += tier_improvements
+        left_out = _left_out(tier, complete, normalise)
         sections.append(
             _tier_markdown(
-                grid, tier, cells, normalise, tier_summary, tier_aggregates, tier_improvements
+                grid, tier, cells, left_out, tier_summary, tier_aggregates, tier_improvements
             )
         )
         headline += _headline(
@@ -1051,7 +1052,7 @@ def report(grid: Grid, out: str | os.PathLike[str] | None = None) -> str:
             headline_tasks,
             tier_aggregates,
             tier_improvements,
-            _left_out(tier, complete, normalise),
+            left_out,
         )
         for grid_task in tier.tasks:
             runs = {a: c.folders for (t, a), c in cells.items() if t == grid_task.name}
@@ -1140,7 +1141,7 @@ def _tier_markdown(
     grid: Grid,
     tier: Tier,
     cells: Mapping[tuple[str, str], _Cell],
-    normalise: Mapping[str, tuple[float, float]],
+    left_out: Sequence[str],
     summary: list[dict[str, Any]],
     aggregates: list[dict[str, Any]],
     improvements: list[dict[str, Any]],
@@ -1166,7 +1167,6 @@ def _tier_markdown(
     ]
     if missing:
         lines.append(f"Incomplete (runs done / planned): {', '.join(missing)}.")
-    left_out = _left_out(tier, _on_every_seed(tier, cells), normalise)
     if left_out:
         lines.append(f"Not in the normalised scores: {', '.join(left_out)}.")
     lines.append("")
