@@ -161,13 +161,8 @@ def run_job(job: Job, on_evaluation: Callable[[int, float], None] | None = None)
     from cfc_rl.experiment.train import configs_from_record, resume_run, start_run
 
     torch.set_num_threads(job.threads)
+    refuse_stale(stale_runs([job]))
     run = RunFolder(Path(job.run_dir))
-    difference = job.difference_from_run()
-    if difference:
-        raise RunError(
-            f"{run.root} holds a run configured otherwise than this job ({difference}); "
-            "delete it to train it again, or restore the agent and task files"
-        )
     if run.config.exists():
         resume_run(run.root, steps=job.budget, device=job.device, on_evaluation=on_evaluation)
     else:
