@@ -11,7 +11,6 @@ import pickle
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -254,15 +253,11 @@ class PeriodicEvaluation(BaseCallback):
 PROGRESS_CSV = "progress.csv"
 
 
-def _segment(run: RunFolder, resumed_at: int) -> Path:
-    return run.root / f"progress.resumed_{resumed_at}.csv"
-
-
 def make_logger(run: RunFolder, resumed_at: int | None) -> Logger:
     """SB3's CSV and TensorBoard logs of a training session. A session resumed at step
     ``resumed_at`` writes its CSV rows to a file of its own named after that step, which
     :func:`merge_progress` appends to ``progress.csv``."""
-    path = run.root / PROGRESS_CSV if resumed_at is None else _segment(run, resumed_at)
+    path = run.root / PROGRESS_CSV if resumed_at is None else run.resumed_progress_log(resumed_at)
     return Logger(
         str(run.root), [CSVOutputFormat(str(path)), TensorBoardOutputFormat(str(run.tensorboard))]
     )
@@ -274,12 +269,7 @@ def merge_progress(run: RunFolder, until: int | None = None) -> None:
     dropped (that session trained those steps again), and, with ``until``, the session's own
     rows past it: a session that died, whose steps after its checkpoint at ``until`` the next
     session trains again."""
-    segments = sorted(
-        run.root.glob("progress.resumed_*.csv"),
-        key=lambda p: int(p.stem.removeprefix("progress.resumed_")),
-    )
-    for segment in segments:
-        resumed_at = int(segment.stem.removeprefix("progress.resumed_"))
+    for resumed_at, segment in run.resumed_progress():
         rows, columns = [], {}
         for path, keep_until in ((run.root / PROGRESS_CSV, resumed_at), (segment, until)):
             if not path.exists():

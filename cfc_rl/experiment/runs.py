@@ -209,9 +209,21 @@ class RunFolder:
             "best_vecnormalize.pkl",
             "best.json",
         )
-        # progress.resumed_<n>.csv: the log of a session resumed at step n, not merged yet
-        resumed = sorted(self.root.glob("progress.resumed_*.csv"))
+        resumed = [path for _, path in self.resumed_progress()]
         return (*(self.root / name for name in names), *resumed)
+
+    def resumed_progress_log(self, resumed_at: int) -> Path:
+        """The CSV log of a session resumed at step ``resumed_at``, until it is merged into
+        ``progress.csv``."""
+        return self.root / f"progress.resumed_{resumed_at}.csv"
+
+    def resumed_progress(self) -> list[tuple[int, Path]]:
+        """The resumed sessions' logs not merged yet, with the step each resumed at, in order."""
+        logs = [
+            (int(path.stem.removeprefix("progress.resumed_")), path)
+            for path in self.root.glob("progress.resumed_*.csv")
+        ]
+        return sorted(logs)
 
     def read_config(self) -> dict[str, Any]:
         """The resolved configuration the run was started with.
