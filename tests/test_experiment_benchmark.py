@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -405,6 +406,32 @@ def test_report_says_what_is_missing_and_leaves_out_tasks_without_the_zero(tmp_p
     improvement = {(r["other"], r["tasks"]): r for r in read_csv(tmp_path / "improvement.csv")}
     assert ("ppo_gru", "all") not in improvement  # seed 3 is missing on both tasks
     assert improvement[("ppo_mlp", "all")]["n_tasks"] == "1"
+
+
+def test_a_task_whose_best_mean_is_within_the_zero_agents_interval_is_not_normalised(
+    tmp_path: Path,
+) -> None:
+    # Pendulum-P where the memoryless agent's seeds spread over the others' means (a task that
+    # does not tell memory from none): best - zero is noise, and dividing by it would put
+    # ppo_cfc at (-625 + 362.5) / 137.5 = -1.9 in the tier's aggregate.
+    finals = {**FINALS, ("pendulum_p", "ppo_mlp"): [-1000.0, -150.0, -150.0, -150.0]}
+    grid = load_grid(write_grid(tmp_path))
+    for job in plan(grid):
+        cell = (job.task["name"], job.agent["name"])
+        fake_run(job, finals[cell][job.seed], SPEEDS[cell])
+    text = report(grid)
+    left_out = (
+        "Not in the normalised scores: pendulum_p "
+        "(no agent's mean above the 95% interval of ppo_mlp's)."
+    )
+    assert left_out in text and left_out in (tmp_path / "headline.md").read_text()
+    assert {r["tasks"] for r in read_csv(tmp_path / "aggregate.csv")} == {"cartpole_p"}
+    summary = {(r["task"], r["agent"]): r for r in read_csv(tmp_path / "summary.csv")}
+    assert math.isnan(float(summary[("pendulum_p", "ppo_cfc")]["normalised_mean"]))
+    assert float(summary[("cartpole_p", "ppo_gru")]["normalised_mean"]) == pytest.approx(200 / 385)
+    # the comparisons still count the task: they need no normalisation
+    improvement = {(r["other"], r["tasks"]): r for r in read_csv(tmp_path / "improvement.csv")}
+    assert improvement[("ppo_mlp", "all")]["n_tasks"] == "2"
 
 
 def test_a_report_of_runs_with_other_settings_than_the_files_is_refused(tmp_path: Path) -> None:

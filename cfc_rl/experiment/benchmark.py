@@ -54,9 +54,10 @@ silent mix.
 
 Normalisation, per task: ``(return - zero) / (best - zero)`` where ``zero`` is the mean final
 return of the tier's ``zero`` agent and ``best`` the highest mean final return of any agent on
-the task; so the memoryless agent scores 0 and the best agent 1. A task without a run of the
-zero agent is left out of the aggregates (the report says so).
-"""
+the task; so the memoryless agent scores 0 and the best agent 1. A task is left out of the
+aggregates, and the report says why, until the zero agent has a run of every seed, and where no
+agent's mean lies above the 95% interval of the zero agent's mean (the task does not tell memory
+from none, and the small gap would scale noise into large negative scores)."""
 
 from __future__ import annotations
 
@@ -800,17 +801,23 @@ def _on_every_seed(
 def _normalisers(
     grid: Grid, tier: Tier, cells: Mapping[tuple[str, str], _Cell]
 ) -> dict[str, tuple[float, float]]:
-    """Per task with a run of the zero agent and a best agent above it: (zero, best)."""
+    """Per task with runs of the zero agent and a best agent clearly above it: (zero, best).
+
+    Clearly: the best agent's mean return lies above the 95% interval of the zero agent's mean.
+    Where it does not, ``best - zero`` is a gap the seeds' noise can close, and dividing by it
+    would blow that noise up into scores far below 0 that swamp the tier's aggregate (Hopper-P:
+    every agent's good seeds stand still at about 1000, so the MLP ended 101 below the best and
+    the worst agent at -3.3)."""
     out = {}
     for grid_task in tier.tasks:
         task_cells = [c for (t, _), c in cells.items() if t == grid_task.name]
         zero_cell = cells.get((grid_task.name, tier.zero))
         if zero_cell is None:
             continue
-        zero = float(zero_cell.finals.mean())
+        zero = interval_columns(zero_cell.finals)
         best = max(float(c.finals.mean()) for c in task_cells)
-        if best > zero:
-            out[grid_task.name] = (zero, best)
+        if best > zero["mean_ci_high"]:
+            out[grid_task.name] = (zero["mean"], best)
     return out
 
 
@@ -825,7 +832,7 @@ def _left_out(
         if t.name in normalise:
             continue
         if (t.name, tier.zero) in complete:
-            left_out.append(f"{t.name} (no agent above {tier.zero})")
+            left_out.append(f"{t.name} (no agent's mean above the 95% interval of {tier.zero}'s)")
         else:
             left_out.append(f"{t.name} (waiting for {tier.zero} on every seed)")
     return left_out
